@@ -1,0 +1,358 @@
+"""Typed configs: the model (Hugging Face DeepseekV3Config field names), presets, and training.
+
+Each field is documented once, here; the CLI builds its flags from these dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from .errors import ConfigError
+
+
+def doc(text: str, **kw) -> Any:
+    """A dataclass field default with its help text attached (read by the CLI and `describe`)."""
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    """A DeepSeek-V3-style MoE transformer. Field names follow Hugging Face `DeepseekV3Config`."""
+
+    vocab_size: int = doc("Vocabulary size.", default=256)
+    hidden_size: int = doc("Model width D.", default=256)
+    intermediate_size: int = doc("Hidden width of the dense SwiGLU MLP (first_k_dense_replace layers).", default=768)
+    moe_intermediate_size: int = doc("Hidden width F of each routed/shared expert.", default=128)
+    num_hidden_layers: int = doc("Number of transformer blocks.", default=4)
+    num_attention_heads: int = doc("Attention heads H.", default=4)
+    n_shared_experts: int = doc("Shared experts (always active), fused into one MLP.", default=1)
+    n_routed_experts: int = doc("Routed experts E per MoE layer.", default=16)
+    num_experts_per_tok: int = doc("Routed experts K chosen per token.", default=4)
+    n_group: int = doc("Expert groups for group-limited routing (1 = no grouping).", default=1)
+    topk_group: int = doc("Groups kept per token.", default=1)
+    routed_scaling_factor: float = doc("Multiplier on routed expert weights.", default=1.0)
+    norm_topk_prob: bool = doc("Normalise the K gate weights to sum to 1.", default=True)
+    scoring_func: str = doc("Router score: 'sigmoid' (V3) or 'softmax' (V2).", default="sigmoid")
+    first_k_dense_replace: int = doc("The first k layers use a dense MLP instead of MoE.", default=1)
+    q_lora_rank: int | None = doc("Low-rank query dimension (None = plain q projection).", default=None)
+    kv_lora_rank: int = doc("Compressed KV latent dimension (what MLA caches).", default=64)
+    qk_rope_head_dim: int = doc("Per-head dimension with RoPE (decoupled key shared across heads).", default=16)
+    qk_nope_head_dim: int = doc("Per-head query/key dimension without RoPE.", default=32)
+    v_head_dim: int = doc("Per-head value dimension.", default=32)
+    rope_theta: float = doc("RoPE base.", default=10000.0)
+    rope_scaling: dict | None = doc(
+        "YaRN settings, as in HF: {type: 'yarn', factor, original_max_position_embeddings, beta_fast, "
+        "beta_slow, mscale, mscale_all_dim}; None = plain RoPE.",
+        default=None,
+    )
+    rope_interleave: bool = doc("RoPE dims are interleaved pairs (DeepSeek checkpoints) vs halves.", default=True)
+    rms_norm_eps: float = doc("RMSNorm epsilon.", default=1e-6)
+    max_position_embeddings: int = doc("Longest supported sequence.", default=4096)
+    num_nextn_predict_layers: int = doc("Multi-token-prediction depth D (0 = off).", default=0)
+    mtp_loss_weight: float = doc("Lambda: weight of the mean MTP loss (V3: 0.3 early, 0.1 late).", default=0.3)
+    initializer_range: float = doc("Std of the normal weight init.", default=0.02)
+    tie_word_embeddings: bool = doc("Share the embedding with the output head.", default=False)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_moe_layers(self) -> int:
+        return max(0, self.num_hidden_layers - self.first_k_dense_replace)
+
+    def validate(self) -> "ModelConfig":
+        """Raise ConfigError naming the first impossible setting; return self for chaining."""
+        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                    "qk_nope_head_dim", "v_head_dim", "max_position_embeddings"]
+        for name in positive:
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
+            raise ConfigError(f"qk_rope_head_dim must be a positive even number, got {self.qk_rope_head_dim}")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            raise ConfigError(f"q_lora_rank must be positive or None, got {self.q_lora_rank}")
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            raise ConfigError(f"first_k_dense_replace={self.first_k_dense_replace} must be in "
+                              f"[0, num_hidden_layers={self.num_hidden_layers}]")
+        if self.first_k_dense_replace > 0 and self.intermediate_size <= 0:
+            raise ConfigError("intermediate_size must be positive when there are dense layers")
+        if self.num_moe_layers:
+            if self.n_routed_experts <= 0 or self.moe_intermediate_size <= 0:
+                raise ConfigError("n_routed_experts and moe_intermediate_size must be positive for MoE layers")
+            if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
+                raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
+                                  f"[1, n_routed_experts={self.n_routed_experts}]")
+            if self.n_group <= 0 or self.n_routed_experts % self.n_group:
+                raise ConfigError(f"n_group={self.n_group} must divide n_routed_experts={self.n_routed_experts}")
+            if not 1 <= self.topk_group <= self.n_group:
+                raise ConfigError(f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
+            per_group = self.n_routed_experts // self.n_group
+            if self.n_group > 1 and per_group < 2:
+                raise ConfigError("group-limited routing scores a group by its top-2 experts: "
+                                  f"need at least 2 experts per group, got {per_group}")
+            if self.topk_group * per_group < self.num_experts_per_tok:
+                raise ConfigError(f"topk_group={self.topk_group} groups of {per_group} experts cannot supply "
+                                  f"num_experts_per_tok={self.num_experts_per_tok}")
+            if self.n_shared_experts < 0:
+                raise ConfigError("n_shared_experts must be >= 0")
+        if self.scoring_func not in ("sigmoid", "softmax"):
+            raise ConfigError(f"scoring_func must be 'sigmoid' or 'softmax', got {self.scoring_func!r}")
+        if self.num_nextn_predict_layers < 0:
+            raise ConfigError("num_nextn_predict_layers must be >= 0")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            if kind not in ("yarn", "default", None):
+                raise ConfigError(f"rope_scaling type {kind!r} is not supported (only 'yarn')")
+            if kind == "yarn" and float(self.rope_scaling.get("factor", 0)) < 1:
+                raise ConfigError("rope_scaling.factor must be >= 1 for YaRN")
+        return self
+
+    def softmax_scale(self) -> float:
+        """1/sqrt(qk_head_dim), times mscale^2 under YaRN (DeepSeek-V3 `inference/model.py`)."""
+        scale = self.qk_head_dim ** -0.5
+        rs = self.rope_scaling or {}
+        if rs.get("type", rs.get("rope_type")) == "yarn" and rs.get("mscale_all_dim"):
+            m = yarn_mscale(float(rs["factor"]), float(rs["mscale_all_dim"]))
+            scale *= m * m
+        return scale
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, *, strict: bool = True) -> "ModelConfig":
+        """Build from a dict; unknown keys raise in strict mode (typos), are dropped otherwise (HF extras)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if strict and unknown:
+            raise ConfigError(f"unknown model config field(s): {', '.join(unknown)}")
+        kwargs = {k: v for k, v in d.items() if k in known}
+        try:
+            cfg = cls(**kwargs)
+        except TypeError as e:
+            raise ConfigError(str(e)) from None
+        return coerce_types(cfg)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def coerce_types(cfg):
+    """Convert values read from TOML/JSON/CLI strings to the field's declared type, or raise ConfigError."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        kind = str(f.type)
+        try:
+            if value is None:
+                if "None" not in kind:
+                    raise ConfigError(f"{f.name} may not be empty")
+            elif kind.startswith("int"):
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError
+                value = int(value)
+            elif kind.startswith("float"):
+                value = float(value)
+            elif kind.startswith("bool"):
+                value = parse_bool(value)
+            elif kind.startswith("str"):
+                value = str(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{f.name} must be of type {kind}, got {value!r}") from None
+        setattr(cfg, f.name, value)
+    return cfg
+
+
+def parse_bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+# --- presets -------------------------------------------------------------------------------------
+# Published configs from DeepSeek-V3 `inference/configs` and the V2-Lite HF config (see
+# shared/reference/deepseek-v3-facts.md). The big ones are for planning and meta-device construction.
+_V3_YARN = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32,
+            "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+PRESETS: dict[str, dict] = {
+    # Unit tests: every feature on, tiny sizes.
+    "debug": dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                  num_hidden_layers=3, num_attention_heads=4, n_shared_experts=1, n_routed_experts=8,
+                  num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=1.0,
+                  first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8,
+                  qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=512, num_nextn_predict_layers=1),
+    # The default `moeforge train` run: about 5 minutes on a 2-core CPU.
+    "tiny": dict(vocab_size=256, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+                 num_hidden_layers=4, num_attention_heads=4, n_shared_experts=1, n_routed_experts=16,
+                 num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=1.0,
+                 first_k_dense_replace=1, q_lora_rank=128, kv_lora_rank=64, qk_rope_head_dim=16,
+                 qk_nope_head_dim=32, v_head_dim=32, max_position_embeddings=1024, num_nextn_predict_layers=1),
+    "v2-lite": dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+                    num_hidden_layers=27, num_attention_heads=16, n_shared_experts=2, n_routed_experts=64,
+                    num_experts_per_tok=6, n_group=1, topk_group=1, routed_scaling_factor=1.0,
+                    norm_topk_prob=False, scoring_func="softmax", first_k_dense_replace=1, q_lora_rank=None,
+                    kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+                    max_position_embeddings=163840,
+                    rope_scaling={"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                                  "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+                    num_nextn_predict_layers=0),
+    "v3": dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+               num_hidden_layers=61, num_attention_heads=128, n_shared_experts=1, n_routed_experts=256,
+               num_experts_per_tok=8, n_group=8, topk_group=4, routed_scaling_factor=2.5, first_k_dense_replace=3,
+               q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+               max_position_embeddings=163840, rope_scaling=_V3_YARN, num_nextn_predict_layers=1),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return ModelConfig(**PRESETS[name]).validate()
+
+
+# --- training --------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """One training run. Every field is also a `moeforge train --flag`."""
+
+    preset: str = doc("Model preset (debug, tiny, v2-lite, v3); [model] in the TOML overrides fields.", default="tiny")
+    data: str | None = doc("Text file, folder, .jsonl ('text' field) or .bin/.npy tokens; default: the "
+                           "Python standard library's source files.", default=None)
+    tokenizer: str | None = doc("Path to a Hugging Face tokenizer.json (default: byte-level).", default=None)
+    max_corpus_mb: float = doc("Read at most this many MB of text from the corpus.", default=16.0)
+    val_fraction: float = doc("Fraction of documents held out for validation.", default=0.05)
+    seq_len: int = doc("Tokens per training sequence.", default=256)
+    batch_size: int = doc("Sequences per micro-batch.", default=16)
+    grad_accum: int = doc("Micro-batches per optimizer step.", default=1)
+    steps: int = doc("Optimizer steps.", default=300)
+    lr: float = doc("Peak learning rate.", default=2e-3)
+    min_lr_ratio: float = doc("Final learning rate as a fraction of the peak.", default=0.1)
+    warmup_steps: int = doc("Linear warmup steps.", default=30)
+    schedule: str = doc("Learning-rate decay after warmup: cosine or wsd (stable, then linear decay).",
+                        default="cosine")
+    wsd_decay_fraction: float = doc("WSD: fraction of steps spent decaying.", default=0.2)
+    weight_decay: float = doc("AdamW weight decay (not applied to norms, biases, embeddings).", default=0.1)
+    beta1: float = doc("AdamW beta1.", default=0.9)
+    beta2: float = doc("AdamW beta2.", default=0.95)
+    grad_clip: float = doc("Clip the global gradient norm to this (0 = off).", default=1.0)
+    precision: str = doc("fp32 or bf16 (autocast; weights and optimizer stay fp32).", default="auto")
+    device: str = doc("auto, cpu or cuda.", default="auto")
+    seed: int = doc("Seed for init, data order and sampling.", default=1234)
+    eval_every: int = doc("Evaluate every N steps (and at the end).", default=100)
+    eval_batches: int = doc("Validation micro-batches per evaluation.", default=8)
+    log_every: int = doc("Write a metrics line every N steps.", default=1)
+    save_every: int = doc("Checkpoint every N steps (and at the end); 0 = only at the end.", default=0)
+    keep_checkpoints: int = doc("Keep this many most recent checkpoints.", default=2)
+    max_bad_steps: int = doc("Stop after this many consecutive non-finite steps.", default=5)
+    sample_tokens: int = doc("Tokens to generate as a sample at the end (0 = none).", default=200)
+    sample_prompt: str = doc("Prompt for the end-of-run sample.", default="def ")
+    compile: bool = doc("torch.compile the model (faster steps, slower start).", default=False)
+    run_dir: str | None = doc("Run folder (default: runs/<preset>-<time>).", default=None)
+
+    def validate(self) -> "TrainConfig":
+        for name in ("seq_len", "batch_size", "grad_accum", "eval_batches", "log_every", "keep_checkpoints",
+                     "max_bad_steps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.steps < 0 or self.warmup_steps < 0 or self.save_every < 0 or self.eval_every < 0:
+            raise ConfigError("steps, warmup_steps, save_every and eval_every must be >= 0")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("min_lr_ratio must be in [0, 1]")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError("val_fraction must be in (0, 1)")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ConfigError(f"schedule must be cosine or wsd, got {self.schedule!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown train config field(s): {', '.join(unknown)}")
+        return coerce_types(cls(**d))
+
+
+@dataclass
+class RunConfig:
+    """What a run folder's config.toml holds: the resolved model and training configs."""
+
+    model: ModelConfig
+    train: TrainConfig
+
+    def to_toml(self) -> str:
+        return "[train]\n" + dict_to_toml(dataclasses.asdict(self.train)) + "\n[model]\n" + dict_to_toml(
+            self.model.to_dict())
+
+
+def load_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    unknown = sorted(set(data) - {"model", "train"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)} (expected [train] and [model])")
+    return data
+
+
+def resolve_run_config(toml: dict | None = None, train_overrides: dict | None = None,
+                       model_overrides: dict | None = None) -> RunConfig:
+    """Merge, in increasing priority: preset < TOML [model]/[train] < command-line overrides."""
+    toml = toml or {}
+    train_dict = {**toml.get("train", {}), **(train_overrides or {})}
+    train = TrainConfig.from_dict(train_dict).validate()
+    base = dataclasses.asdict(preset(train.preset))
+    model_dict = {**base, **toml.get("model", {}), **(model_overrides or {})}
+    model = ModelConfig.from_dict(model_dict).validate()
+    return RunConfig(model=model, train=train)
+
+
+def dict_to_toml(d: dict) -> str:
+    """Write a flat dict (plus inline tables) as TOML; None values are omitted (TOML has no null)."""
+    lines = []
+    for key, value in d.items():
+        if value is None:
+            continue
+        lines.append(f"{key} = {toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items() if x is not None) + " }"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
