@@ -135,8 +135,8 @@ def moeforge_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[
                 rest = "shared_head.norm.weight"
             name = f"layers.{layer}.{rest}"
             if rest == "shared_head.norm.weight":  # the released layout repeats shared weights per MTP layer
-                out[f"model.layers.{layer}.embed_tokens.weight"] = state["embed_tokens.weight"]
-                out[f"model.layers.{layer}.shared_head.head.weight"] = state["lm_head.weight"]
+                out[f"model.layers.{layer}.embed_tokens.weight"] = state["embed_tokens.weight"].clone()
+                out[f"model.layers.{layer}.shared_head.head.weight"] = state["lm_head.weight"].clone()
         if name.endswith("mlp.experts.gate_up_proj"):
             F = t.shape[1] // 2
             base = name.removesuffix("gate_up_proj")
@@ -250,7 +250,9 @@ def load_into(model: Transformer, state: dict[str, torch.Tensor], source: str = 
         if tuple(v.shape) != tuple(expected[k].shape):
             raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)}, the config expects "
                                   f"{tuple(expected[k].shape)}")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True, assign=True)
+    # assign=True only for a meta-device model; otherwise copy in place so optimizers keep their params.
+    on_meta = any(p.is_meta for p in model.parameters())
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True, assign=on_meta)
 
 
 def materialize(model: Transformer, device) -> Transformer:

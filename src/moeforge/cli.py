@@ -1,0 +1,177 @@
+"""`moeforge` command line: train, generate, info.
+
+`train` flags are generated from `TrainConfig` (one definition, documented there); model fields are
+set in a TOML [model] section or with `-m FIELD=VALUE`. User errors print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from .config import PRESETS, ModelConfig, TrainConfig, load_toml, resolve_run_config
+from .errors import ConfigError, MoeforgeError
+
+
+def parse_value(text: str):
+    """'3' -> 3, 'true' -> True, 'null'/'none' -> None, '{"factor": 4}' -> dict, else the string."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"-m expects FIELD=VALUE, got {item!r}")
+        out[key.strip().replace("-", "_")] = parse_value(value)
+    return out
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not MISSING else None
+        help_text += f" (default: {default})"
+        if str(f.type).startswith("bool"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            p.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeforge", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model (defaults: the tiny preset on the standard library's source)",
+                       description="Train a DeepSeek-V3-style MoE model. Priority: preset < --config < flags.")
+    t.add_argument("--config", metavar="FILE.toml", help="TOML file with [train] and [model] sections")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir (default: the newest folder under runs/)")
+    t.add_argument("-m", "--model", dest="model_overrides", action="append", metavar="FIELD=VALUE",
+                   help="override a model config field, e.g. -m n_routed_experts=32 (repeatable)")
+    add_train_flags(t)
+
+    g = sub.add_parser("generate", help="sample text from a checkpoint")
+    g.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="a run folder, a checkpoint in it, or a Hugging Face DeepseekV3 folder")
+    g.add_argument("--prompt", default="", help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's, else bytes)")
+    g.add_argument("--device", default="auto")
+
+    i = sub.add_parser("info", help="parameters, FLOPs and KV-cache size of a preset or config.json")
+    i.add_argument("model", metavar="PRESET|config.json", help=f"one of {', '.join(PRESETS)} or a path")
+    i.add_argument("--seq-len", type=int, default=4096, help="sequence length for the FLOPs figure")
+    return parser
+
+
+def cmd_train(args) -> int:
+    from .train import Trainer
+
+    train_overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    model_overrides = parse_overrides(args.model_overrides)
+    run_dir = train_overrides.get("run_dir")
+    if args.resume:
+        run_dir = Path(run_dir) if run_dir else newest_run()
+        if model_overrides or args.config:
+            raise ConfigError("--resume continues a run with its saved config; -m and --config are not allowed")
+        toml = load_toml(run_dir / "config.toml")
+    else:
+        toml = load_toml(args.config) if args.config else {}
+    run = resolve_run_config(toml, train_overrides, model_overrides)
+    if run_dir is not None:
+        run.train.run_dir = str(run_dir)
+    Trainer(run, run_dir=run_dir, resume=args.resume).fit()
+    return 0
+
+
+def newest_run() -> Path:
+    runs = [p for p in Path("runs").glob("*") if (p / "config.toml").is_file()]
+    if not runs:
+        raise ConfigError("--resume: no runs under ./runs; pass --run-dir DIR")
+    return max(runs, key=lambda p: p.stat().st_mtime)
+
+
+def cmd_generate(args) -> int:
+    from . import hardware
+    from .data import load_tokenizer
+    from .generate import generate
+    from .hf import from_pretrained, resolve_checkpoint_dir
+
+    folder = resolve_checkpoint_dir(args.checkpoint)
+    tokenizer_path = args.tokenizer
+    if tokenizer_path is None and (folder / "tokenizer.json").is_file():
+        tokenizer_path = str(folder / "tokenizer.json")
+    if tokenizer_path is None:
+        for run_config in (folder.parent.parent / "config.toml", Path(args.checkpoint) / "config.toml"):
+            if run_config.is_file():
+                tokenizer_path = load_toml(run_config).get("train", {}).get("tokenizer")
+                break
+    tokenizer = load_tokenizer(tokenizer_path)
+    caps = hardware.probe(args.device)
+    model = hardware.configure(from_pretrained(folder, device=caps.device), caps)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
+    stop = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
+    new = generate(model, tokenizer.encode(args.prompt), args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=stop,
+                   autocast_dtype=hardware.autocast_dtype("auto", caps))
+    print(args.prompt + tokenizer.decode(new))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .costs import format_info
+    from .hf import load_config
+
+    if args.model in PRESETS:
+        config, title = ModelConfig(**PRESETS[args.model]).validate(), f"preset {args.model}"
+    else:
+        path = Path(args.model)
+        if path.is_file() and path.name.endswith(".json"):
+            path = path.parent if path.name == "config.json" else path
+        if path.is_dir():
+            config, title = load_config(path), str(path)
+        elif not path.exists():
+            raise ConfigError(f"{args.model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
+        else:
+            from .hf import config_from_hf
+
+            try:
+                config = config_from_hf(json.loads(path.read_text()))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+            title = str(path)
+    print(format_info(config, seq_len=args.seq_len, title=title))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"train": cmd_train, "generate": cmd_generate, "info": cmd_info}[args.command]
+    try:
+        return handler(args)
+    except MoeforgeError as e:
+        print(f"moeforge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moeforge {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""What this device can do, probed once, so model code never branches on the device itself.
+
+`probe(device)` answers: which device, whether bf16 autocast is fast there, whether
+`torch._grouped_mm` and float8 `torch._scaled_mm` run, which distributed backend fits, and which
+routed-expert kernel to use. `configure(model, caps)` applies those choices to a built model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    device: str  # "cpu", "cuda:0", "mps"
+    bf16: bool  # bf16 matmuls are fast (tensor cores / AMX), so "auto" precision picks bf16
+    grouped_mm: bool  # torch._grouped_mm runs forward and backward here
+    fp8_matmul: bool  # torch._scaled_mm accepts float8_e4m3fn operands here
+    dist_backend: str  # "nccl" on CUDA, else "gloo"
+    expert_impl: str  # GroupedExperts kernel: grouped_mm | bmm
+
+    def summary(self) -> str:
+        return (f"{self.device}: bf16 {'yes' if self.bf16 else 'no'}, grouped GEMM "
+                f"{'yes' if self.grouped_mm else 'no'}, FP8 matmul {'yes' if self.fp8_matmul else 'no'}, "
+                f"experts via {self.expert_impl}, collectives via {self.dist_backend}")
+
+
+def resolve_device(name: str = "auto") -> str:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda:0"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: this PyTorch build or machine has no CUDA GPU")
+        return "cuda:0" if name == "cuda" else name
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("--device mps: MPS is not available here")
+    if name not in ("cpu", "mps"):
+        raise ConfigError(f"unknown device {name!r} (auto, cpu, cuda, mps)")
+    return name
+
+
+@lru_cache(maxsize=None)
+def probe(device: str = "auto") -> Capabilities:
+    dev = resolve_device(device)
+    grouped = _runs(lambda: _try_grouped_mm(dev))
+    fp8 = _runs(lambda: _try_scaled_mm(dev))
+    if dev.startswith("cuda"):
+        bf16 = torch.cuda.is_bf16_supported()
+    elif dev == "cpu":
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        bf16 = bool(amx())
+    else:
+        bf16 = False
+    # On CPU _grouped_mm loops over groups internally; padded bmm measured faster there
+    # (shared/reference/cpu-performance-notes.md, benchmarks/train_throughput.py).
+    expert_impl = "grouped_mm" if grouped and dev.startswith("cuda") else "bmm"
+    return Capabilities(device=dev, bf16=bf16, grouped_mm=grouped, fp8_matmul=fp8,
+                        dist_backend="nccl" if dev.startswith("cuda") else "gloo", expert_impl=expert_impl)
+
+
+def configure(model: torch.nn.Module, caps: Capabilities) -> torch.nn.Module:
+    """Point every routed-expert module at the kernel chosen for this device."""
+    from .model.moe import GroupedExperts
+
+    for module in model.modules():
+        if isinstance(module, GroupedExperts):
+            module.impl = caps.expert_impl
+    return model
+
+
+def autocast_dtype(precision: str, caps: Capabilities) -> torch.dtype | None:
+    """None = plain fp32; else the autocast dtype for `precision` in auto | fp32 | bf16."""
+    if precision == "fp32" or (precision == "auto" and not caps.bf16):
+        return None
+    return torch.bfloat16
+
+
+def _runs(fn) -> bool:
+    try:
+        fn()
+        return True
+    except Exception:  # any failure means "not usable here"
+        return False
+
+
+def _try_grouped_mm(dev: str) -> None:
+    dtype = torch.bfloat16
+    x = torch.randn(32, 16, device=dev, dtype=dtype, requires_grad=True)
+    w = torch.randn(2, 16, 16, device=dev, dtype=dtype, requires_grad=True)
+    offs = torch.tensor([16, 32], device=dev, dtype=torch.int32)
+    torch._grouped_mm(x, w, offs=offs).square().sum().backward()
+
+
+def _try_scaled_mm(dev: str) -> None:
+    a = torch.randn(16, 32, device=dev).to(torch.float8_e4m3fn)
+    b = torch.randn(16, 32, device=dev).to(torch.float8_e4m3fn).t()
+    one = torch.tensor(1.0, device=dev)
+    torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)

@@ -1,0 +1,269 @@
+"""The training loop: AdamW, warmup + cosine/WSD schedule, clipping, optional bf16 autocast, gradient
+accumulation, non-finite step skipping, evaluation, atomic checkpoints, exact resume, JSONL metrics.
+
+Read `Trainer.fit` top to bottom for the whole story.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from . import hardware
+from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from .config import RunConfig, TrainConfig
+from .data import BatchSampler, load_corpus, load_tokenizer
+from .errors import ConfigError, TrainingError
+from .generate import generate
+from .hf import hf_to_moeforge, load_into, read_safetensors
+from .model import Transformer
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine (or WSD: flat, then linear) decay to min_lr_ratio x lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    floor = cfg.lr * cfg.min_lr_ratio
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.schedule == "cosine":
+        return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_start = 1 - cfg.wsd_decay_fraction
+    if progress < decay_start:
+        return cfg.lr
+    return cfg.lr - (cfg.lr - floor) * (progress - decay_start) / max(cfg.wsd_decay_fraction, 1e-9)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms, embeddings and 1-D tensors (they are not 'weights' to shrink)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "embed_tokens" in name or "norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+
+
+def expert_load_stats(model: Transformer) -> dict:
+    """Per MoE layer: max/mean token load and MaxVio = (max - mean) / mean since the last reset."""
+    ratios = []
+    for _, moe in model.moe_layers():
+        counts = moe.tokens_per_expert
+        mean = counts.mean().item()
+        ratios.append(counts.max().item() / mean if mean > 0 else 1.0)
+    if not ratios:
+        return {}
+    return {"expert_load_max_over_mean": [round(r, 4) for r in ratios],
+            "max_vio": round(max(ratios) - 1, 4)}
+
+
+def reset_expert_counts(model: Transformer) -> None:
+    for _, moe in model.moe_layers():
+        moe.tokens_per_expert.zero_()
+
+
+def default_run_dir(preset: str) -> Path:
+    return Path("runs") / f"{preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+class Trainer:
+    """Owns the model, optimizer, data and run folder for one run."""
+
+    def __init__(self, run: RunConfig, run_dir: Path | str | None = None, resume: bool = False,
+                 console: Console | None = None):
+        self.run, self.cfg = run, run.train
+        self.console = console or Console(stderr=True)
+        self.run_dir = Path(run_dir or self.cfg.run_dir or default_run_dir(self.cfg.preset))
+        self.caps = hardware.probe(self.cfg.device)
+        self.amp_dtype = hardware.autocast_dtype(self.cfg.precision, self.caps)
+        self.device = torch.device(self.caps.device)
+
+        self.tokenizer = load_tokenizer(self.cfg.tokenizer)
+        if self.tokenizer.vocab_size > run.model.vocab_size:
+            raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size "
+                              f"is {run.model.vocab_size}; set [model] vocab_size")
+        corpus = load_corpus(self.cfg.data, self.tokenizer, self.cfg.max_corpus_mb, self.cfg.val_fraction)
+        self.corpus_source = corpus.source
+        top = max(int(corpus.train.max(initial=0)), int(corpus.val.max(initial=0)))
+        if top >= run.model.vocab_size:
+            raise ConfigError(f"{corpus.source}: token id {top} >= vocab_size {run.model.vocab_size}")
+        self.train_tokens = len(corpus.train)
+        self.train_batches = BatchSampler(corpus.train, self.cfg.seq_len, self.cfg.batch_size, self.cfg.seed)
+        self.val_batches = BatchSampler(corpus.val, self.cfg.seq_len, self.cfg.batch_size, self.cfg.seed + 1,
+                                        name="validation")
+
+        torch.manual_seed(self.cfg.seed)
+        self.model = hardware.configure(Transformer(run.model), self.caps).to(self.device)
+        self.optimizer = make_optimizer(self.model, self.cfg)
+        self.step, self.bad_steps = 0, 0
+        self.initial_val_loss: float | None = None
+        if resume:
+            self._resume()
+        else:
+            self._start_run_dir()
+        self.forward = torch.compile(self.model) if self.cfg.compile else self.model
+
+    # --- run folder -------------------------------------------------------------------------------
+    def _start_run_dir(self) -> None:
+        if latest_checkpoint(self.run_dir) is not None:
+            raise ConfigError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose "
+                              "another --run-dir")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.toml").write_text(self.run.to_toml())
+        (self.run_dir / "metrics.jsonl").write_text("")
+
+    def _resume(self) -> None:
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            raise ConfigError(f"--resume: no checkpoint in {self.run_dir}")
+        state = load_trainer_state(ckpt)
+        load_into(self.model, hf_to_moeforge(read_safetensors(ckpt), self.run.model), source=str(ckpt))
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise TrainingError(f"{ckpt}: optimizer state does not match this model ({e})") from None
+        self.step, self.bad_steps = int(state["step"]), int(state.get("bad_steps", 0))
+        self.initial_val_loss = state.get("initial_val_loss")
+        torch.set_rng_state(state["rng"])
+        # Drop metrics logged after the checkpoint, so the file reads as one uninterrupted run.
+        metrics = self.run_dir / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= self.step]
+        metrics.write_text("".join(ln + "\n" for ln in kept))
+        (self.run_dir / "config.toml").write_text(self.run.to_toml())
+        self.console.print(f"resuming {self.run_dir} from step {self.step}")
+
+    def save(self) -> Path:
+        state = {"optimizer": self.optimizer.state_dict(), "step": self.step, "bad_steps": self.bad_steps,
+                 "rng": torch.get_rng_state(), "initial_val_loss": self.initial_val_loss,
+                 "train_config": asdict(self.cfg)}
+        return save_checkpoint(self.run_dir, self.step, self.model, state, keep=self.cfg.keep_checkpoints)
+
+    # --- steps --------------------------------------------------------------------------------------
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                              enabled=self.amp_dtype is not None)
+
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum micro-batches; skipped (not applied) if anything is non-finite."""
+        cfg = self.cfg
+        self.model.train()
+        reset_expert_counts(self.model)
+        sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0}
+        for micro in range(cfg.grad_accum):
+            x, y = self.train_batches.batch(self.step * cfg.grad_accum + micro)
+            with self.autocast():
+                out = self.forward(x.to(self.device), labels=y.to(self.device))
+            (out.loss / cfg.grad_accum).backward()
+            for key in sums:
+                value = getattr(out, key)
+                if value is not None:
+                    sums[key] += value.item() / cfg.grad_accum
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        lr = lr_at(self.step, cfg)
+        finite = math.isfinite(sums["loss"]) and bool(torch.isfinite(grad_norm))
+        if finite:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = {"step": self.step + 1, **sums, "lr": lr, "grad_norm": float(grad_norm), "skipped": not finite}
+        metrics.update(expert_load_stats(self.model))
+        if not self.model.mtp:
+            metrics.pop("mtp_loss")
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss over a fixed set of validation batches."""
+        self.model.eval()
+        losses = []
+        for i in range(self.cfg.eval_batches):
+            x, y = self.val_batches.batch(i)
+            with self.autocast():
+                out = self.model(x.to(self.device), labels=y.to(self.device))
+            losses.append(out.lm_loss.item())
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    # --- the run ------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, console = self.cfg, self.console
+        n_params = self.model.num_parameters()
+        console.print(f"[bold]moeforge train[/] -> {self.run_dir}\n"
+                      f"  model: preset {cfg.preset}, {n_params / 1e6:.2f}M parameters, "
+                      f"{self.run.model.n_routed_experts} routed experts top-{self.run.model.num_experts_per_tok}\n"
+                      f"  data: {self.corpus_source}, {self.train_tokens:,} train tokens\n"
+                      f"  device: {self.caps.summary()}; precision "
+                      f"{'bf16 autocast' if self.amp_dtype else 'fp32'}")
+        if self.initial_val_loss is None:
+            self.initial_val_loss = self.evaluate()
+            console.print(f"  initial validation loss {self.initial_val_loss:.4f}")
+        tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        metrics_file = (self.run_dir / "metrics.jsonl").open("a")
+        start, val_loss, last_report = time.perf_counter(), None, time.perf_counter()
+        interactive = console.is_terminal
+        columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[stats]}"), TimeRemainingColumn()]
+        with Progress(*columns, console=console, disable=not interactive) as progress:
+            task = progress.add_task("train", total=cfg.steps, completed=self.step, stats="")
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                m = self.train_step()
+                self.step += 1
+                m["tokens_per_s"] = round(tokens_per_step / (time.perf_counter() - t0), 1)
+                m["elapsed_s"] = round(time.perf_counter() - start, 2)
+                if m["skipped"] and self.bad_steps >= cfg.max_bad_steps:
+                    metrics_file.write(json.dumps(m) + "\n")
+                    metrics_file.close()
+                    raise TrainingError(f"{self.bad_steps} consecutive steps had a non-finite loss or gradient "
+                                        f"(last at step {self.step}); stopped. Last good checkpoint: "
+                                        f"{latest_checkpoint(self.run_dir) or 'none'}. Try a lower --lr.")
+                elif m["skipped"]:
+                    console.print(f"[yellow]warning:[/] step {self.step}: non-finite loss or gradient "
+                                  f"(loss {m['loss']}, grad norm {m['grad_norm']}); update skipped")
+                final = self.step == cfg.steps
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or final):
+                    val_loss = m["val_loss"] = self.evaluate()
+                if m.get("val_loss") is not None or self.step % cfg.log_every == 0 or final:
+                    metrics_file.write(json.dumps(m) + "\n")
+                    metrics_file.flush()
+                # No checkpoint in the middle of a non-finite streak: the last good one stays the newest.
+                if cfg.save_every and self.step % cfg.save_every == 0 and not final and self.bad_steps == 0:
+                    self.save()
+                stats = (f"loss {m['loss']:.3f}  {m['tokens_per_s']:,.0f} tok/s  maxvio {m.get('max_vio', 0):.2f}"
+                         + (f"  val {val_loss:.3f}" if val_loss is not None else ""))
+                progress.update(task, completed=self.step, stats=stats)
+                if not interactive and (time.perf_counter() - last_report > 30 or final):
+                    console.print(f"step {self.step}/{cfg.steps}  {stats}")
+                    last_report = time.perf_counter()
+        metrics_file.close()
+        if val_loss is None:
+            val_loss = self.evaluate()
+        ckpt = self.save()
+        elapsed = time.perf_counter() - start
+        summary = {"steps": self.step, "initial_val_loss": self.initial_val_loss, "final_val_loss": val_loss,
+                   "elapsed_s": round(elapsed, 1), "checkpoint": str(ckpt)}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        console.print(f"validation loss {self.initial_val_loss:.4f} -> {val_loss:.4f}; checkpoint {ckpt}")
+        if cfg.sample_tokens:
+            console.print(f"[bold]sample[/] ({cfg.sample_prompt!r}):\n{self.sample(cfg.sample_prompt)}")
+        return summary
+
+    def sample(self, prompt: str, max_new_tokens: int | None = None) -> str:
+        ids = self.tokenizer.encode(prompt)
+        stop = (self.tokenizer.eos_id,) if self.tokenizer.eos_id is not None else ()
+        new = generate(self.model, ids, max_new_tokens or self.cfg.sample_tokens, temperature=0.8, top_k=50,
+                       seed=self.cfg.seed, stop_ids=stop, autocast_dtype=self.amp_dtype)
+        return prompt + self.tokenizer.decode(new)
