@@ -21,12 +21,14 @@ class Capabilities:
     bf16: bool  # bf16 matmuls are fast (tensor cores / AMX), so "auto" precision picks bf16
     grouped_mm: bool  # torch._grouped_mm runs forward and backward here
     fp8_matmul: bool  # torch._scaled_mm accepts float8_e4m3fn operands here
+    fused_attention: bool  # SDPA has a fused (flash-style) kernel here; MLA pads v to qualify
     dist_backend: str  # "nccl" on CUDA, else "gloo"
     expert_impl: str  # GroupedExperts kernel: grouped_mm | bmm
 
     def summary(self) -> str:
         return (f"{self.device}: bf16 {'yes' if self.bf16 else 'no'}, grouped GEMM "
-                f"{'yes' if self.grouped_mm else 'no'}, FP8 matmul {'yes' if self.fp8_matmul else 'no'}, "
+                f"{'yes' if self.grouped_mm else 'no'}, FP8 matmul {'yes' if self.fp8_matmul else 'no'}, fused "
+                f"attention {'yes' if self.fused_attention else 'no'}, "
                 f"experts via {self.expert_impl}, collectives via {self.dist_backend}")
 
 
@@ -63,7 +65,8 @@ def probe(device: str = "auto") -> Capabilities:
     # On CPU _grouped_mm loops over groups internally; padded bmm measured faster there
     # (shared/reference/cpu-performance-notes.md, benchmarks/train_throughput.py).
     expert_impl = "grouped_mm" if grouped and dev.startswith("cuda") else "bmm"
-    return Capabilities(device=dev, bf16=bf16, grouped_mm=grouped, fp8_matmul=fp8,
+    fused = dev == "cpu" or (dev.startswith("cuda") and torch.backends.cuda.flash_sdp_enabled())
+    return Capabilities(device=dev, bf16=bf16, grouped_mm=grouped, fp8_matmul=fp8, fused_attention=fused,
                         dist_backend="nccl" if dev.startswith("cuda") else "gloo", expert_impl=expert_impl)
 
 
