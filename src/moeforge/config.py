@@ -252,6 +252,14 @@ class TrainConfig:
     beta1: float = doc("AdamW beta1.", default=0.9)
     beta2: float = doc("AdamW beta2.", default=0.95)
     grad_clip: float = doc("Clip the global gradient norm to this (0 = off).", default=1.0)
+    bias_update_speed: float = doc("Aux-loss-free balancing: gamma of bias += gamma*sign(mean-load) per step "
+                                   "(0 = off).", default=1e-3)
+    bias_freeze_fraction: float = doc("Freeze the balancing bias after this fraction of the steps.", default=1.0)
+    seq_aux_alpha: float = doc("Weight of DeepSeek-V3's sequence-wise balance loss (0 = off).", default=1e-4)
+    batch_aux_alpha: float = doc("Weight of the classic batch-level auxiliary balance loss (0 = off).",
+                                 default=0.0)
+    routing: str = doc("learned, or balanced: force a perfectly even expert assignment (a diagnostic).",
+                       default="learned")
     precision: str = doc("fp32 or bf16 (autocast; weights and optimizer stay fp32).", default="auto")
     device: str = doc("auto, cpu or cuda.", default="auto")
     seed: int = doc("Seed for init, data order and sampling.", default=1234)
@@ -279,6 +287,12 @@ class TrainConfig:
             raise ConfigError("min_lr_ratio must be in [0, 1]")
         if not 0 < self.val_fraction < 1:
             raise ConfigError("val_fraction must be in (0, 1)")
+        if self.routing not in ("learned", "balanced"):
+            raise ConfigError(f"routing must be learned or balanced, got {self.routing!r}")
+        if min(self.bias_update_speed, self.seq_aux_alpha, self.batch_aux_alpha) < 0:
+            raise ConfigError("bias_update_speed, seq_aux_alpha and batch_aux_alpha must be >= 0")
+        if not 0 <= self.bias_freeze_fraction <= 1:
+            raise ConfigError("bias_freeze_fraction must be in [0, 1]")
         if self.schedule not in ("cosine", "wsd"):
             raise ConfigError(f"schedule must be cosine or wsd, got {self.schedule!r}")
         if self.precision not in ("auto", "fp32", "bf16"):

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import hardware
+from .balance import BiasBalancer, RouterProbe, gather_counts, install_balanced_routing, load_stats, reset_counts
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from .config import RunConfig, TrainConfig
 from .data import BatchSampler, load_corpus, load_tokenizer
@@ -49,24 +50,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
         (no_decay if p.ndim < 2 or "embed_tokens" in name or "norm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
-
-
-def expert_load_stats(model: Transformer) -> dict:
-    """Per MoE layer: max/mean token load and MaxVio = (max - mean) / mean since the last reset."""
-    ratios = []
-    for _, moe in model.moe_layers():
-        counts = moe.tokens_per_expert
-        mean = counts.mean().item()
-        ratios.append(counts.max().item() / mean if mean > 0 else 1.0)
-    if not ratios:
-        return {}
-    return {"expert_load_max_over_mean": [round(r, 4) for r in ratios],
-            "max_vio": round(max(ratios) - 1, 4)}
-
-
-def reset_expert_counts(model: Transformer) -> None:
-    for _, moe in model.moe_layers():
-        moe.tokens_per_expert.zero_()
 
 
 def default_run_dir(preset: str) -> Path:
@@ -102,6 +85,13 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         self.model = hardware.configure(Transformer(run.model), self.caps).to(self.device)
         self.optimizer = make_optimizer(self.model, self.cfg)
+        # Balancing wraps the model from outside: router hooks for losses, a bias update after each step.
+        cfg = self.cfg
+        self.balancer = BiasBalancer(cfg.bias_update_speed, freeze_after=int(cfg.bias_freeze_fraction * cfg.steps)
+                                     if cfg.bias_freeze_fraction < 1 else None)
+        self.router_probe = RouterProbe(self.model, cfg.seq_aux_alpha, cfg.batch_aux_alpha, seq_len=cfg.seq_len)
+        if cfg.routing == "balanced":
+            install_balanced_routing(self.model)
         self.step, self.bad_steps = 0, 0
         self.initial_val_loss: float | None = None
         if resume:
@@ -155,15 +145,17 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; skipped (not applied) if anything is non-finite."""
         cfg = self.cfg
         self.model.train()
-        reset_expert_counts(self.model)
-        sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0}
+        reset_counts(self.model)
+        sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
         for micro in range(cfg.grad_accum):
             x, y = self.train_batches.batch(self.step * cfg.grad_accum + micro)
             with self.autocast():
                 out = self.forward(x.to(self.device), labels=y.to(self.device))
-            (out.loss / cfg.grad_accum).backward()
-            for key in sums:
-                value = getattr(out, key)
+            aux = self.router_probe.pop_loss()
+            loss = out.loss if aux is None else out.loss + aux
+            (loss / cfg.grad_accum).backward()
+            parts = {"loss": loss, "lm_loss": out.lm_loss, "mtp_loss": out.mtp_loss, "aux_loss": aux}
+            for key, value in parts.items():
                 if value is not None:
                     sums[key] += value.item() / cfg.grad_accum
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -174,14 +166,17 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
+            self.balancer.update(self.model, self.step)
             self.bad_steps = 0
         else:
             self.bad_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {"step": self.step + 1, **sums, "lr": lr, "grad_norm": float(grad_norm), "skipped": not finite}
-        metrics.update(expert_load_stats(self.model))
+        metrics.update(load_stats(gather_counts(self.model)))
         if not self.model.mtp:
             metrics.pop("mtp_loss")
+        if not self.router_probe.active:
+            metrics.pop("aux_loss")
         return metrics
 
     @torch.no_grad()
