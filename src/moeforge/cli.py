@@ -1,4 +1,4 @@
-"""`moeforge` command line: train, generate, info.
+"""`moeforge` command line: train, generate, info, report, balance.
 
 `train` flags are generated from `TrainConfig` (one definition, documented there); model fields are
 set in a TOML [model] section or with `-m FIELD=VALUE`. User errors print one line and exit 2.
@@ -72,6 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's, else bytes)")
     g.add_argument("--device", default="auto")
+
+    r = sub.add_parser("report", help="summarise a run folder; --plot writes loss and expert-load PNGs")
+    r.add_argument("run_dir", metavar="RUN_DIR")
+    r.add_argument("--plot", action="store_true", help="write loss.png and expert_load.png")
+    r.add_argument("--out", metavar="DIR", help="where to write the plots (default: RUN_DIR/plots)")
+
+    b = sub.add_parser("balance", help="expert load balancing tools")
+    bsub = b.add_subparsers(dest="balance_command", required=True, metavar="ACTION")
+    bp = bsub.add_parser("plan", help="place redundant expert replicas on devices from a load matrix")
+    bp.add_argument("--loads", required=True, metavar="loads.json",
+                    help="JSON list of per-layer lists of expert loads (or a run's metrics.jsonl)")
+    bp.add_argument("--slots", type=int, required=True, help="physical expert slots in all")
+    bp.add_argument("--groups", type=int, default=1, help="expert groups (group-limited routing)")
+    bp.add_argument("--nodes", type=int, default=1)
+    bp.add_argument("--gpus", type=int, required=True, help="devices in all (slots per device = slots / gpus)")
+    bp.add_argument("--policy", default="auto", choices=["auto", "hierarchical", "global"])
+    bp.add_argument("--json", action="store_true", help="print the placement as JSON")
 
     i = sub.add_parser("info", help="parameters, FLOPs and KV-cache size of a preset or config.json")
     i.add_argument("model", metavar="PRESET|config.json", help=f"one of {', '.join(PRESETS)} or a path")
@@ -160,9 +177,66 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import plot, read_metrics, summarize
+
+    rows = read_metrics(Path(args.run_dir))
+    print(summarize(rows))
+    if args.plot:
+        for path in plot(rows, Path(args.out) if args.out else Path(args.run_dir) / "plots"):
+            print(f"wrote {path}")
+    return 0
+
+
+def cmd_balance(args) -> int:
+    from .balance.placement import plan_placement, unreplicated
+
+    loads = read_loads(Path(args.loads))
+    placement = plan_placement(loads, args.slots, args.groups, args.nodes, args.gpus, policy=args.policy)
+    if args.json:
+        print(json.dumps(placement.to_json()))
+        return 0
+    try:
+        before = unreplicated(loads, args.gpus).balancedness()
+    except ConfigError:
+        before = None
+    after = placement.balancedness()
+    print(f"{len(loads)} layer(s), {len(loads[0])} experts -> {args.slots} slots on {args.gpus} device(s) "
+          f"in {args.nodes} node(s); balancedness = mean device load / max device load")
+    for layer, row in enumerate(placement.phy2log):
+        was = f"{before[layer]:.3f} -> " if before is not None else ""
+        hot = placement.logcnt[layer].argsort()[::-1][:3]
+        replicas = ", ".join(f"e{e}x{placement.logcnt[layer][e]}" for e in hot if placement.logcnt[layer][e] > 1)
+        print(f"  layer {layer}: {was}{after[layer]:.3f}" + (f"  (replicated: {replicas})" if replicas else ""))
+    return 0
+
+
+def read_loads(path: Path) -> list[list[float]]:
+    """A JSON [layers][experts] matrix, or the summed expert_counts of a run's metrics.jsonl."""
+    if not path.is_file():
+        raise ConfigError(f"loads file not found: {path}")
+    if path.suffix == ".jsonl":
+        from .report import read_metrics
+
+        rows = [r["expert_counts"] for r in read_metrics(path.parent) if "expert_counts" in r]
+        if not rows:
+            raise ConfigError(f"{path}: no expert_counts logged")
+        return [[sum(r[layer][e] for r in rows) for e in range(len(rows[0][layer]))] for layer in range(len(rows[0]))]
+    try:
+        loads = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not (isinstance(loads, list) and loads and all(isinstance(r, list) and r for r in loads)):
+        raise ConfigError(f"{path}: expected a JSON list of per-layer lists of expert loads")
+    if len({len(r) for r in loads}) != 1:
+        raise ConfigError(f"{path}: every layer must list the same number of experts")
+    return loads
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"train": cmd_train, "generate": cmd_generate, "info": cmd_info}[args.command]
+    handler = {"train": cmd_train, "generate": cmd_generate, "info": cmd_info, "report": cmd_report,
+               "balance": cmd_balance}[args.command]
     try:
         return handler(args)
     except MoeforgeError as e:

@@ -266,6 +266,8 @@ class TrainConfig:
     eval_every: int = doc("Evaluate every N steps (and at the end).", default=100)
     eval_batches: int = doc("Validation micro-batches per evaluation.", default=8)
     log_every: int = doc("Write a metrics line every N steps.", default=1)
+    log_expert_counts: bool = doc("Log per-layer, per-expert token counts (for `moeforge report --plot`).",
+                                  default=True)
     save_every: int = doc("Checkpoint every N steps (and at the end); 0 = only at the end.", default=0)
     keep_checkpoints: int = doc("Keep this many most recent checkpoints.", default=2)
     max_bad_steps: int = doc("Stop after this many consecutive non-finite steps.", default=5)

@@ -172,7 +172,10 @@ class Trainer:
             self.bad_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {"step": self.step + 1, **sums, "lr": lr, "grad_norm": float(grad_norm), "skipped": not finite}
-        metrics.update(load_stats(gather_counts(self.model)))
+        counts = gather_counts(self.model)
+        metrics.update(load_stats(counts))
+        if cfg.log_expert_counts:
+            metrics["expert_counts"] = counts.long().tolist()
         if not self.model.mtp:
             metrics.pop("mtp_loss")
         if not self.router_probe.active:
