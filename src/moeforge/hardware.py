@@ -18,7 +18,7 @@ from .errors import ConfigError
 @dataclass(frozen=True)
 class Capabilities:
     device: str  # "cpu", "cuda:0", "mps"
-    bf16: bool  # bf16 matmuls are fast (tensor cores / AMX), so "auto" precision picks bf16
+    bf16: bool  # bf16 matmuls are faster than fp32 here (tensor cores, AMX, AVX512-BF16): "auto" picks bf16
     grouped_mm: bool  # torch._grouped_mm runs forward and backward here
     fp8_matmul: bool  # torch._scaled_mm accepts float8_e4m3fn operands here
     fused_attention: bool  # SDPA has a fused (flash-style) kernel here; MLA pads v to qualify
@@ -58,8 +58,7 @@ def probe(device: str = "auto") -> Capabilities:
     if dev.startswith("cuda"):
         bf16 = torch.cuda.is_bf16_supported()
     elif dev == "cpu":
-        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-        bf16 = bool(amx())
+        bf16 = _bf16_matmul_is_faster_on_cpu()
     else:
         bf16 = False
     # On CPU _grouped_mm loops over groups internally; padded bmm measured faster there
@@ -93,6 +92,23 @@ def _runs(fn) -> bool:
         return True
     except Exception:  # any failure means "not usable here"
         return False
+
+
+def _bf16_matmul_is_faster_on_cpu(n: int = 768, repeats: int = 7) -> bool:
+    """Measure rather than guess: AMX and AVX512-BF16 make bf16 matmuls faster than fp32, older CPUs
+    emulate bf16 and make them slower. Interleaved timings, best of each, so a busy machine affects
+    both alike. About 0.1 s, once per process."""
+    import time
+
+    pairs = {dt: (torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)) for dt in (torch.float32, torch.bfloat16)}
+    best = dict.fromkeys(pairs, float("inf"))
+    for i in range(repeats + 2):  # the first two rounds warm up (oneDNN picks and JITs kernels)
+        for dt, (a, b) in pairs.items():
+            t0 = time.perf_counter()
+            a @ b
+            if i >= 2:
+                best[dt] = min(best[dt], time.perf_counter() - t0)
+    return best[torch.bfloat16] < 0.8 * best[torch.float32]
 
 
 def _try_grouped_mm(dev: str) -> None:
