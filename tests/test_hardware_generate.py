@@ -13,6 +13,10 @@ def test_probe_cpu_and_configure():
     assert caps.device == "cpu" and caps.dist_backend == "gloo" and caps.expert_impl in ("bmm", "grouped_mm")
     model = hardware.configure(Transformer(preset("debug")), caps)
     assert all(m.experts.impl == caps.expert_impl for _, m in model.moe_layers())
+    assert all(layer.self_attn.attn_impl == caps.attn_impl for layer in model.layers)
+    if caps.attn_impl == "eager":  # long sequences stay on SDPA: eager would hold T x T scores
+        long = hardware.configure(Transformer(preset("debug")), caps, seq_len=hardware.EAGER_ATTENTION_MAX_SEQ + 1)
+        assert all(layer.self_attn.attn_impl == "sdpa" for layer in long.layers)
     assert hardware.autocast_dtype("fp32", caps) is None
     assert hardware.autocast_dtype("bf16", caps) is torch.bfloat16
 

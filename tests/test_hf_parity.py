@@ -58,13 +58,15 @@ def test_logits_match_transformers_and_roundtrip(case, tmp_path):
     torch.testing.assert_close(again, ref, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("impl", ["grouped_mm", "bmm", "loop"])
-def test_expert_kernels_agree_with_transformers(impl, tmp_path):
+@pytest.mark.parametrize("impl,attn", [("grouped_mm", "eager"), ("bmm", "sdpa"), ("loop", "eager")])
+def test_expert_and_attention_kernels_agree_with_transformers(impl, attn, tmp_path):
     hf_model = make_hf_model(CASES["q-lora-group-routing"])
     hf_model.save_pretrained(tmp_path)
     ours = moeforge.from_pretrained(tmp_path)
     for _, moe in ours.moe_layers():
         moe.experts.impl = impl
+    for layer in ours.layers:
+        layer.self_attn.attn_impl = attn
     ids = torch.randint(0, BASE["vocab_size"], (3, 17), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, hf_model(ids).logits, atol=1e-4, rtol=0)

@@ -24,12 +24,13 @@ class Capabilities:
     fused_attention: bool  # SDPA has a fused (flash-style) kernel here; MLA pads v to qualify
     dist_backend: str  # "nccl" on CUDA, else "gloo"
     expert_impl: str  # GroupedExperts kernel: grouped_mm | bmm
+    attn_impl: str = "sdpa"  # MLA attention core: sdpa | eager
 
     def summary(self) -> str:
         return (f"{self.device}: bf16 {'yes' if self.bf16 else 'no'}, grouped GEMM "
                 f"{'yes' if self.grouped_mm else 'no'}, FP8 matmul {'yes' if self.fp8_matmul else 'no'}, fused "
                 f"attention {'yes' if self.fused_attention else 'no'}, "
-                f"experts via {self.expert_impl}, collectives via {self.dist_backend}")
+                f"experts via {self.expert_impl}, attention via {self.attn_impl}, collectives via {self.dist_backend}")
 
 
 def resolve_device(name: str = "auto") -> str:
@@ -61,21 +62,35 @@ def probe(device: str = "auto") -> Capabilities:
         bf16 = _bf16_matmul_is_faster_on_cpu()
     else:
         bf16 = False
-    # On CPU _grouped_mm loops over groups internally; padded bmm measured faster there
-    # (shared/reference/cpu-performance-notes.md, benchmarks/train_throughput.py).
-    expert_impl = "grouped_mm" if grouped and dev.startswith("cuda") else "bmm"
+    # grouped_mm computes each expert's real rows only; padded bmm pays for the busiest expert on all of
+    # them (a 2x hot expert doubles its cost). Measured fastest on this CPU too (benchmarks/README.md).
+    expert_impl = "grouped_mm" if grouped else "bmm"
+    # On CPU the fused SDPA kernel does not use bf16 matmuls; baddbmm + softmax + bmm measured 1.1-1.2x
+    # faster for a whole step at T=256 (benchmarks/README.md). Its memory grows with T^2: see configure.
+    attn_impl = "eager" if dev == "cpu" else "sdpa"
     fused = dev == "cpu" or (dev.startswith("cuda") and torch.backends.cuda.flash_sdp_enabled())
     return Capabilities(device=dev, bf16=bf16, grouped_mm=grouped, fp8_matmul=fp8, fused_attention=fused,
-                        dist_backend="nccl" if dev.startswith("cuda") else "gloo", expert_impl=expert_impl)
+                        dist_backend="nccl" if dev.startswith("cuda") else "gloo", expert_impl=expert_impl,
+                        attn_impl=attn_impl)
 
 
-def configure(model: torch.nn.Module, caps: Capabilities) -> torch.nn.Module:
-    """Point every routed-expert module at the kernel chosen for this device."""
+EAGER_ATTENTION_MAX_SEQ = 2048  # beyond this the [B*H, T, T] score tensor outweighs eager's speed
+
+
+def configure(model: torch.nn.Module, caps: Capabilities, seq_len: int | None = None) -> torch.nn.Module:
+    """Point every routed-expert module and attention core at the kernels chosen for this device
+    (`seq_len`, when known, keeps long sequences on SDPA, which never materialises T x T scores)."""
+    from .model.mla import MLA
     from .model.moe import GroupedExperts
 
+    attn = caps.attn_impl
+    if attn == "eager" and seq_len is not None and seq_len > EAGER_ATTENTION_MAX_SEQ:
+        attn = "sdpa"
     for module in model.modules():
         if isinstance(module, GroupedExperts):
             module.impl = caps.expert_impl
+        elif isinstance(module, MLA):
+            module.attn_impl = attn
     return model
 
 

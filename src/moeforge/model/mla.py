@@ -13,10 +13,21 @@ from torch import nn
 
 from ..config import ModelConfig
 from .norm import RMSNorm
-from .rope import apply_rope
+from .rope import rope_halves
+
+ATTN_IMPLS = ("sdpa", "eager")
 
 
 class MLA(nn.Module):
+    """`attn_impl` picks the attention core (set from outside, e.g. by `moeforge.hardware`, never by the
+    device here):
+      sdpa   F.scaled_dot_product_attention with v zero-padded to the qk head dim (fused kernels want equal
+             dims); fp32 scores and softmax inside the kernel;
+      eager  baddbmm -> softmax -> bmm on [B*H, T, T]: scores in the compute dtype (bf16 under autocast,
+             as in HF's eager attention), softmax accumulated in fp32. Faster on CPUs whose fused kernel
+             does not use bf16 matmuls; memory grows with T^2.
+    """
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -25,6 +36,7 @@ class MLA(nn.Module):
         self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         self.kv_lora_rank = config.kv_lora_rank
         self.softmax_scale = config.softmax_scale()
+        self.attn_impl = "sdpa"
         if config.q_lora_rank is None:
             self.q_proj = nn.Linear(D, H * config.qk_head_dim, bias=False)
         else:
@@ -47,24 +59,39 @@ class MLA(nn.Module):
         H, N, R, V = self.n_heads, self.nope_dim, self.rope_dim, self.v_dim
         interleave = self.config.rope_interleave
 
-        q = self.project_q(x).view(B, T, H, N + R)
+        # Heads are moved ahead of time as strided views; each cat below writes [B, H, T, N+R] in one pass.
+        q = self.project_q(x).view(B, T, H, N + R).transpose(1, 2)  # [B, H, T, N+R] (view)
         q_nope, q_rope = q.split([N, R], dim=-1)
-        q_rope = apply_rope(q_rope, cos, sin, interleave)
 
         kv_latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, R], dim=-1)
-        k_rope = apply_rope(k_rope.view(B, T, 1, R), cos, sin, interleave)  # one rope key for all heads
-        kv = self.kv_b_proj(self.kv_a_layernorm(kv_latent)).view(B, T, H, N + V)
+        kv = self.kv_b_proj(self.kv_a_layernorm(kv_latent)).view(B, T, H, N + V).transpose(1, 2)
         k_nope, v = kv.split([N, V], dim=-1)
 
-        q = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)  # [B, H, T, N+R]
-        k = torch.cat((k_nope, k_rope.expand(B, T, H, R)), dim=-1).transpose(1, 2)
-        v = v.transpose(1, 2)
-        # SDPA's fused kernels want equal qk and v head dims; zero-padding v and slicing the output is
-        # exact and faster than the math fallback (cpu-performance-notes.md).
-        pad = N + R - V
-        if pad > 0:
-            v = F.pad(v, (0, pad))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
-        if pad > 0:
-            out = out[..., :V]
+        q = torch.cat((q_nope, *rope_halves(q_rope, cos, sin, interleave, seq_dim=2)), dim=-1)  # [B, H, T, N+R]
+        k_rope = rope_halves(k_rope.view(B, 1, T, R), cos, sin, interleave, seq_dim=2)  # one key for all heads
+        k = torch.cat((k_nope, *(r.expand(B, H, T, R // 2) for r in k_rope)), dim=-1)
+        if self.attn_impl == "eager":
+            out = self._eager(q, k, v)
+        elif self.attn_impl == "sdpa":
+            # SDPA's fused kernels want equal qk and v head dims; zero-padding v and slicing the output is
+            # exact and faster than the math fallback (cpu-performance-notes.md).
+            pad = N + R - V
+            if pad > 0:
+                v = F.pad(v, (0, pad))
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+            if pad > 0:
+                out = out[..., :V]
+        else:
+            raise ValueError(f"unknown attention impl {self.attn_impl!r}; choose from {ATTN_IMPLS}")
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * V))
+
+    def _eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention with batched matmuls: q, k [B, H, T, N+R], v [B, H, T, V] -> [B, H, T, V]."""
+        B, H, T, _ = q.shape
+        # Under autocast baddbmm runs in the autocast dtype; build the mask there to skip a cast.
+        dtype = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
+        mask = torch.full((T, T), float("-inf"), dtype=dtype, device=q.device).triu_(1)
+        scores = torch.baddbmm(mask.expand(B * H, T, T), q.reshape(B * H, T, -1),
+                               k.reshape(B * H, T, -1).transpose(1, 2), alpha=self.softmax_scale)
+        probs = scores.softmax(dim=-1)  # fp32 accumulation inside the kernel, stored in the scores' dtype
+        return torch.bmm(probs, v.reshape(B * H, T, -1)).view(B, H, T, -1)

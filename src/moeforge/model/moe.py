@@ -1,6 +1,13 @@
 """DeepSeekMoE: a router, fine-grained routed experts run as one grouped GEMM, and shared experts.
 
-Shapes: N tokens (batch x sequence), D hidden, E routed experts, K experts per token, F expert width.
+Shapes: N tokens (batch x sequence), D hidden, E routed experts, K experts per token, F expert width,
+S = N x K routed rows.
+
+Moving rows between token order and expert order is done with gathers in both directions: every map
+here is a known permutation (or a token read K times), so each backward is an `index_select` through
+the inverse map too rather than a scatter-add (`index_add_`, `index_put_(accumulate=True)`). Activations
+are cast to the compute dtype before the K-fold copy, and the K outputs per token are summed in fp32.
+Measurements: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -55,6 +62,84 @@ class Router(nn.Module):
         return weights * self.routed_scaling_factor, indices, scores
 
 
+# --- row movement with gather-only backward ---------------------------------------------------------
+class _Dispatch(torch.autograd.Function):
+    """x [N, D] -> rows [N*K, D] in expert order (row r = token order[r] // K), cast to `dtype` first
+    (N rows, not N*K). Backward: dx[n] = sum_k drows[rank[n, k]], K gathers accumulated in x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, order, rank, dtype):
+        ctx.save_for_backward(rank)
+        ctx.x_dtype = x.dtype
+        return x.to(dtype).index_select(0, torch.div(order, rank.shape[1], rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rank,) = ctx.saved_tensors
+        dx = grad.index_select(0, rank[:, 0]).to(ctx.x_dtype)
+        for k in range(1, rank.shape[1]):
+            dx += grad.index_select(0, rank[:, k])
+        return dx, None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """out[n] = sum_k weights[n, k] * y[rank[n, k]] in fp32 (or y's dtype if wider): each token's K expert
+    outputs, weighted and summed. Backward: dy[r] = weights_flat[order[r]] * dout[order[r] // K] (a
+    gather through `order`, the inverse of `rank`), dweights[n, k] = <dout[n], y[rank[n, k]]>."""
+
+    @staticmethod
+    def forward(ctx, y, weights, rank, order):
+        ctx.save_for_backward(y, weights, rank, order)
+        acc = torch.promote_types(y.dtype, weights.dtype)
+        out = torch.zeros(rank.shape[0], y.shape[1], dtype=acc, device=y.device)
+        for k in range(rank.shape[1]):
+            out.addcmul_(y.index_select(0, rank[:, k]), weights[:, k:k + 1])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, weights, rank, order = ctx.saved_tensors
+        N, K = rank.shape
+        dweights = None
+        if ctx.needs_input_grad[1]:
+            dweights = torch.stack([(y.index_select(0, rank[:, k]) * grad).sum(-1) for k in range(K)], dim=1)
+            dweights = dweights.to(weights.dtype)
+        g = grad.to(y.dtype)
+        dy = g.index_select(0, torch.div(order, K, rounding_mode="floor"))
+        dy.mul_(weights.to(y.dtype).flatten().index_select(0, order).unsqueeze(1))
+        return dy, dweights, None, None
+
+
+class _Unpad(torch.autograd.Function):
+    """Rows of the padded expert batch back to expert order: out = y[dest]. Backward: dy[p] = grad[src[p]]
+    for real rows, 0 for padding rows (a gather plus a fill, not a scatter)."""
+
+    @staticmethod
+    def forward(ctx, y, dest, src, pad_rows):
+        ctx.save_for_backward(src, pad_rows)
+        return y.index_select(0, dest)
+
+    @staticmethod
+    def backward(ctx, grad):
+        src, pad_rows = ctx.saved_tensors
+        return grad.index_select(0, src).index_fill_(0, pad_rows, 0), None, None, None
+
+
+class _Pad(torch.autograd.Function):
+    """Expert-ordered rows into the padded [E * capacity] layout: out = x[src] with padding rows zeroed.
+    Backward: dx = grad[dest] (each real row has exactly one padded slot)."""
+
+    @staticmethod
+    def forward(ctx, x, src, dest, pad_rows):
+        ctx.save_for_backward(dest)
+        return x.index_select(0, src).index_fill_(0, pad_rows, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (dest,) = ctx.saved_tensors
+        return grad.index_select(0, dest), None, None, None
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as stacked weights, applied to tokens already sorted by expert.
 
@@ -79,30 +164,44 @@ class GroupedExperts(nn.Module):
         w_in, w_out = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
         if self.impl == "grouped_mm":
             offs = counts.cumsum(0).to(torch.int32)
-            h = torch._grouped_mm(x, w_in.transpose(-2, -1), offs=offs)
-            return torch._grouped_mm(swiglu(h), w_out.transpose(-2, -1), offs=offs)
+            # torch.compile's shape function for _grouped_mm (torch 2.13) accepts only bf16: run other
+            # dtypes outside the graph rather than fail.
+            mm = torch._grouped_mm if x.dtype == torch.bfloat16 else _grouped_mm_eager
+            h = mm(x, w_in.transpose(-2, -1), offs=offs)
+            return mm(swiglu(h), w_out.transpose(-2, -1), offs=offs)
         if self.impl == "bmm":
             return self._padded_bmm(x, counts, w_in, w_out)
         if self.impl == "loop":
-            outs, start = [], 0
-            for e, n in enumerate(counts.tolist()):
-                if n:
-                    xe = x[start:start + n]
-                    outs.append(swiglu(xe @ w_in[e].T) @ w_out[e].T)
-                    start += n
+            # split/unbind rather than slicing and indexing: their backward is one cat/stack, where each
+            # slice or w[e] would add a full-size zero tensor to the gradient.
+            sizes = counts.tolist()
+            outs = [swiglu(xe @ wi.T) @ wo.T
+                    for xe, wi, wo, n in zip(x.split(sizes), w_in.unbind(0), w_out.unbind(0), sizes) if n]
             return torch.cat(outs) if outs else x.new_zeros(0, x.shape[1])
         raise ValueError(f"unknown expert impl {self.impl!r}; choose from {EXPERT_IMPLS}")
 
     def _padded_bmm(self, x, counts, w_in, w_out):
-        E, M = self.n_experts, x.shape[0]
-        capacity = int(counts.max())
+        E, M, D = self.n_experts, x.shape[0], x.shape[1]
+        capacity = int(counts.max()) if M else 0
+        # Row r, the j-th of expert e's group, goes to padded row dest[r] = e * capacity + j; src is the
+        # inverse map (padding rows point at row 0 and are zeroed).
         expert_of_row = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=M)
         starts = counts.cumsum(0) - counts
-        slot = torch.arange(M, device=x.device) - starts[expert_of_row]
-        padded = x.new_zeros(E, capacity, x.shape[1])
-        padded[expert_of_row, slot] = x
+        dest = torch.arange(M, device=x.device) + expert_of_row * capacity - starts[expert_of_row]
+        src = torch.zeros(E * capacity, dtype=torch.long, device=x.device)
+        src[dest] = torch.arange(M, device=x.device)
+        is_pad = torch.ones(E * capacity, dtype=torch.bool, device=x.device)
+        is_pad[dest] = False
+        pad_rows = is_pad.nonzero().squeeze(1)
+        padded = _Pad.apply(x, src, dest, pad_rows).view(E, capacity, D)
         h = swiglu(torch.bmm(padded, w_in.transpose(1, 2)))
-        return torch.bmm(h, w_out.transpose(1, 2))[expert_of_row, slot]
+        y = torch.bmm(h, w_out.transpose(1, 2)).view(E * capacity, D)
+        return _Unpad.apply(y, dest, src, pad_rows)
+
+
+@torch.compiler.disable
+def _grouped_mm_eager(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(x, w, offs=offs)
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -137,15 +236,21 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
         weights, indices, _ = self.gate(x)  # [N, K]
+        N, K = indices.shape
         flat = indices.flatten()  # [N*K]
-        counts = torch.bincount(flat, minlength=self.gate.n_experts)
+        # Tokens per expert, [E] whatever the data (bincount's size depends on the data: a torch.compile break).
+        counts = torch.zeros(self.gate.n_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
         with torch.no_grad():
             self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
-        order = flat.argsort(stable=True)  # rows grouped by expert
-        token = order // self.top_k
-        y = self.experts(x[token], counts)  # [N*K, D]
-        y = y * weights.flatten()[order, None].to(y.dtype)
-        out = torch.zeros_like(x, dtype=y.dtype).index_add_(0, token, y)
+        order = flat.argsort(stable=True)  # sorted row r holds routed slot order[r] = n * K + k
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=order.device)  # slot -> sorted row
+        rank = rank.view(N, K)
+        # Under autocast the experts compute in the autocast dtype: cast the N rows before the K-fold copy.
+        xs = _Dispatch.apply(x, order, rank, compute_dtype(x))  # [N*K, D] in expert order
+        y = self.experts(xs, counts)  # [N*K, D]
+        out = _Combine.apply(y, weights, rank, order)  # [N, D], fp32 sum of the K weighted outputs
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out.view(shape[:-1] + out.shape[-1:])

@@ -69,16 +69,29 @@ class RotaryEmbedding(nn.Module):
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """Rotate x [B, T, H, R] by position. Pairs are (2i, 2i+1) when interleaved, else (i, i+R/2).
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool,
+               seq_dim: int | None = None) -> torch.Tensor:
+    """Rotate x [..., T, H, R] by position (or positions on `seq_dim`, e.g. [B, H, T, R] with seq_dim=2).
+    Pairs are (2i, 2i+1) when interleaved, else (i, i+R/2).
 
     Either way the output is laid out as halves [rotated firsts | rotated seconds], like Hugging Face;
     queries and keys are permuted alike, so their dot products are unchanged.
     """
+    return torch.cat(rope_halves(x, cos, sin, interleave, seq_dim), dim=-1)
+
+
+def rope_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool,
+                seq_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two halves `apply_rope` concatenates, for callers that concatenate them with more (one copy)."""
     if interleave:
         x1, x2 = x[..., 0::2], x[..., 1::2]
     else:
         x1, x2 = x.chunk(2, dim=-1)
-    cos = cos[:, None, :].to(x.dtype)
-    sin = sin[:, None, :].to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    if seq_dim is None:  # positions on dim -3: [..., T, H, R]
+        cos, sin = cos[:, None, :], sin[:, None, :]
+    else:
+        shape = [1] * x.dim()
+        shape[seq_dim], shape[-1] = cos.shape[0], cos.shape[-1]
+        cos, sin = cos.reshape(shape), sin.reshape(shape)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin

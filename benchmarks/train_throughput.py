@@ -1,0 +1,337 @@
+"""Training throughput: moeforge `Transformer` vs `transformers.DeepseekV3ForCausalLM`, side by side.
+
+Both models are built from one config with identical weights (the HF model is initialised, saved with
+`save_pretrained` and read back with `moeforge.from_pretrained`), get the same batch, the same loss
+(next-token cross-entropy over T-1 positions), the same AdamW settings and the same precision treatment:
+fp32, or bf16 autocast over fp32 master weights. One timed step = zero_grad + forward + backward +
+optimizer step. After warmup the variants run interleaved (A, B, A, B, ...) so that a noisy, shared
+machine slows them alike; each variant reports its median step.
+
+Achieved FLOP/s uses `moeforge.costs.training_flops_per_token` (6 x activated matmul parameters +
+causal attention) and is shown as a fraction of a dense matmul peak measured in the same rounds
+(an N^3 matmul in the step's compute dtype).
+
+    python benchmarks/train_throughput.py                       # fp32 and bf16, about 1.5 minutes on 2 cores
+    python benchmarks/train_throughput.py --expert-impl grouped_mm --attn-impl eager   # fastest on a 2-core CPU
+    python benchmarks/train_throughput.py --dtype bf16 --expert-impl bmm,grouped_mm,loop --attn-impl sdpa,eager
+    python benchmarks/train_throughput.py --compile             # torch.compile the moeforge model
+    python benchmarks/train_throughput.py --profile             # op-level profile of one step of each variant
+
+See benchmarks/README.md for results and what they mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import moeforge
+from moeforge.model import IGNORE_INDEX
+from moeforge.model.moe import EXPERT_IMPLS
+
+try:
+    from moeforge.model.mla import ATTN_IMPLS
+except ImportError:  # a moeforge from before MLA.attn_impl (to benchmark an older checkout)
+    ATTN_IMPLS = ("sdpa",)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def hf_config(args):
+    import transformers
+
+    return transformers.DeepseekV3Config(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.dense_intermediate,
+        moe_intermediate_size=args.moe_intermediate, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.heads, n_shared_experts=args.shared_experts,
+        n_routed_experts=args.experts, num_experts_per_tok=args.top_k, n_group=1, topk_group=1,
+        first_k_dense_replace=args.dense_layers, q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank,
+        qk_nope_head_dim=args.nope_dim, qk_rope_head_dim=args.rope_dim, v_head_dim=args.v_dim,
+        routed_scaling_factor=1.0, max_position_embeddings=max(args.seq, 256), tie_word_embeddings=False,
+        initializer_range=0.02, attention_dropout=0.0, num_nextn_predict_layers=0,  # HF has no MTP
+    )
+
+
+def build_models(args):
+    """The HF model and a moeforge model with the same weights (fp32, training mode)."""
+    import transformers
+
+    torch.manual_seed(args.seed)
+    hf = transformers.DeepseekV3ForCausalLM(hf_config(args)).float().train()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = moeforge.from_pretrained(tmp).float().train()
+    return hf, ours
+
+
+def flops_per_token(config, seq_len: int) -> tuple[float, str]:
+    """Training FLOPs per token: moeforge.costs if present, else the same convention computed here."""
+    try:
+        from moeforge.costs import training_flops_per_token
+    except ImportError:  # fallback: 6 x activated non-embedding matmul params + causal attention
+        c = config
+        active = _activated_matmul_params(config)
+        attn = 2 * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * (seq_len / 2) * c.num_hidden_layers
+        return 3.0 * (2 * active + attn), "6N + attention (local formula)"
+    return training_flops_per_token(config, seq_len), "moeforge.costs.training_flops_per_token"
+
+
+def _activated_matmul_params(c) -> int:
+    D, H = c.hidden_size, c.num_attention_heads
+    q = D * H * c.qk_head_dim if c.q_lora_rank is None else D * c.q_lora_rank + c.q_lora_rank * H * c.qk_head_dim
+    attn = q + D * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank * H * (c.qk_nope_head_dim + c.v_head_dim) \
+        + H * c.v_head_dim * D
+    dense = 3 * D * c.intermediate_size
+    moe = c.n_routed_experts * D + 3 * D * c.moe_intermediate_size * (c.num_experts_per_tok + c.n_shared_experts)
+    L, k = c.num_hidden_layers, c.first_k_dense_replace
+    return L * attn + k * dense + (L - k) * moe + D * c.vocab_size
+
+
+@dataclass
+class Variant:
+    name: str
+    model: torch.nn.Module
+    step: callable
+    times: list[float] = field(default_factory=list)
+    first_loss: float | None = None
+
+
+ADAMW = {"loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+
+
+def make_step(model, forward, kind: str, ids, amp_dtype, lr: float, adamw: str = "fused"):
+    """One training step for either model; returns (seconds, loss)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, **ADAMW[adamw])
+    if kind == "hf":
+        labels = ids  # HF shifts labels inside its loss
+    else:
+        labels = torch.cat((ids[:, 1:], torch.full_like(ids[:, :1], IGNORE_INDEX)), dim=1)
+    autocast = (lambda: torch.autocast("cpu", dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
+
+    def step():
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            if kind == "hf":
+                loss = forward(input_ids=ids, labels=labels, use_cache=False).loss
+            else:
+                loss = forward(ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - t0, float(loss.detach())
+
+    return step
+
+
+def matmul_peak_step(dtype: torch.dtype, n: int):
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+
+    def step():
+        t0 = time.perf_counter()
+        a @ b
+        return time.perf_counter() - t0, None
+
+    return step
+
+
+def set_expert_impl(model, impl: str) -> None:
+    for _, moe in model.moe_layers():
+        moe.experts.impl = impl
+
+
+def set_attn_impl(model, impl: str) -> None:
+    for layer in model.layers:
+        layer.self_attn.attn_impl = impl
+
+
+def apply_device_defaults(model) -> str:
+    """The kernels `moeforge train` would pick on this CPU (`moeforge.hardware.configure`)."""
+    try:
+        from moeforge import hardware
+
+        hardware.configure(model, hardware.probe("cpu"))
+        return "moeforge.hardware.configure"
+    except Exception as e:  # the benchmark should still run against an older/newer hardware module
+        return f"model defaults ({type(e).__name__}: {e})"
+
+
+def current_impls(model) -> tuple[str, str]:
+    layers = model.moe_layers()
+    expert = layers[0][1].experts.impl if layers else "bmm"
+    return expert, getattr(model.layers[0].self_attn, "attn_impl", "sdpa")
+
+
+def run_dtype(dtype_name: str, hf, ours, ids, args) -> tuple[list[Variant], list[float]]:
+    amp = None if dtype_name == "fp32" else DTYPES[dtype_name]
+    if args.compile:  # a fresh compile per dtype (a recompile for the new autocast state could go dynamic)
+        torch._dynamo.reset()
+    ours_fwd = torch.compile(ours) if args.compile else ours
+    variants = [Variant("transformers", hf, make_step(hf, hf, "hf", ids, amp, args.lr, args.adamw))]
+    expert0, attn0 = current_impls(ours)
+    for expert in args.expert_impl or [expert0]:
+        for attn in args.attn_impl or [attn0]:
+            label = f"moeforge {expert}/{attn}" + (" +compile" if args.compile else "")
+            step = make_step(ours, ours_fwd, "ours", ids, amp, args.lr, args.adamw)
+
+            def run(expert=expert, attn=attn, step=step):
+                set_expert_impl(ours, expert)
+                set_attn_impl(ours, attn)
+                return step()
+
+            variants.append(Variant(label, ours, run))
+    peak = matmul_peak_step(DTYPES[dtype_name], args.peak_n)
+
+    for v in variants:
+        for i in range(args.warmup):
+            _, loss = v.step()
+            if i == 0:
+                v.first_loss = loss
+        if args.warmup == 0:
+            v.first_loss = float("nan")
+    peak()
+    peak_times = []
+    for _ in range(args.steps):
+        for v in variants:
+            v.times.append(v.step()[0])
+        peak_times.append(peak()[0])
+    if args.profile:
+        profile_variants(variants, dtype_name)
+    return variants, peak_times
+
+
+def profile_variants(variants: list[Variant], dtype_name: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    for v in variants:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            v.step()
+        print(f"\n--- profile: {v.name}, {dtype_name}, one step (self CPU time) ---")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=48))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant (interleaved), median reported")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    p.add_argument("--dtype", default="fp32,bf16", help="comma list of fp32, bf16 (bf16 = autocast, fp32 master weights)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step")
+    p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--compile", action="store_true", help="torch.compile the moeforge model")
+    p.add_argument("--expert-impl", default="auto",
+                   help=f"comma list of moeforge GroupedExperts impls ({'|'.join(EXPERT_IMPLS)}), each timed as its "
+                        "own variant; auto: what moeforge.hardware.configure picks here (what `moeforge train` runs)")
+    p.add_argument("--attn-impl", default="auto",
+                   help=f"comma list of moeforge MLA attention impls ({'|'.join(ATTN_IMPLS)}), crossed with "
+                        "--expert-impl; auto: as for --expert-impl")
+    p.add_argument("--profile", action="store_true", help="after timing, print a torch.profiler table of one step "
+                                                          "of each variant")
+    p.add_argument("--adamw", choices=list(ADAMW), default="fused",
+                   help="AdamW implementation, the same for both models (torch's CPU default is 'loop')")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--lr", type=float, default=0.0,
+                   help="AdamW learning rate; the update is computed and applied in full either way, and the default 0 "
+                        "keeps both models' weights (so their routing, hence their work) identical across steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peak-n", type=int, default=2048, help="size of the square matmul that measures peak FLOP/s")
+    g = p.add_argument_group("model")
+    g.add_argument("--hidden", type=int, default=512)
+    g.add_argument("--layers", type=int, default=4)
+    g.add_argument("--dense-layers", type=int, default=1, help="first_k_dense_replace")
+    g.add_argument("--dense-intermediate", type=int, default=1536)
+    g.add_argument("--experts", type=int, default=16)
+    g.add_argument("--top-k", type=int, default=4)
+    g.add_argument("--shared-experts", type=int, default=1)
+    g.add_argument("--moe-intermediate", type=int, default=256)
+    g.add_argument("--heads", type=int, default=8)
+    g.add_argument("--q-lora-rank", type=int, default=192)
+    g.add_argument("--kv-lora-rank", type=int, default=128)
+    g.add_argument("--nope-dim", type=int, default=64)
+    g.add_argument("--rope-dim", type=int, default=32)
+    g.add_argument("--v-dim", type=int, default=64)
+    g.add_argument("--vocab", type=int, default=4096)
+    args = p.parse_args(argv)
+    args.dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    for d in args.dtypes:
+        if d not in DTYPES:
+            p.error(f"--dtype: unknown {d!r}; choose from {', '.join(DTYPES)}")
+    args.expert_impl = None if args.expert_impl == "auto" else args.expert_impl
+    args.attn_impl = None if args.attn_impl == "auto" else args.attn_impl
+    if args.expert_impl:
+        args.expert_impl = [s.strip() for s in args.expert_impl.split(",") if s.strip()]
+        for impl in args.expert_impl:
+            if impl not in EXPERT_IMPLS:
+                p.error(f"--expert-impl: unknown {impl!r}; choose from {', '.join(EXPERT_IMPLS)}")
+    if args.attn_impl:
+        args.attn_impl = [s.strip() for s in args.attn_impl.split(",") if s.strip()]
+        for impl in args.attn_impl:
+            if impl not in ATTN_IMPLS:
+                p.error(f"--attn-impl: unknown {impl!r}; choose from {', '.join(ATTN_IMPLS)}")
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    t_start = time.perf_counter()
+    hf, ours = build_models(args)
+    config = ours.config
+    impl_source = apply_device_defaults(ours)
+    tokens = args.batch * args.seq
+    fpt, fsource = flops_per_token(config, args.seq)
+    step_flops = fpt * tokens
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed + 1))
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
+          f"HF experts_implementation={hf.config._experts_implementation}, attn={hf.config._attn_implementation}")
+    print(f"config: hidden {config.hidden_size}, {config.num_hidden_layers} layers ({config.first_k_dense_replace} dense, "
+          f"intermediate {config.intermediate_size}), {config.n_routed_experts} experts top-{config.num_experts_per_tok} "
+          f"+ {config.n_shared_experts} shared (F {config.moe_intermediate_size}), {config.num_attention_heads} heads, "
+          f"MLA q_lora {config.q_lora_rank} kv_lora {config.kv_lora_rank} nope {config.qk_nope_head_dim} "
+          f"rope {config.qk_rope_head_dim} v {config.v_head_dim}, vocab {config.vocab_size}; "
+          f"{ours.num_parameters() / 1e6:.1f}M params")
+    print(f"batch {args.batch} x {args.seq} = {tokens} tokens/step; {fpt / 1e6:.1f} MFLOP/token ({fsource}) = "
+          f"{step_flops / 1e9:.1f} GFLOP/step; AdamW ({args.adamw}, lr {args.lr:g}); warmup {args.warmup}, "
+          f"{args.steps} timed steps each, interleaved, median")
+    expert0, attn0 = current_impls(ours)
+    print(f"moeforge kernels (expert/attention): {','.join(args.expert_impl or [expert0])} / "
+          f"{','.join(args.attn_impl or [attn0])}" + ("" if args.expert_impl and args.attn_impl else
+                                                      f"; defaults from {impl_source}"))
+
+    rows = []
+    for dtype_name in args.dtypes:
+        variants, peak_times = run_dtype(dtype_name, hf, ours, ids, args)
+        peak = 2 * args.peak_n ** 3 / statistics.median(peak_times)
+        base = statistics.median(variants[0].times)
+        for v in variants:
+            med = statistics.median(v.times)
+            rows.append((dtype_name, v.name, med * 1e3, min(v.times) * 1e3, tokens / med, base / med,
+                         step_flops / med / 1e12, step_flops / med / peak, peak / 1e12, v.first_loss))
+
+    head = ("dtype", "model", "step ms", "min ms", "tokens/s", "vs HF", "TFLOP/s", "% peak", "peak TF/s", "loss@1")
+    fmt = "{:<5} {:<36} {:>8} {:>8} {:>9} {:>6} {:>8} {:>7} {:>9} {:>8}"
+    print()
+    print(fmt.format(*head))
+    for r in rows:
+        print(fmt.format(r[0], r[1], f"{r[2]:.0f}", f"{r[3]:.0f}", f"{r[4]:.0f}", f"{r[5]:.2f}x", f"{r[6]:.3f}",
+                         f"{100 * r[7]:.1f}%", f"{r[8]:.2f}", f"{r[9]:.4f}"))
+    print(f"\n'vs HF' = moeforge tokens/s / transformers tokens/s (same dtype); peak = median {args.peak_n}^3 "
+          f"matmul in that dtype, timed in the same rounds; loss@1 = loss of the first warmup step "
+          f"(same weights and batch: should agree). Total {time.perf_counter() - t_start:.0f} s.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
