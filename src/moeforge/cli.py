@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .config import PRESETS, ModelConfig, TrainConfig, load_toml, resolve_run_config
 from .errors import ConfigError, MoeforgeError
+from .plan.cli import PLAN_HANDLERS, add_plan_commands
 
 
 def parse_value(text: str):
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="parameters, FLOPs and KV-cache size of a preset or config.json")
     i.add_argument("model", metavar="PRESET|config.json", help=f"one of {', '.join(PRESETS)} or a path")
     i.add_argument("--seq-len", type=int, default=4096, help="sequence length for the FLOPs figure")
+    add_plan_commands(sub)  # plan, compare-kv
     return parser
 
 
@@ -236,7 +238,7 @@ def read_loads(path: Path) -> list[list[float]]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"train": cmd_train, "generate": cmd_generate, "info": cmd_info, "report": cmd_report,
-               "balance": cmd_balance}[args.command]
+               "balance": cmd_balance, **PLAN_HANDLERS}[args.command]
     try:
         return handler(args)
     except MoeforgeError as e:

@@ -1,0 +1,153 @@
+"""A parallel layout and the training settings it runs under, with the validity rules in one place.
+
+Rank order (innermost first): TP, then DP (EP groups are carved out of consecutive DP x TP ranks, as in
+DeepSeek-V3 and Megatron's expert parallelism), then PP. So a TP group is `1` apart, an EP group spans
+`ep` consecutive ranks, a DP group is `tp` apart and a PP group `dp*tp` apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..errors import ConfigError
+from .models import ModelShape
+
+SCHEDULES = ("1f1b", "dualpipe")
+RECOMPUTE = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class Layout:
+    dp: int = 1  # data-parallel replicas (of the non-expert weights)
+    tp: int = 1  # tensor parallel (heads, MLP columns, vocab); kept inside a node
+    pp: int = 1  # pipeline stages
+    ep: int = 1  # expert parallel: routed experts split over ep of the dp*tp ranks
+    zero: int = 1  # ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also weights (0 = none)
+    schedule: str = "1f1b"  # pipeline schedule: 1f1b or dualpipe
+    micro_batch: int = 1  # sequences per micro-batch per DP rank
+    recompute: str = "none"  # none | selective (DeepSeek-V3: norms, MLA up-projections, SwiGLU; FP8 MoE
+    #                           inputs) | full (keep only each layer's input)
+
+    @property
+    def gpus(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def edp(self) -> int:
+        """Expert data-parallel degree: replicas of each routed expert."""
+        return self.dp * self.tp // self.ep
+
+    def short(self) -> str:
+        ck = "" if self.recompute == "none" else f" recompute-{self.recompute}"
+        return (f"DP{self.dp} TP{self.tp} PP{self.pp} EP{self.ep} ZeRO-{self.zero} {self.schedule} "
+                f"mb{self.micro_batch}{ck}")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What a step is and how it runs, independent of the layout."""
+
+    seq_len: int = 4096
+    global_batch: int = 1920  # sequences per optimizer step (DeepSeek-V3 ramped 3072 -> 15360; any works)
+    precision: str = "fp8"  # matmul precision: fp8 (DeepSeek-V3) or bf16; attention core is always BF16
+    # Achieved / peak of the step's kernels (GEMMs, attention, elementwise, at the matmul precision's peak);
+    # None = 0.5 for BF16 and 0.3 for FP8. Calibrated, not predicted: Llama 3 405B reports 38-43% BF16 MFU
+    # on H100 (arXiv 2407.21783, Table 4); DeepSeek-V3's 180K H800 GPU hours per trillion tokens (arXiv
+    # 2412.19437, Sec. 1) is ~39% of the BF16 peak, ~20% of the FP8 peak (tests/test_plan_steptime.py).
+    compute_efficiency: float | None = None
+    overlap: float = 0.8  # fraction of DP/EP/PP communication hidden behind compute (TP is never hidden)
+    node_limit: int | None = 4  # node-limited routing: a token reaches at most this many nodes (V3: 4)
+    dispatch_bytes: float = 1.0  # per hidden element: FP8 dispatch (DeepSeek-V3), 2 for BF16
+    combine_bytes: float = 2.0  # BF16 combine (and both backward all-to-alls)
+    weight_bytes: float = 2.0  # working weights (BF16)
+    master_bytes: float = 4.0  # FP32 master copy (0 = none, weights are the master)
+    grad_bytes: float = 4.0  # FP32 gradient accumulation (DeepSeek-V3)
+    moment_bytes: float = 2.0  # each AdamW moment (BF16 in DeepSeek-V3; 4 for FP32)
+    act_bytes: float = 2.0  # activations (BF16)
+    grad_comm_bytes: float = 2.0  # gradient all-reduce / reduce-scatter payload per element
+    memory_headroom: float = 0.9  # usable fraction of device memory (allocator, workspaces, NCCL buffers)
+
+    @property
+    def efficiency(self) -> float:
+        if self.compute_efficiency is not None:
+            return self.compute_efficiency
+        return 0.3 if self.precision == "fp8" else 0.5
+
+    def validate(self) -> "TrainSettings":
+        if self.seq_len < 1 or self.global_batch < 1:
+            raise ConfigError("seq_len and global_batch must be >= 1")
+        if self.precision not in ("fp8", "bf16", "fp32"):
+            raise ConfigError(f"precision must be fp8, bf16 or fp32, got {self.precision!r}")
+        if not 0 < self.efficiency <= 1 or not 0 <= self.overlap <= 1:
+            raise ConfigError("compute_efficiency must be in (0, 1] and overlap in [0, 1]")
+        if not 0 < self.memory_headroom <= 1:
+            raise ConfigError("memory_headroom must be in (0, 1]")
+        return self
+
+
+def check_layout(model: ModelShape, layout: Layout, gpus: int, settings: TrainSettings,
+                 gpus_per_node: int | None = None) -> None:
+    """Raise ConfigError naming the first broken rule and the valid choices."""
+    lo = layout
+    if min(lo.dp, lo.tp, lo.pp, lo.ep, lo.micro_batch) < 1:
+        raise ConfigError("dp, tp, pp, ep and micro_batch must be >= 1")
+    if lo.gpus != gpus:
+        raise ConfigError(f"dp*tp*pp = {lo.dp}*{lo.tp}*{lo.pp} = {lo.gpus} ranks, but there are {gpus} GPUs; "
+                          f"choose dp, tp, pp whose product is {gpus}")
+    for name, n in (("heads", model.num_heads), ("kv heads", model.num_kv_heads)):
+        if n % lo.tp:
+            raise ConfigError(f"tp={lo.tp} must divide the {n} {name} of {model.name}; valid tp: "
+                              f"{', '.join(map(str, divisors(n)))}")
+    if gpus_per_node is not None and lo.tp > gpus_per_node:
+        raise ConfigError(f"tp={lo.tp} exceeds the {gpus_per_node} GPUs of a node (TP stays on NVLink)")
+    if lo.ep > 1 and model.moe_layers == 0:
+        raise ConfigError(f"{model.name} has no experts; ep must be 1")
+    if model.n_routed_experts % lo.ep:
+        raise ConfigError(f"ep={lo.ep} must divide the {model.n_routed_experts} routed experts; valid ep: "
+                          f"{', '.join(map(str, divisors(model.n_routed_experts)))}")
+    if (lo.dp * lo.tp) % lo.ep:
+        raise ConfigError(f"ep={lo.ep} must divide dp*tp={lo.dp * lo.tp} (EP groups are carved out of DP x TP)")
+    if lo.pp > model.num_layers:
+        raise ConfigError(f"pp={lo.pp} exceeds the {model.num_layers} layers of {model.name}")
+    if lo.schedule not in SCHEDULES:
+        raise ConfigError(f"unknown schedule {lo.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+    if lo.schedule == "dualpipe" and (lo.pp % 2 or lo.pp < 2):
+        raise ConfigError(f"dualpipe needs an even pp >= 2, got pp={lo.pp}")
+    if lo.recompute not in RECOMPUTE:
+        raise ConfigError(f"unknown recompute {lo.recompute!r}; choose one of: {', '.join(RECOMPUTE)}")
+    if lo.zero not in (0, 1, 2, 3):
+        raise ConfigError(f"zero must be 0, 1, 2 or 3, got {lo.zero}")
+    per_step = lo.dp * lo.micro_batch
+    if settings.global_batch % per_step:
+        raise ConfigError(f"global batch {settings.global_batch} is not a multiple of dp*micro_batch = {per_step}")
+
+
+def micro_batches(layout: Layout, settings: TrainSettings) -> int:
+    return settings.global_batch // (layout.dp * layout.micro_batch)
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def parse_layout(text: str) -> dict:
+    """'dp=128,tp=1,pp=16,ep=64,zero=1,schedule=dualpipe' -> dict for Layout(**...)."""
+    out: dict = {}
+    names = {f for f in Layout.__dataclass_fields__}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in names:
+            raise ConfigError(f"--layout expects KEY=VALUE pairs with keys {', '.join(names)}; got {item!r}")
+        value = value.strip()
+        if key in ("schedule", "recompute"):
+            out[key] = value
+        else:
+            try:
+                out[key] = int(value)
+            except ValueError:
+                raise ConfigError(f"--layout {key} must be an integer, got {value!r}") from None
+    return out

@@ -1,0 +1,170 @@
+"""Memory per rank for a parallel layout: weights, gradients, optimizer states and activations.
+
+Why per stage: pipeline stages differ (the first holds the embedding, the last the head and the
+logits), and the planner must check the fullest one. DualPipe holds two stages per device (Sun et al.,
+DualPipe README: 2x parameters, PP+1 micro-batches of activations); 1F1B's first stage holds PP.
+
+Activation bytes count the tensors autograd saves per token per layer (listed in `layer_activation_elems`);
+they are an estimate for fused kernels (flash attention saves only its output and log-sum-exp).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+from .layout import Layout, TrainSettings
+from .models import ModelShape
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes on the fullest rank."""
+
+    weights: float
+    gradients: float
+    optimizer: float  # master weights + moments
+    activations: float
+    stage: int  # which pipeline stage is the fullest
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+@lru_cache(maxsize=4096)
+def stage_layers(num_layers: int, pp: int) -> list[range]:
+    """Consecutive layers per stage, the remainder spread over the first stages."""
+    base, extra = divmod(num_layers, pp)
+    out, start = [], 0
+    for s in range(pp):
+        n = base + (s < extra)
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+def stage_params(model: ModelShape, layout: Layout, stage: int) -> tuple[float, float]:
+    return _stage_params(model, layout.tp, layout.ep, layout.pp, stage)
+
+
+@lru_cache(maxsize=65536)
+def _stage_params(model: ModelShape, tp: int, ep: int, pp: int, stage: int) -> tuple[float, float]:
+    """(non-expert, routed-expert) parameters held by one rank of a pipeline stage.
+
+    Non-expert weights are split by TP (heads, MLP columns, vocab); routed experts by EP, each expert
+    whole (no expert TP, as in DeepSeek-V3); norms are replicated."""
+    m = model
+    layers = stage_layers(m.num_layers, pp)[stage]
+    dense_params, expert = 0.0, 0.0
+    layer_norms = (m.norm_params - m.hidden_size) / max(1, m.num_layers)
+    for i in layers:
+        dense_params += m.attention_params / tp + layer_norms
+        if i < m.dense_layers:
+            dense_params += m.dense_mlp_params / tp
+        else:
+            dense_params += m.shared_expert_params / tp
+            expert += m.routed_expert_params / ep
+    if stage == 0:
+        dense_params += m.embedding_params / tp
+    if stage == pp - 1:  # the head (a tied table needs its own copy when it sits on another stage)
+        dense_params += (m.head_params or m.embedding_params * (pp > 1)) / tp + m.hidden_size
+    return dense_params, expert
+
+
+@lru_cache(maxsize=1024)
+def layer_activation_elems(model: ModelShape, moe: bool, selective: bool = False) -> float:
+    """Activation-dtype elements saved for backward per token in one layer.
+
+    No recomputation -- MLA: norm input and output, q_a output and its normed copy, q, the kv_a output,
+    normed latent, kv_b output, the assembled k and v, the attention output. GQA: norm in/out, q, k, v,
+    rotated q and k, attention output. MLP per expert a token visits: input, gate, up, act(gate)*up, output;
+    router logits and scores (FP32, so 2 elements each).
+    Selective (DeepSeek-V3 report, Sec. 3.2.2): norms, MLA up-projections and SwiGLU outputs are
+    recomputed, and MoE expert inputs (dispatched tokens, SwiGLU inputs) are cached in FP8 (half an element).
+    Expert outputs need not be kept for the gate-weight gradient: <dL/dy, W_down h> = <W_down^T dL/dy, h>,
+    both of which the expert's backward computes anyway.
+    """
+    m, D = model, model.hidden_size
+    F, K, S = m.expert_intermediate, m.experts_per_token, m.n_shared_experts
+    if m.kv_lora_rank is not None:
+        c = m.moe_config
+        H = c.num_attention_heads
+        q_lora = c.q_lora_rank or 0
+        latent = c.kv_lora_rank + c.qk_rope_head_dim
+        if selective:
+            attn = D + q_lora + latent + H * c.v_head_dim
+        else:
+            attn = (2 * D + 2 * q_lora + H * c.qk_head_dim + latent + c.kv_lora_rank
+                    + H * (c.qk_nope_head_dim + c.v_head_dim) + H * c.qk_head_dim + 2 * H * c.v_head_dim)
+    else:
+        H, KV, hd = m.num_heads, m.num_kv_heads, m.head_dim
+        attn = D + (H + 2 * KV) * hd + H * hd if selective else 2 * D + (H + 2 * KV) * hd + (H + KV) * hd + H * hd
+    if moe:
+        router = 2 * 2 * m.n_routed_experts
+        if selective:
+            mlp = D + router + K * (D / 2 + F) + S * 2 * F
+        else:
+            mlp = 2 * D + router + K * (2 * D + 3 * F) + S * 3 * F + D
+    else:
+        F = m.dense_intermediate
+        mlp = D + 2 * F + D if selective else 2 * D + 3 * F + D
+    return attn + mlp
+
+
+def activation_bytes(model: ModelShape, layout: Layout, settings: TrainSettings, stage: int) -> float:
+    """Activations of the fullest moment on this stage's rank."""
+    m, lo = model, layout
+    tokens = lo.micro_batch * settings.seq_len
+    layers = stage_layers(m.num_layers, lo.pp)[stage]
+    sel = lo.recompute == "selective"
+    n_moe = sum(1 for i in layers if i >= m.dense_layers)
+    per_moe, per_dense = layer_activation_elems(m, True, sel), layer_activation_elems(m, False, sel)
+    per_layer = [per_moe] * n_moe + [per_dense] * (len(layers) - n_moe)
+    scale = tokens * settings.act_bytes / lo.tp  # sequence parallel shards everything TP does not
+    working = 0.0
+    if lo.recompute == "full":  # keep each layer's input; one layer is recomputed at a time in backward
+        one_mb = len(layers) * m.hidden_size * scale
+        working = max(per_layer, default=0) * scale
+    else:
+        one_mb = sum(per_layer) * scale
+    in_flight = lo.pp + 1 if lo.schedule == "dualpipe" else min(lo.pp - stage, micro_batches_of(lo, settings))
+    act = one_mb * max(1, in_flight) + working
+    if stage == lo.pp - 1:  # logits (activation dtype) and their FP32 copy for the loss, one micro-batch
+        act += tokens * m.vocab_size * (settings.act_bytes + 4) / lo.tp
+    return act
+
+
+def micro_batches_of(layout: Layout, settings: TrainSettings) -> int:
+    return max(1, settings.global_batch // (layout.dp * layout.micro_batch))
+
+
+def memory_per_rank(model: ModelShape, layout: Layout, settings: TrainSettings) -> Memory:
+    """The fullest rank's memory. ZeRO shards over DP (non-expert) or expert-DP (routed experts)."""
+    s, lo = settings, layout
+    best: Memory | None = None
+    copies = 2 if lo.schedule == "dualpipe" else 1
+    for stage in range(lo.pp):
+        dense_p, expert_p = stage_params(model, lo, stage)
+        if lo.schedule == "dualpipe":  # the mirror stage lives here too
+            d2, e2 = stage_params(model, lo, lo.pp - 1 - stage)
+            dense_p, expert_p = dense_p + d2, expert_p + e2
+        shards = {0: (1, 1, 1), 1: (1, 1, lo.dp), 2: (1, lo.dp, lo.dp), 3: (lo.dp, lo.dp, lo.dp)}[lo.zero]
+        eshards = {0: (1, 1, 1), 1: (1, 1, lo.edp), 2: (1, lo.edp, lo.edp), 3: (lo.edp,) * 3}[lo.zero]
+        weights = s.weight_bytes * (dense_p / shards[0] + expert_p / eshards[0])
+        grads = s.grad_bytes * (dense_p / shards[1] + expert_p / eshards[1])
+        opt = (s.master_bytes + 2 * s.moment_bytes) * (dense_p / shards[2] + expert_p / eshards[2])
+        act = activation_bytes(model, lo, s, stage)
+        if lo.schedule == "dualpipe":
+            act = max(act, activation_bytes(model, lo, s, lo.pp - 1 - stage))
+        mem = Memory(weights, grads, opt, act, stage)
+        if best is None or mem.total > best.total:
+            best = mem
+        if copies == 2 and stage >= math.ceil(lo.pp / 2):
+            break
+    assert best is not None
+    return best

@@ -1,0 +1,81 @@
+"""Step time, memory and decode models: the paper's TPOT estimate, bubble formulas, memory accounting."""
+
+import dataclasses
+
+import pytest
+
+from moeforge.plan.catalog import get_hardware
+from moeforge.plan.decode import decode_estimate, ep_bound_tpot
+from moeforge.plan.layout import Layout, TrainSettings
+from moeforge.plan.memory import memory_per_rank
+from moeforge.plan.models import load_model
+from moeforge.plan.network import topology_for
+from moeforge.plan.steptime import bubble_time, step_time
+
+V3 = load_model("deepseek-v3")
+H800 = get_hardware("h800")
+# DeepSeek-V3's published layout (V3 report, Sec. 3.2): PP16 (DualPipe), EP64 over 8 nodes, ZeRO-1 DP.
+V3_LAYOUT = Layout(dp=128, tp=1, pp=16, ep=64, zero=1, schedule="dualpipe", recompute="selective")
+V3_SETTINGS = TrainSettings(seq_len=4096, global_batch=15360)
+
+
+def test_tpot_reproduces_the_insights_estimate():
+    """Insights into DeepSeek-V3, Sec. 2.3.2: hidden rounded to 7K, 61 layers, 32 tokens, 9 experts."""
+    assert ep_bound_tpot(7000, 61, 50e9) == pytest.approx(14.76e-3, rel=1e-3)
+    assert ep_bound_tpot(7000, 1, 50e9) / 2 == pytest.approx(120.96e-6)
+    assert ep_bound_tpot(7000, 61, 900e9) == pytest.approx(0.82e-3, rel=1e-2)
+    h800 = decode_estimate(V3, H800, 2048)  # exact hidden 7168: 2.4% above the rounded figure
+    assert h800.link == "nic" and h800.ep_bound_s == pytest.approx(14.76e-3, rel=0.03)
+    nvl = decode_estimate(V3, get_hardware("gb200-nvl72"), 72)
+    assert nvl.link == "nvlink" and nvl.ep_bound_s == pytest.approx(0.82e-3, rel=0.03)
+    assert h800.tpot_s == max(h800.ep_bound_s, h800.hbm_bound_s)
+
+
+def test_bubbles_follow_the_dualpipe_readme():
+    t = 3.0  # F = 1, B = 2, W = 1
+    assert bubble_time(Layout(pp=8), t) == pytest.approx(7 * 3)  # (PP-1)(F+B)
+    assert bubble_time(Layout(pp=8, schedule="dualpipe"), t) == pytest.approx((8 / 2 - 1) * (3 + 2 - 3))
+    assert bubble_time(Layout(pp=1), t) == 0
+
+
+def test_v3_published_run_is_close_to_its_gpu_hours():
+    """V3 report: 180K H800 GPU hours per trillion tokens. The compute efficiency is calibrated on the same
+    kind of figure, so this guards the composition of the model, not an independent prediction."""
+    st = step_time(V3, H800, topology_for(H800, 2048), V3_LAYOUT, V3_SETTINGS)
+    gpu_hours = 1e12 / (st.tokens_per_s / 2048) / 3600
+    assert gpu_hours == pytest.approx(180e3, rel=0.25)
+    assert sum(st.parts().values()) == pytest.approx(st.total)
+    tokens = 15360 * 4096
+    assert st.mfu == pytest.approx(st.flops_per_token * tokens / st.total / (2048 * H800.peak_flops))
+    assert st.memory.total < 80e9  # the published layout fits an 80 GB H800
+
+
+def test_overlap_and_precision_move_step_time_the_right_way():
+    topo = topology_for(H800, 2048)
+    base = step_time(V3, H800, topo, V3_LAYOUT, V3_SETTINGS).total
+    assert step_time(V3, H800, topo, V3_LAYOUT, dataclasses.replace(V3_SETTINGS, overlap=1.0)).total < base
+    assert step_time(V3, H800, topo, V3_LAYOUT, dataclasses.replace(V3_SETTINGS, overlap=0.0)).total > base
+    bf16 = dataclasses.replace(V3_SETTINGS, precision="bf16", compute_efficiency=0.3)
+    assert step_time(V3, H800, topo, V3_LAYOUT, bf16).compute > step_time(V3, H800, topo, V3_LAYOUT, V3_SETTINGS).compute
+
+
+def test_memory_closed_form_single_rank():
+    m = load_model("qwen2.5-72b")
+    s = TrainSettings(seq_len=16, global_batch=1)
+    mem = memory_per_rank(m, Layout(), s)
+    assert mem.weights == pytest.approx(2 * m.total_params)
+    assert mem.gradients == pytest.approx(4 * m.total_params)
+    assert mem.optimizer == pytest.approx((4 + 2 * 2) * m.total_params)
+
+
+def test_memory_shrinks_with_zero_and_recompute():
+    s = V3_SETTINGS
+    by_zero = [memory_per_rank(V3, dataclasses.replace(V3_LAYOUT, zero=z), s) for z in (0, 1, 2, 3)]
+    totals = [m.total for m in by_zero]
+    assert totals == sorted(totals, reverse=True) and len(set(totals)) == 4
+    acts = [memory_per_rank(V3, dataclasses.replace(V3_LAYOUT, recompute=r), s).activations
+            for r in ("none", "selective", "full")]
+    assert acts == sorted(acts, reverse=True)
+    one = memory_per_rank(V3, dataclasses.replace(V3_LAYOUT, schedule="1f1b"), s)
+    two = memory_per_rank(V3, V3_LAYOUT, s)
+    assert two.weights > 1.5 * one.weights  # DualPipe keeps two stages per device
