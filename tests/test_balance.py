@@ -27,6 +27,14 @@ def test_bias_moves_towards_balance_and_freezes():
     assert torch.equal(bias, 0.01 * torch.sign(load.mean() - load))  # frozen: unchanged
 
 
+def test_bias_speed_decays_geometrically_to_its_final_value():
+    b = BiasBalancer(gamma=1e-2, final_gamma=1e-3, total_steps=101)
+    assert b.speed(0) == pytest.approx(1e-2) and b.speed(100) == pytest.approx(1e-3)
+    assert b.speed(50) == pytest.approx(10 ** -2.5)  # halfway in log space
+    assert BiasBalancer(gamma=1e-2, final_gamma=1e-3, total_steps=101, freeze_after=60).speed(60) == 0.0
+    assert BiasBalancer(gamma=1e-2).speed(10**6) == 1e-2  # no final value: constant
+
+
 def test_bias_never_changes_gate_weights_only_selection():
     model = Transformer(preset("debug")).eval()
     router = moe_modules(model)[0].gate

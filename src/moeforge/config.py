@@ -263,6 +263,8 @@ class TrainConfig:
     grad_clip: float = doc("Clip the global gradient norm to this (0 = off).", default=1.0)
     bias_update_speed: float = doc("Aux-loss-free balancing: gamma of bias += gamma*sign(mean-load) per step "
                                    "(0 = off).", default=1e-3)
+    bias_update_final_speed: float | None = doc("Decay gamma geometrically to this by the last step "
+                                                "(unset = constant).", default=None)
     bias_freeze_fraction: float = doc("Freeze the balancing bias after this fraction of the steps.", default=1.0)
     seq_aux_alpha: float = doc("Weight of DeepSeek-V3's sequence-wise balance loss (0 = off).", default=1e-4)
     batch_aux_alpha: float = doc("Weight of the classic batch-level auxiliary balance loss (0 = off).",
@@ -300,6 +302,8 @@ class TrainConfig:
             raise ConfigError("val_fraction must be in (0, 1)")
         if self.routing not in ("learned", "balanced"):
             raise ConfigError(f"routing must be learned or balanced, got {self.routing!r}")
+        if self.bias_update_final_speed is not None and self.bias_update_final_speed < 0:
+            raise ConfigError("bias_update_final_speed must be >= 0")
         if min(self.bias_update_speed, self.seq_aux_alpha, self.batch_aux_alpha) < 0:
             raise ConfigError("bias_update_speed, seq_aux_alpha and batch_aux_alpha must be >= 0")
         if not 0 <= self.bias_freeze_fraction <= 1:

@@ -89,8 +89,9 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, self.cfg)
         # Balancing wraps the model from outside: router hooks for losses, a bias update after each step.
         cfg = self.cfg
-        self.balancer = BiasBalancer(cfg.bias_update_speed, freeze_after=int(cfg.bias_freeze_fraction * cfg.steps)
-                                     if cfg.bias_freeze_fraction < 1 else None)
+        freeze_after = int(cfg.bias_freeze_fraction * cfg.steps) if cfg.bias_freeze_fraction < 1 else None
+        self.balancer = BiasBalancer(cfg.bias_update_speed, freeze_after=freeze_after,
+                                     final_gamma=cfg.bias_update_final_speed, total_steps=cfg.steps)
         self.router_probe = RouterProbe(self.model, cfg.seq_aux_alpha, cfg.batch_aux_alpha, seq_len=cfg.seq_len)
         if cfg.routing == "balanced":
             install_balanced_routing(self.model)

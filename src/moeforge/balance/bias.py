@@ -20,11 +20,19 @@ from .monitor import moe_modules
 class BiasBalancer:
     gamma: float = 1e-3  # bias update speed (DeepSeek-V3: 0.001 for most of training)
     freeze_after: int | None = None  # step from which gamma is 0 (V3 froze it for the last 500B tokens)
+    final_gamma: float | None = None  # decay gamma geometrically to this by `total_steps` (None: constant)
+    total_steps: int | None = None
 
     def speed(self, step: int) -> float:
+        """gamma at `step`. A sign update moves every bias by gamma each step, so the loads oscillate around
+        balance with an amplitude set by gamma: a large gamma balances a short run quickly, a decaying one
+        then settles it (geometric, like the scale of the correction needed)."""
         if self.freeze_after is not None and step >= self.freeze_after:
             return 0.0
-        return self.gamma
+        if self.final_gamma is None or not self.total_steps or self.gamma == 0:
+            return self.gamma
+        progress = min(1.0, step / max(1, self.total_steps - 1))
+        return self.gamma * (self.final_gamma / self.gamma) ** progress
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int, group=None) -> None:
