@@ -1,0 +1,47 @@
+"""ZeRO-style data parallelism with FSDP2 (`fully_shard`), applied per transformer block, then the root.
+
+* ZeRO-2-like (`zero=2`): parameters stay gathered from forward to backward (no second all-gather);
+  gradients and optimizer state are sharded. ZeRO-3-like (`zero=3`): parameters are resharded after
+  forward and gathered again for backward. (`zero=1` runs as 2: FSDP2 has no optimizer-state-only mode.)
+* Expert weights (already DTensors over the ep mesh) are sharded over the expert-data-parallel mesh
+  "edp": the ranks that hold the same experts. Their gradient reduction divides by the full dp degree,
+  since every dp rank's tokens reached them through the all-to-all (torchtitan does the same).
+* Mixed precision: an optional `MixedPrecisionPolicy` (e.g. bf16 parameters for compute, fp32
+  gradient reduction); sharded master weights and optimizer state stay fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from .expert import ExpertParallelExperts
+from .mesh import ParallelLayout
+
+
+def mixed_precision(param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None = torch.float32):
+    """None when param_dtype is None (plain fp32); else FSDP2's policy (bf16 compute, fp32 reduce)."""
+    if param_dtype is None:
+        return None
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+
+
+def apply_fsdp(model: nn.Module, mesh, layout: ParallelLayout, mp_policy: MixedPrecisionPolicy | None = None):
+    """Shard each block (experts separately over "edp"), then the root (embedding, norm, head) over "dp"."""
+    kw = {"reshard_after_forward": layout.reshard_after_forward}
+    if mp_policy is not None:
+        kw["mp_policy"] = mp_policy
+    dp_mesh = mesh["dp"]
+    blocks = list(model.layers) + [m.block for m in getattr(model, "mtp", [])]
+    for block in blocks:
+        for module in block.modules():
+            if isinstance(module, ExpertParallelExperts):
+                fully_shard(module, mesh=mesh["edp"], **kw)
+                module.set_gradient_divide_factor(float(layout.dp))
+                if dist.get_backend(mesh["edp"].get_group()) == "gloo":  # gloo has no PREMUL_SUM: SUM, then scale
+                    module.set_force_sum_reduction_for_comms(True)
+        fully_shard(block, mesh=dp_mesh, **kw)
+    fully_shard(model, mesh=dp_mesh, **kw)
+    return model
