@@ -82,10 +82,15 @@ def full_state(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def single_process_run(n: int = STEPS):
+def single_process_run(n: int = STEPS, snapshot_at: int | None = None):
+    """Records of n steps and the full state after them (and after `snapshot_at` steps, if given)."""
     loop = Loop(build_model())
-    records = [loop.train_step(x, y) for x, y in batches(n)]
-    return records, full_state(loop.model)
+    records, snapshot = [], None
+    for x, y in batches(n):
+        records.append(loop.train_step(x, y))
+        if loop.step == snapshot_at:
+            snapshot = full_state(loop.model)
+    return records, full_state(loop.model), snapshot
 
 
 def init_gloo(rank: int, world: int, init_file: str, timeout_s: float = 60):

@@ -1,6 +1,7 @@
 """Acceptance: EP, FSDP (ZeRO-2/3) and EP x FSDP runs in real gloo process groups compute what one
 process computes on the same global batch: the losses of the first 3 steps, the gradient norms, the
-global expert counts and every updated parameter and routing bias, within 1e-5 (fp32)."""
+global expert counts and every updated parameter and routing bias, within 1e-5 (fp32).
+Distributed checkpoints resume exactly at another layout (2 ranks EP=2 -> 1 process, 1 -> 2)."""
 
 import os
 
@@ -9,43 +10,57 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moeforge.parallel import ParallelLayout, build_mesh, parallelize
-from parallel_helpers import Loop, batches, build_model, full_state, init_gloo, single_process_run
+from moeforge.parallel import ParallelLayout, build_mesh, dist_checkpoint, parallelize
+from parallel_helpers import STEPS, Loop, batches, build_model, full_state, init_gloo, single_process_run
 
-TWO_RANK_LAYOUTS = [dict(ep=2, zero=2), dict(ep=1, zero=2), dict(ep=1, zero=3), dict(ep=2, zero=3)]
-FOUR_RANK_LAYOUTS = [dict(ep=2, zero=3)]  # EP x FSDP: edp 2 x ep 2
+RESUME_STEPS = 2  # steps run after loading a checkpoint saved at step STEPS
+TWO_RANK_LAYOUTS = [dict(ep=2, zero=2), dict(ep=1, zero=2), dict(ep=1, zero=3)]
+FOUR_RANK_LAYOUTS = [dict(ep=2, zero=3)]  # EP x FSDP: experts sharded over edp 2 within ep 2
+
+
+def parallel_loop(world, kw):
+    layout = ParallelLayout.resolve(world, **kw)
+    mesh = build_mesh(layout, "cpu")
+    model = parallelize(build_model(), layout, mesh)
+    return Loop(model, group=mesh["dp"].get_group(), rank=mesh["dp"].get_local_rank(), dp=layout.dp)
 
 
 def worker(rank, world, layouts, init_file, out_dir):
     init_gloo(rank, world, init_file)
     for i, kw in enumerate(layouts):
-        layout = ParallelLayout.resolve(world, **kw)
-        mesh = build_mesh(layout, "cpu")
-        model = parallelize(build_model(), layout, mesh)
-        loop = Loop(model, group=mesh["dp"].get_group(), rank=mesh["dp"].get_local_rank(), dp=layout.dp)
+        loop = parallel_loop(world, kw)
         records = [loop.train_step(x, y) for x, y in batches()]
-        state = full_state(model)
+        if i == 0 and world == 2:  # a checkpoint of the EP=2 run, for the 2 -> 1 resume test
+            dist_checkpoint.save(os.path.join(out_dir, "ckpt_ep2"), loop.model, loop.optimizer, {"step": loop.step})
+        state = full_state(loop.model)
         if rank == 0:
             torch.save({"records": records, "state": state}, os.path.join(out_dir, f"layout{i}.pt"))
+    if world == 2:  # 1 -> 2: continue the single-process checkpoint with EP=2
+        loop = parallel_loop(world, dict(ep=2, zero=2))
+        loop.step = dist_checkpoint.load(os.path.join(out_dir, "ckpt_single"), loop.model, loop.optimizer)["step"]
+        records = [loop.train_step(x, y) for x, y in batches(STEPS + RESUME_STEPS)[STEPS:]]
+        state = full_state(loop.model)
+        if rank == 0:
+            torch.save({"records": records, "state": state}, os.path.join(out_dir, "resumed_at_2.pt"))
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return single_process_run()
+    """Single-process records of 5 steps, the state after 5 and the state after 3."""
+    return single_process_run(STEPS + RESUME_STEPS, snapshot_at=STEPS)
 
 
-def check_matches(result, reference, what):
-    ref_records, ref_state = reference
-    for step, (got, want) in enumerate(zip(result["records"], ref_records)):
+def check_matches(result, records, state, what):
+    for step, (got, want) in enumerate(zip(result["records"], records, strict=True)):
         assert abs(got["loss"] - want["loss"]) < 1e-5, f"{what}: loss at step {step + 1}"
         assert abs(got["grad_norm"] - want["grad_norm"]) < 1e-5, f"{what}: grad norm at step {step + 1}"
         assert torch.equal(got["counts"], want["counts"]), f"{what}: expert counts at step {step + 1}"
-    assert result["state"].keys() == ref_state.keys()
-    for name, want in ref_state.items():
+    assert result["state"].keys() == state.keys()
+    for name, want in state.items():
         got = result["state"][name]
         assert got.shape == want.shape, f"{what}: {name} shape"
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=f"{what}: {name} after 3 steps")
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=f"{what}: {name}")
 
 
 def run_layouts(tmp_path, world, layouts):
@@ -53,15 +68,28 @@ def run_layouts(tmp_path, world, layouts):
     return [torch.load(tmp_path / f"layout{i}.pt") for i in range(len(layouts))]
 
 
-def test_two_ranks_ep_and_fsdp_match_single_process(tmp_path, reference):
+def test_two_ranks_ep_fsdp_and_checkpoint_resharding_match_single_process(tmp_path, reference):
+    records, final, after_3 = reference
+    assert records[0]["loss"] != records[STEPS - 1]["loss"]  # the parameters did move
+    single = Loop(build_model())  # the 1-process checkpoint the 2-rank run resumes from
+    for x, y in batches():
+        single.train_step(x, y)
+    dist_checkpoint.save(tmp_path / "ckpt_single", single.model, single.optimizer, {"step": single.step})
+
     results = run_layouts(tmp_path, 2, TWO_RANK_LAYOUTS)
-    losses = [r["loss"] for r in reference[0]]
-    assert losses[0] != losses[-1]  # the parameters did move
     for kw, result in zip(TWO_RANK_LAYOUTS, results):
-        check_matches(result, reference, f"2 ranks {kw}")
+        check_matches(result, records[:STEPS], after_3, f"2 ranks {kw}")
+    check_matches(torch.load(tmp_path / "resumed_at_2.pt"), records[STEPS:], final, "1 process -> 2 ranks EP=2")
+
+    resumed = Loop(build_model())  # 2 ranks EP=2 -> 1 process
+    resumed.step = dist_checkpoint.load(tmp_path / "ckpt_ep2", resumed.model, resumed.optimizer)["step"]
+    assert resumed.step == STEPS
+    after = [resumed.train_step(x, y) for x, y in batches(STEPS + RESUME_STEPS)[STEPS:]]
+    check_matches({"records": after, "state": full_state(resumed.model)}, records[STEPS:], final,
+                  "2 ranks EP=2 -> 1 process")
 
 
 def test_four_ranks_ep_x_fsdp_matches_single_process(tmp_path, reference):
-    results = run_layouts(tmp_path, 4, FOUR_RANK_LAYOUTS)
-    for kw, result in zip(FOUR_RANK_LAYOUTS, results):
-        check_matches(result, reference, f"4 ranks {kw}")
+    records, _, after_3 = reference
+    for kw, result in zip(FOUR_RANK_LAYOUTS, run_layouts(tmp_path, 4, FOUR_RANK_LAYOUTS)):
+        check_matches(result, records[:STEPS], after_3, f"4 ranks {kw}")

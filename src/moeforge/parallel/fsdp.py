@@ -40,7 +40,9 @@ def apply_fsdp(model: nn.Module, mesh, layout: ParallelLayout, mp_policy: MixedP
             if isinstance(module, ExpertParallelExperts):
                 fully_shard(module, mesh=mesh["edp"], **kw)
                 module.set_gradient_divide_factor(float(layout.dp))
-                if dist.get_backend(mesh["edp"].get_group()) == "gloo":  # gloo has no PREMUL_SUM: SUM, then scale
+                # gloo has no PREMUL_SUM: reduce with SUM, then scale. (Not on a 1-rank mesh: torch 2.13
+                # divides there twice when forced to sum.)
+                if layout.edp > 1 and dist.get_backend(mesh["edp"].get_group()) == "gloo":
                     module.set_force_sum_reduction_for_comms(True)
         fully_shard(block, mesh=dp_mesh, **kw)
     fully_shard(model, mesh=dp_mesh, **kw)
