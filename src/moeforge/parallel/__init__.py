@@ -17,9 +17,9 @@ from .expert import ExpertParallelExperts, apply_expert_parallel
 from .fsdp import apply_fsdp, mixed_precision
 from . import dist_checkpoint
 from .grads import clip_grad_norm
-from .mesh import ParallelLayout, build_mesh
+from .mesh import ParallelLayout, ParallelMesh, build_mesh
 
-__all__ = ["ExpertParallelExperts", "dist_checkpoint", "ParallelLayout", "apply_expert_parallel", "apply_fsdp", "build_mesh",
+__all__ = ["ExpertParallelExperts", "dist_checkpoint", "ParallelLayout", "ParallelMesh", "apply_expert_parallel", "apply_fsdp", "build_mesh",
            "clip_grad_norm", "mixed_precision", "parallelize"]
 
 

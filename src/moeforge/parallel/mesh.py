@@ -100,18 +100,31 @@ class ParallelLayout:
                 f"zero {self.zero}{' (as 2)' if self.zero == 1 else ''}")
 
 
-def build_mesh(layout: ParallelLayout, device_type: str = "cpu"):
-    """A DeviceMesh with dims ("pp", "edp", "ep", "tp") and "dp" = edp x ep flattened.
+class ParallelMesh:
+    """The run's DeviceMesh with dims ("pp", "edp", "ep", "tp"), plus "dp" = edp x ep flattened.
 
-    Needs an initialised default process group whose size is layout.world_size.
+    `mesh[name]` gives the 1-D sub-mesh of any of those names (torch asks callers to keep the flattened
+    mesh themselves rather than slice it from the root).
     """
+
+    def __init__(self, root, dp):
+        self.root, self.dp = root, dp
+
+    def __getitem__(self, name: str):
+        return self.dp if name == "dp" else self.root[name]
+
+    def __repr__(self) -> str:
+        return f"ParallelMesh({self.root})"
+
+
+def build_mesh(layout: ParallelLayout, device_type: str = "cpu") -> ParallelMesh:
+    """Needs an initialised default process group whose size is layout.world_size."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     if not dist.is_initialized():
         raise ConfigError("build_mesh needs torch.distributed to be initialised (run under torchrun)")
     layout.check_world(dist.get_world_size())
-    mesh = init_device_mesh(device_type, (layout.pp, layout.edp, layout.ep, layout.tp),
+    root = init_device_mesh(device_type, (layout.pp, layout.edp, layout.ep, layout.tp),
                             mesh_dim_names=("pp", "edp", "ep", "tp"))
-    mesh["edp", "ep"]._flatten("dp")  # torchtitan does the same; registered on the root mesh as "dp"
-    return mesh
+    return ParallelMesh(root, root["edp", "ep"]._flatten("dp"))  # _flatten: as torchtitan does
