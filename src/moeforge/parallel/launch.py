@@ -38,12 +38,16 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
 
     if nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    env = dict(os.environ)
     try:
         torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "moeforge", *argv])
     except Exception as e:  # torchrun raises ChildFailedError after printing each rank's error
         print(f"moeforge train: error: {type(e).__name__}: the distributed run failed (see the rank errors above)",
               file=sys.stderr)
         return 1
+    finally:  # torchrun sets OMP_NUM_THREADS etc. for its children in this process's environment
+        os.environ.clear()
+        os.environ.update(env)
     return 0
 
 
