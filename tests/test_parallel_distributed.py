@@ -29,10 +29,10 @@ PEER_TIMEOUT_S = 3
 FOUR_RANK_LAYOUTS = [dict(ep=2, zero=3)]  # EP x FSDP: experts sharded over edp 2 within ep 2
 
 
-def parallel_loop(world, kw):
+def parallel_loop(world, kw, param_dtype=None):
     layout = ParallelLayout.resolve(world, **kw)
     mesh = build_mesh(layout, "cpu")
-    model = parallelize(build_model(), layout, mesh)
+    model = parallelize(build_model(), layout, mesh, param_dtype=param_dtype)
     return Loop(model, group=mesh["dp"].get_group(), rank=mesh["dp"].get_local_rank(), dp=layout.dp)
 
 
@@ -46,6 +46,12 @@ def worker(rank, world, layouts, init_file, out_dir):
         state = full_state(loop.model)
         if rank == 0:
             torch.save({"records": records, "state": state}, os.path.join(out_dir, f"layout{i}.pt"))
+    if world == 2:  # FSDP mixed precision: bf16 compute copies, fp32 sharded weights and reduction
+        loop = parallel_loop(world, dict(ep=2, zero=3), param_dtype=torch.bfloat16)
+        records = [loop.train_step(x, y) for x, y in batches()]
+        dtypes = {p.dtype for p in loop.model.parameters()}
+        if rank == 0:
+            torch.save({"records": records, "dtypes": dtypes}, os.path.join(out_dir, "bf16.pt"))
     if world == 2:  # 1 -> 2: continue the single-process checkpoint with EP=2
         loop = parallel_loop(world, dict(ep=2, zero=2))
         loop.step = dist_checkpoint.load(os.path.join(out_dir, "ckpt_single"), loop.model, loop.optimizer)["step"]
@@ -125,6 +131,11 @@ def test_two_ranks_ep_fsdp_and_checkpoint_resharding_match_single_process(tmp_pa
     after = [resumed.train_step(x, y) for x, y in batches(STEPS + RESUME_STEPS)[STEPS:]]
     check_matches({"records": after, "state": full_state(resumed.model)}, records[STEPS:], final,
                   "2 ranks EP=2 -> 1 process")
+
+    bf16 = torch.load(tmp_path / "bf16.pt")
+    assert bf16["dtypes"] == {torch.float32}
+    for got, want in zip(bf16["records"], records):  # bf16 rounding: close, not equal
+        assert abs(got["loss"] - want["loss"]) < 2e-2 and abs(got["grad_norm"] / want["grad_norm"] - 1) < 5e-2
 
     stuck, dead = torch.load(tmp_path / "stuck.pt"), torch.load(tmp_path / "dead.pt")
     assert stuck["message"].startswith("rank 0 of 2: all_reduce failed during step 7: "), stuck["message"]

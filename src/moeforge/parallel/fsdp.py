@@ -29,13 +29,14 @@ def mixed_precision(param_dtype: torch.dtype | None, reduce_dtype: torch.dtype |
 
 
 def apply_fsdp(model: nn.Module, mesh, layout: ParallelLayout, mp_policy: MixedPrecisionPolicy | None = None):
-    """Shard each block (experts separately over "edp"), then the root (embedding, norm, head) over "dp"."""
+    """Shard each block (experts separately over "edp"), the MTP projections and the output head, then
+    the root (embedding, norms) over "dp"."""
     kw = {"reshard_after_forward": layout.reshard_after_forward}
     if mp_policy is not None:
         kw["mp_policy"] = mp_policy
     dp_mesh = mesh["dp"]
-    blocks = list(model.layers) + [m.block for m in getattr(model, "mtp", [])]
-    for block in blocks:
+    mtp = list(getattr(model, "mtp", []))
+    for block in list(model.layers) + [m.block for m in mtp]:
         for module in block.modules():
             if isinstance(module, ExpertParallelExperts):
                 fully_shard(module, mesh=mesh["edp"], **kw)
@@ -45,5 +46,12 @@ def apply_fsdp(model: nn.Module, mesh, layout: ParallelLayout, mp_policy: MixedP
                 if layout.edp > 1 and dist.get_backend(mesh["edp"].get_group()) == "gloo":
                     module.set_force_sum_reduction_for_comms(True)
         fully_shard(block, mesh=dp_mesh, **kw)
+    # The head and the MTP input projections get units of their own: under a mixed-precision policy a
+    # unit casts its input to the compute dtype, and they receive fp32 activations (the MoE combine sums
+    # in fp32). (Not the whole MTP module: the model calls its final norm from outside its forward.)
+    for proj in [m.eh_proj for m in mtp]:
+        fully_shard(proj, mesh=dp_mesh, **kw)
+    if model.lm_head.weight is not model.embed_tokens.weight:
+        fully_shard(model.lm_head, mesh=dp_mesh, **kw)
     fully_shard(model, mesh=dp_mesh, **kw)
     return model

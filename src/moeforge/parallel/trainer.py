@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -144,6 +145,8 @@ class DistributedTrainer(Trainer):
                  "layout": dataclasses.asdict(self.layout)}
         with collective_errors(f"checkpoint at step {self.step}", self.cfg.dist_timeout):
             dist_checkpoint.save(tmp, self.model, self.optimizer, extra)
+            # Gathering EP x FSDP expert shards takes two all-gathers; torch warns about it on every save.
+            logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
             full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.is_main:
             export_hf(full, self.run.model, tmp)
