@@ -126,6 +126,13 @@ def run_training(run, run_dir, resume: bool, argv: list[str]) -> int:
         return launch_torchrun(cfg.nproc, strip_launch_flags(argv))
     from .trainer import DistributedTrainer, is_distributed_checkpoint
 
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and not resume:
+        # torchrun --max-restarts started this job again after a rank failed: continue from the last checkpoint.
+        if run_dir is None and cfg.run_dir is None:
+            raise ConfigError("torchrun restarted the job, but without --run-dir the ranks cannot find the run "
+                              "to resume; pass --run-dir")
+        run_dir = run_dir or cfg.run_dir
+        resume = latest_checkpoint(run_dir) is not None
     layout_flags = cfg.dp > 1 or cfg.ep > 1 or cfg.tp > 1 or cfg.pp > 1
     dcp_resume = resume and run_dir is not None and is_distributed_checkpoint(latest_checkpoint(run_dir))
     if not (under_torchrun() or layout_flags or dcp_resume):
