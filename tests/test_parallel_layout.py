@@ -3,10 +3,12 @@
 import pytest
 import torch
 
+from moeforge.cli import main
 from moeforge.config import preset
 from moeforge.errors import ConfigError
 from moeforge.parallel import ParallelLayout
 from moeforge.parallel.expert import source_to_expert_order
+from moeforge.parallel.launch import collective_errors, strip_launch_flags
 
 
 def test_dp_defaults_to_world_over_tp_pp():
@@ -58,3 +60,18 @@ def test_source_to_expert_order_against_a_python_reference():
             pos += int(counts[s, e])
     expected = [r for e in range(4) for s in range(3) for r in rows[(s, e)]]
     assert source_to_expert_order(counts).tolist() == expected
+
+
+def test_launch_helpers():
+    assert strip_launch_flags(["train", "--nproc", "2", "--ep", "2", "--nproc=3"]) == ["train", "--ep", "2"]
+    with pytest.raises(KeyError):  # not a collective failure (and no process group): unchanged
+        with collective_errors("step 1", 5):
+            raise KeyError("x")
+
+
+def test_parallel_flags_without_processes_are_a_one_line_error(capsys):
+    assert main(["train", "--preset", "debug", "--ep", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moeforge train: error: --dp 0 --ep 2 --tp 1 --pp 1 needs several processes")
+    assert main(["train", "--preset", "debug", "--nproc", "0"]) == 2
+    assert "--nproc must be >= 1" in capsys.readouterr().err

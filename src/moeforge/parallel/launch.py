@@ -36,8 +36,6 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     """
     from torch.distributed.run import main as torchrun
 
-    if nproc < 1:
-        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
     env = dict(os.environ)
     try:
         torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "moeforge", *argv])
@@ -122,6 +120,8 @@ def run_training(run, run_dir, resume: bool, argv: list[str]) -> int:
     from ..train import Trainer
 
     cfg = run.train
+    if cfg.nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {cfg.nproc}")
     if cfg.nproc > 1 and not under_torchrun():
         return launch_torchrun(cfg.nproc, strip_launch_flags(argv))
     from .trainer import DistributedTrainer, is_distributed_checkpoint
@@ -134,13 +134,16 @@ def run_training(run, run_dir, resume: bool, argv: list[str]) -> int:
         run_dir = run_dir or cfg.run_dir
         resume = latest_checkpoint(run_dir) is not None
     layout_flags = cfg.dp > 1 or cfg.ep > 1 or cfg.tp > 1 or cfg.pp > 1
+    if layout_flags and not under_torchrun():
+        raise ConfigError(f"--dp {cfg.dp} --ep {cfg.ep} --tp {cfg.tp} --pp {cfg.pp} needs several processes: add "
+                          "--nproc N or launch with torchrun (to resume in one process, pass --ep 1 ...)")
     dcp_resume = resume and run_dir is not None and is_distributed_checkpoint(latest_checkpoint(run_dir))
-    if not (under_torchrun() or layout_flags or dcp_resume):
+    if not (under_torchrun() or dcp_resume):
         Trainer(run, run_dir=run_dir, resume=resume).fit()
         return 0
-    trainer = DistributedTrainer(run, run_dir=run_dir, resume=resume)
     try:
-        trainer.fit()
+        DistributedTrainer(run, run_dir=run_dir, resume=resume).fit()
     finally:
-        trainer.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0

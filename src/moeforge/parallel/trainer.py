@@ -158,10 +158,6 @@ class DistributedTrainer(Trainer):
         dist.barrier()
         return final
 
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
 
 def export_hf(state: dict, config, folder: Path) -> None:
     """Write the gathered full weights as a Hugging Face folder (what `moeforge generate` reads)."""
