@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from moeforge.errors import TrainingError
 from moeforge.parallel import ParallelLayout, build_mesh, dist_checkpoint, parallelize
 from moeforge.parallel.launch import collective_errors
-from parallel_helpers import STEPS, Loop, batches, build_model, full_state, init_gloo, single_process_run
+from parallel_helpers import STEPS, Loop, batches, build_model, full_state, init_gloo, one_thread, single_process_run
 
 RESUME_STEPS = 2  # steps run after loading a checkpoint saved at step STEPS
 TWO_RANK_LAYOUTS = [dict(ep=2, zero=2), dict(ep=1, zero=2), dict(ep=1, zero=3)]
@@ -89,10 +89,17 @@ def report(out_dir, name, fn, what):
     torch.save({"elapsed": time.perf_counter() - start, "message": message}, os.path.join(out_dir, f"{name}.pt"))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
 def reference():
     """Single-process records of 5 steps, the state after 5 and the state after 3."""
-    return single_process_run(STEPS + RESUME_STEPS, snapshot_at=STEPS)
+    with one_thread():
+        return single_process_run(STEPS + RESUME_STEPS, snapshot_at=STEPS)
 
 
 def check_matches(result, records, state, what):

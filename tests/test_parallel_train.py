@@ -5,11 +5,20 @@ checkpoint resumes in one process and continues that run exactly."""
 import json
 import os
 
+import pytest
+
 from conftest import SMALL_CORPUS
 from moeforge.cli import main
+from parallel_helpers import one_thread
 
 SMALL = ["--preset", "debug", "--data", str(SMALL_CORPUS), "--seq-len", "32", "--batch-size", "4",
          "--eval-batches", "2", "--eval-every", "2", "--sample-tokens", "0", "--device", "cpu", "--precision", "fp32"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 def metrics(run):
