@@ -1,6 +1,6 @@
 """`moeforge train --nproc 2 --ep 2` as a user runs it: torchrun is launched, one rank reports, the
-logged (global) loss equals a single-process run's on the same global batch, and the distributed
-checkpoint resumes in one process and continues that run exactly."""
+logged (global) loss equals a single-process run's on the same global batch, and a run moves from one
+process to two and back through its checkpoints, continuing exactly."""
 
 import json
 import os
@@ -25,22 +25,24 @@ def metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_process_run_matches_single_process_and_resumes_in_one(tmp_path, capfd):
-    single, dist_run = tmp_path / "single", tmp_path / "dist"
+def test_run_moves_from_one_process_to_two_and_back_and_matches_single_process(tmp_path, capfd):
+    single, run = tmp_path / "single", tmp_path / "run"
     assert main(["train", *SMALL, "--steps", "6", "--run-dir", str(single)]) == 0
+    # Steps 1-2 in one process (Hugging Face checkpoint), 3-4 on 2 ranks with EP=2 (reads it, writes a
+    # distributed checkpoint), 5-6 in one process again (reads that).
+    assert main(["train", *SMALL, "--steps", "2", "--save-every", "2", "--keep-checkpoints", "5",
+                 "--run-dir", str(run)]) == 0
     capfd.readouterr()
     env_before = dict(os.environ)
-    assert main(["train", *SMALL, "--steps", "4", "--save-every", "2", "--nproc", "2", "--ep", "2",
-                 "--run-dir", str(dist_run)]) == 0
+    assert main(["train", "--resume", "--run-dir", str(run), "--steps", "4", "--nproc", "2", "--ep", "2"]) == 0
     err = capfd.readouterr().err
     assert err.count("moeforge train ->") == 1 and "dp 2 (ep 2 x edp 1)" in err  # rank 0 only
     assert dict(os.environ) == env_before  # the launcher leaves this process as it was
-    ckpt = dist_run / "checkpoints" / "step-000004"
+    ckpt = run / "checkpoints" / "step-000004"
     assert (ckpt / ".metadata").is_file() and (ckpt / "model.safetensors").is_file()
+    assert main(["train", "--resume", "--run-dir", str(run), "--steps", "6", "--ep", "1"]) == 0
 
-    # The same run folder continues in one process: pass the new layout; the checkpoint reshards.
-    assert main(["train", "--resume", "--run-dir", str(dist_run), "--steps", "6", "--ep", "1"]) == 0
-    want, got = metrics(single), metrics(dist_run)
+    want, got = metrics(single), metrics(run)
     assert [m["step"] for m in got] == list(range(1, 7))  # one line per step: only rank 0 wrote
     for a, b in zip(got, want):
         for key in ("loss", "lm_loss", "grad_norm", "val_loss"):

@@ -115,10 +115,10 @@ class DistributedTrainer(Trainer):
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             raise ConfigError(f"--resume: no checkpoint in {self.run_dir}")
-        if not is_distributed_checkpoint(ckpt):
-            raise CheckpointError(f"{ckpt} was written by a single-process run; resume it without --nproc "
-                                  "(distributed runs write and reshard torch.distributed.checkpoint folders)")
-        extra = dist_checkpoint.load(ckpt, self.model, self.optimizer)
+        if is_distributed_checkpoint(ckpt):
+            extra = dist_checkpoint.load(ckpt, self.model, self.optimizer)
+        else:
+            extra = self._load_single_process_checkpoint(ckpt)
         self.step, self.bad_steps = int(extra["step"]), int(extra.get("bad_steps", 0))
         self.initial_val_loss = extra.get("initial_val_loss")
         torch.set_rng_state(extra["rng"])
@@ -129,6 +129,29 @@ class DistributedTrainer(Trainer):
             metrics.write_text("".join(ln + "\n" for ln in kept))
             (self.run_dir / "config.toml").write_text(self.run.to_toml())
         self.console.print(f"resuming {self.run_dir} from step {self.step} ({self.world} processes)")
+
+    def _load_single_process_checkpoint(self, ckpt: Path) -> dict:
+        """A checkpoint of the plain Trainer (Hugging Face weights + torch optimizer state) into the
+        parallelised model: every rank reads the full tensors and keeps its shards."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        from ..checkpoint import load_trainer_state
+        from ..hf import hf_to_moeforge, read_safetensors
+
+        state = load_trainer_state(ckpt)
+        weights = hf_to_moeforge(read_safetensors(ckpt), self.run.model)
+        # torch numbers parameters by their order in the param groups; DCP's state dicts use names.
+        name_of = {id(p): n for n, p in self.model.named_parameters()}
+        names = [name_of[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+        saved = state["optimizer"]
+        try:
+            optim = {"state": {names[i]: v for i, v in saved["state"].items()},
+                     "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+            set_state_dict(self.model, self.optimizer, model_state_dict=weights, optim_state_dict=optim,
+                           options=StateDictOptions(full_state_dict=True))
+        except (IndexError, KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{ckpt}: does not match this model ({type(e).__name__}: {e})") from None
+        return state
 
     def save(self) -> Path:
         """DCP shards + extra.pt + (rank 0) a Hugging Face export, into checkpoints/step-N, atomically."""
