@@ -13,14 +13,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+from . import dist_checkpoint
 from .expert import ExpertParallelExperts, apply_expert_parallel
 from .fsdp import apply_fsdp, mixed_precision
-from . import dist_checkpoint
 from .grads import clip_grad_norm
 from .mesh import ParallelLayout, ParallelMesh, build_mesh
 
-__all__ = ["ExpertParallelExperts", "dist_checkpoint", "ParallelLayout", "ParallelMesh", "apply_expert_parallel", "apply_fsdp", "build_mesh",
-           "clip_grad_norm", "mixed_precision", "parallelize"]
+__all__ = ["ExpertParallelExperts", "ParallelLayout", "ParallelMesh", "apply_expert_parallel", "apply_fsdp",
+           "build_mesh", "clip_grad_norm", "dist_checkpoint", "mixed_precision", "parallelize"]
 
 
 def parallelize(model: nn.Module, layout: ParallelLayout, mesh, param_dtype: torch.dtype | None = None) -> nn.Module:
@@ -29,12 +30,9 @@ def parallelize(model: nn.Module, layout: ParallelLayout, mesh, param_dtype: tor
     The model must be initialised identically on every rank (same seed): each rank keeps its shards.
     """
     layout.check_model(model.config)
-    if layout.tp > 1 or layout.pp > 1:
-        try:
-            from . import tensor, pipeline  # noqa: F401  (added by the tensor/pipeline parallel work)
-        except ImportError:
-            raise NotImplementedError("tp > 1 and pp > 1 are not available in this build") from None
-        raise NotImplementedError("combining tp/pp with this parallelize() is not wired up yet")
+    if layout.tp > 1 or layout.pp > 1:  # parallel/tensor.py and pipeline.py are built separately
+        raise ConfigError(f"tp={layout.tp}, pp={layout.pp}: tensor and pipeline parallelism are not combined "
+                          "with EP/FSDP in parallelize() yet; use --tp 1 --pp 1")
     if layout.ep > 1:
         apply_expert_parallel(model, mesh["ep"])
     if layout.dp > 1 or layout.ep > 1:
