@@ -99,8 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from .train import Trainer
-
     train_overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     model_overrides = parse_overrides(args.model_overrides)
     run_dir = train_overrides.get("run_dir")
@@ -114,8 +112,9 @@ def cmd_train(args) -> int:
     run = resolve_run_config(toml, train_overrides, model_overrides)
     if run_dir is not None:
         run.train.run_dir = str(run_dir)
-    Trainer(run, run_dir=run_dir, resume=args.resume).fit()
-    return 0
+    from .parallel.launch import run_training  # one process, a torchrun rank, or launch torchrun
+
+    return run_training(run, run_dir, args.resume, args.argv)
 
 
 def newest_run() -> Path:
@@ -237,6 +236,7 @@ def read_loads(path: Path) -> list[list[float]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc N` re-runs it under torchrun
     handler = {"train": cmd_train, "generate": cmd_generate, "info": cmd_info, "report": cmd_report,
                "balance": cmd_balance, **PLAN_HANDLERS}[args.command]
     try:

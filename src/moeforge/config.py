@@ -286,6 +286,15 @@ class TrainConfig:
     sample_prompt: str = doc("Prompt for the end-of-run sample.", default="def ")
     compile: bool = doc("torch.compile the model (faster steps, slower start).", default=False)
     run_dir: str | None = doc("Run folder (default: runs/<preset>-<time>).", default=None)
+    # Distributed runs (docs/distributed.md); checked by moeforge.parallel.ParallelLayout.
+    nproc: int = doc("Processes to start on this machine; > 1 launches torchrun for you.", default=1)
+    dp: int = doc("Data-parallel degree: ranks that see different tokens (0 = processes / (tp x pp)).", default=0)
+    ep: int = doc("Expert-parallel degree, within dp: each rank holds n_routed_experts / ep experts.", default=1)
+    tp: int = doc("Tensor-parallel degree.", default=1)
+    pp: int = doc("Pipeline-parallel stages.", default=1)
+    zero: int = doc("FSDP2 sharding over dp: 3 = reshard parameters after forward (ZeRO-3); 2 = keep them "
+                    "gathered until backward (ZeRO-2; 1 runs as 2).", default=2)
+    dist_timeout: float = doc("Seconds a collective waits for its peers before the run fails.", default=600.0)
 
     def validate(self) -> "TrainConfig":
         for name in ("seq_len", "batch_size", "grad_accum", "eval_batches", "log_every", "keep_checkpoints",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict
 from datetime import datetime
@@ -59,7 +60,14 @@ def default_run_dir(preset: str) -> Path:
 
 
 class Trainer:
-    """Owns the model, optimizer, data and run folder for one run."""
+    """Owns the model, optimizer, data and run folder for one run.
+
+    Distributed runs use `moeforge.parallel.trainer.DistributedTrainer`, which overrides the hooks
+    `parallelize` and `clip_gradients` and sets `is_main` (writes files) and `dp_group` (sums counts).
+    """
+
+    is_main = True
+    dp_group = None
 
     def __init__(self, run: RunConfig, run_dir: Path | str | None = None, resume: bool = False,
                  console: Console | None = None):
@@ -85,7 +93,8 @@ class Trainer:
                                         name="validation")
 
         torch.manual_seed(self.cfg.seed)
-        self.model = hardware.configure(Transformer(run.model), self.caps, seq_len=self.cfg.seq_len).to(self.device)
+        self.model = self.parallelize(
+            hardware.configure(Transformer(run.model), self.caps, seq_len=self.cfg.seq_len).to(self.device))
         self.optimizer = make_optimizer(self.model, self.cfg)
         # Balancing wraps the model from outside: router hooks for losses, a bias update after each step.
         cfg = self.cfg
@@ -102,6 +111,12 @@ class Trainer:
         else:
             self._start_run_dir()
         self.forward = torch.compile(self.model) if self.cfg.compile else self.model
+
+    def parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def clip_gradients(self, params, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     # --- run folder -------------------------------------------------------------------------------
     def _start_run_dir(self) -> None:
@@ -162,20 +177,20 @@ class Trainer:
                 if value is not None:
                     sums[key] += value.item() / cfg.grad_accum
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = self.clip_gradients(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         lr = lr_at(self.step, cfg)
         finite = math.isfinite(sums["loss"]) and bool(torch.isfinite(grad_norm))
         if finite:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
-            self.balancer.update(self.model, self.step)
+            self.balancer.update(self.model, self.step, group=self.dp_group)
             self.bad_steps = 0
         else:
             self.bad_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {"step": self.step + 1, **sums, "lr": lr, "grad_norm": float(grad_norm), "skipped": not finite}
-        counts = gather_counts(self.model)
+        counts = gather_counts(self.model, group=self.dp_group)
         metrics.update(load_stats(counts))
         if cfg.log_expert_counts:
             metrics["expert_counts"] = counts.long().tolist()
@@ -212,7 +227,7 @@ class Trainer:
             self.initial_val_loss = self.evaluate()
             console.print(f"  initial validation loss {self.initial_val_loss:.4f}")
         tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-        metrics_file = (self.run_dir / "metrics.jsonl").open("a")
+        metrics_file = open(self.run_dir / "metrics.jsonl" if self.is_main else os.devnull, "a")
         start, val_loss, last_report = time.perf_counter(), None, time.perf_counter()
         interactive = console.is_terminal
         columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
@@ -256,7 +271,8 @@ class Trainer:
         elapsed = time.perf_counter() - start
         summary = {"steps": self.step, "initial_val_loss": self.initial_val_loss, "final_val_loss": val_loss,
                    "elapsed_s": round(elapsed, 1), "checkpoint": str(ckpt)}
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         console.print(f"validation loss {self.initial_val_loss:.4f} -> {val_loss:.4f}; checkpoint {ckpt}")
         if cfg.sample_tokens:
             console.print(f"[bold]sample[/] ({cfg.sample_prompt!r}):\n{self.sample(cfg.sample_prompt)}")

@@ -1,0 +1,51 @@
+"""Distributed checkpoints with `torch.distributed.checkpoint` (DCP): every rank writes its own shards,
+and a checkpoint loads at any other layout (2 ranks with EP=2 -> 1 process, 1 -> 2, ...).
+
+What makes resharding work: model and optimizer state are keyed by the plain model's parameter names
+(`get_state_dict`), and sharded weights are DTensors with their global shape (expert weights included,
+see `moeforge.parallel.expert`), so DCP's planner maps saved chunks onto whatever shards the loading
+layout has. A plain single-process model and optimizer save and load through the same two functions.
+Training-loop state that is not a tensor shard (step, schedule, ...) goes into `extra.pt`, written once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from ..errors import CheckpointError
+
+EXTRA_FILE = "extra.pt"
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def save(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict | None = None):
+    """Write model + optimizer shards (all ranks call this) and `extra` (rank 0) to folder `path`."""
+    path = Path(path)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    if _is_main():
+        torch.save(extra or {}, path / EXTRA_FILE)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Load a checkpoint saved at any layout into this (already parallelised) model and optimizer (all
+    ranks call this); returns its `extra` dict. A fresh optimizer is fine: its state is created first."""
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise CheckpointError(f"{path}: not a distributed checkpoint (no .metadata)")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    extra = path / EXTRA_FILE
+    return torch.load(extra, map_location="cpu", weights_only=True) if extra.is_file() else {}

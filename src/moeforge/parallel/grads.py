@@ -1,0 +1,35 @@
+"""Gradient-norm clipping over parameters that live on different meshes.
+
+Under EP x FSDP, dense weights are DTensors over the dp mesh and expert weights DTensors over the
+(edp, ep) mesh; torch's `clip_grad_norm_` cannot stack norms of DTensors on different meshes. Here the
+squared norm is computed per mesh (each reduced to a full, global value), summed, and torch's
+`clip_grads_with_norm_` applies the one global scale.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """Global L2 norm of all gradients (returned); scales them down to max_norm if larger."""
+    params = [p for p in params if p.grad is not None]
+    by_mesh: dict = {}
+    for p in params:
+        key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+        by_mesh.setdefault(key, []).append(p)
+    total_sq = None
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        sq = norm.float() ** 2
+        total_sq = sq if total_sq is None else total_sq + sq
+    if total_sq is None:
+        return torch.zeros(())
+    total = total_sq.sqrt()
+    if max_norm != float("inf"):
+        for group in by_mesh.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total

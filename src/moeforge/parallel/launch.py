@@ -1,0 +1,149 @@
+"""Starting distributed runs: `moeforge train --nproc N` re-runs itself under torchrun; each rank joins
+the process group with a timeout, and a failed collective becomes one error naming the rank, the
+collective and what the trainer was doing, instead of a hang or a deep gloo/NCCL traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..errors import ConfigError, TrainingError
+
+# Functions whose frames in a traceback identify the collective that failed (torch.distributed and the
+# functional collectives FSDP2 and the EP exchange call).
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+               "all_to_all_single", "all_to_all", "broadcast", "barrier", "send", "recv", "_all_gather_base",
+               "_reduce_scatter_base", "all_to_all_single_autograd", "foreach_all_gather", "foreach_reduce",
+               "all_gather_object", "broadcast_object_list", "gather_object")
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run `python -m moeforge <argv>` in nproc processes on this machine via torchrun; its exit code.
+
+    Equivalent to `torchrun --standalone --nproc-per-node N -m moeforge ARGV` (see docs/distributed.md
+    for multi-node rendezvous).
+    """
+    from torch.distributed.run import main as torchrun
+
+    env = dict(os.environ)
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "moeforge", *argv])
+    except Exception as e:  # torchrun raises ChildFailedError after printing each rank's error
+        print(f"moeforge train: error: {type(e).__name__}: the distributed run failed (see the rank errors above)",
+              file=sys.stderr)
+        return 1
+    finally:  # torchrun sets OMP_NUM_THREADS etc. for its children in this process's environment
+        os.environ.clear()
+        os.environ.update(env)
+    return 0
+
+
+def strip_launch_flags(argv: list[str]) -> list[str]:
+    """argv without --nproc N / --nproc=N (the launched ranks must not launch again)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def init_distributed(backend: str, timeout_s: float) -> tuple[int, int]:
+    """Join the torchrun job (env:// rendezvous), or a 1-process group when not launched by torchrun
+    (so a distributed checkpoint can be resumed by a plain `moeforge train --resume`). -> (rank, world)."""
+    if not dist.is_initialized():
+        timeout = timedelta(seconds=timeout_s)
+        if under_torchrun():
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def failed_collective(exc: BaseException) -> str | None:
+    """The innermost collective in the exception's traceback (and its causes), if any."""
+    found = None
+    while exc is not None:
+        for frame in traceback.extract_tb(exc.__traceback__):
+            if frame.name in COLLECTIVES:
+                found = frame.name
+        if found:
+            return found
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def is_comm_failure(exc: BaseException) -> bool:
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (failed_collective(exc) is not None or "gloo" in text
+                                              or "NCCL" in text or "Connection closed by peer" in text)
+
+
+@contextmanager
+def collective_errors(what: str, timeout_s: float):
+    """Turn a failed or timed-out collective inside the block into a TrainingError naming this rank, the
+    collective and `what` (e.g. "step 12"). Other exceptions pass through unchanged."""
+    try:
+        yield
+    except Exception as e:
+        if not dist.is_initialized() or not is_comm_failure(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        name = failed_collective(e) or "unknown collective"
+        raise TrainingError(f"rank {dist.get_rank()} of {dist.get_world_size()}: {name} failed during {what}: "
+                            f"{first[:300]} (a peer process died, or did not join within the {timeout_s:g} s "
+                            "collective timeout)") from e
+
+
+def run_training(run, run_dir, resume: bool, argv: list[str]) -> int:
+    """`moeforge train`: launch torchrun (--nproc > 1, not yet under torchrun), train as one rank of a
+    torchrun job, or train in this single process (also resuming a distributed checkpoint here)."""
+    from ..checkpoint import latest_checkpoint
+    from ..train import Trainer
+
+    cfg = run.train
+    if cfg.nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {cfg.nproc}")
+    if cfg.nproc > 1 and not under_torchrun():
+        return launch_torchrun(cfg.nproc, strip_launch_flags(argv))
+    from .trainer import DistributedTrainer, is_distributed_checkpoint
+
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and not resume:
+        # torchrun --max-restarts started this job again after a rank failed: continue from the last checkpoint.
+        if run_dir is None and cfg.run_dir is None:
+            raise ConfigError("torchrun restarted the job, but without --run-dir the ranks cannot find the run "
+                              "to resume; pass --run-dir")
+        run_dir = run_dir or cfg.run_dir
+        resume = latest_checkpoint(run_dir) is not None
+    layout_flags = cfg.dp > 1 or cfg.ep > 1 or cfg.tp > 1 or cfg.pp > 1
+    if layout_flags and not under_torchrun():
+        raise ConfigError(f"--dp {cfg.dp} --ep {cfg.ep} --tp {cfg.tp} --pp {cfg.pp} needs several processes: add "
+                          "--nproc N or launch with torchrun (to resume in one process, pass --ep 1 ...)")
+    dcp_resume = resume and run_dir is not None and is_distributed_checkpoint(latest_checkpoint(run_dir))
+    if not (under_torchrun() or dcp_resume):
+        Trainer(run, run_dir=run_dir, resume=resume).fit()
+        return 0
+    try:
+        DistributedTrainer(run, run_dir=run_dir, resume=resume).fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

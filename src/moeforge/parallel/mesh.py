@@ -1,0 +1,130 @@
+"""The parallel layout of a run and the device mesh built from it.
+
+Degrees: pp (pipeline stages) x dp (data parallel: ranks that see different tokens) x tp (tensor
+parallel) = world size. Expert parallelism reuses the data-parallel ranks, as in DeepSeek-V3, Megatron
+and torchtitan: the dp ranks are split into ep groups that hold different experts and exchange tokens
+with an all-to-all, so ep must divide dp; edp = dp / ep ranks hold the same experts (their expert
+gradients are averaged over that "expert data-parallel" group).
+
+Mesh dimensions, outermost first: ("pp", "edp", "ep", "tp"), with "dp" = ("edp", "ep") flattened.
+Ranks in one tp group are neighbours (fastest links), then ep, then edp, then pp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+
+ZERO_LEVELS = (1, 2, 3)
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Parallel degrees of a run (the `--dp/--ep/--tp/--pp/--zero` flags, documented in TrainConfig).
+
+    zero: 3 = FSDP2 resharding parameters after forward (ZeRO-3); 2 = keep them gathered from
+    forward to backward (ZeRO-2: gradients and optimizer state sharded); 1 runs as 2, because FSDP2
+    shards gradients together with optimizer state and has no optimizer-state-only mode.
+    """
+
+    dp: int = 1
+    ep: int = 1
+    tp: int = 1
+    pp: int = 1
+    zero: int = 2
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def edp(self) -> int:
+        """Ranks holding the same experts (expert data-parallel degree)."""
+        return self.dp // self.ep
+
+    @property
+    def reshard_after_forward(self) -> bool:
+        return self.zero == 3
+
+    @classmethod
+    def resolve(cls, world_size: int, dp: int = 0, ep: int = 1, tp: int = 1, pp: int = 1,
+                zero: int = 2) -> "ParallelLayout":
+        """Fill in dp = world / (tp x pp) when dp is 0 ("auto"), then check against world_size."""
+        for name, value in (("ep", ep), ("tp", tp), ("pp", pp)):
+            if int(value) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {value}")
+        if dp == 0:
+            if world_size % (tp * pp):
+                raise ConfigError(f"tp x pp = {tp} x {pp} = {tp * pp} does not divide the {world_size} processes")
+            dp = world_size // (tp * pp)
+        layout = cls(dp=int(dp), ep=int(ep), tp=int(tp), pp=int(pp), zero=int(zero))
+        return layout.check_world(world_size)
+
+    def check_world(self, world_size: int) -> "ParallelLayout":
+        if self.dp < 1:
+            raise ConfigError(f"--dp must be >= 1 (or 0 = auto), got {self.dp}")
+        if self.world_size != world_size:
+            raise ConfigError(f"dp x tp x pp = {self.dp} x {self.tp} x {self.pp} = {self.world_size} must equal "
+                              f"the number of processes ({world_size})")
+        if self.dp % self.ep:
+            raise ConfigError(f"ep={self.ep} must divide dp={self.dp}: expert parallelism reuses the "
+                              "data-parallel ranks")
+        if self.zero not in ZERO_LEVELS:
+            raise ConfigError(f"--zero must be 1, 2 or 3, got {self.zero}")
+        return self
+
+    def check_model(self, config: ModelConfig) -> "ParallelLayout":
+        """Raise ConfigError naming the first degree this model cannot be split by."""
+        if self.ep > 1:
+            if config.num_moe_layers == 0:
+                raise ConfigError(f"ep={self.ep}, but the model has no MoE layers to split")
+            if config.n_routed_experts % self.ep:
+                raise ConfigError(f"ep={self.ep} must divide n_routed_experts={config.n_routed_experts}")
+        if config.num_attention_heads % self.tp:
+            raise ConfigError(f"tp={self.tp} must divide num_attention_heads={config.num_attention_heads}")
+        if self.pp > config.num_hidden_layers:
+            raise ConfigError(f"pp={self.pp} exceeds num_hidden_layers={config.num_hidden_layers} "
+                              "(every stage needs at least one layer)")
+        return self
+
+    def check_batch(self, batch_size: int) -> "ParallelLayout":
+        if batch_size % self.dp:
+            raise ConfigError(f"batch_size={batch_size} must be a multiple of dp={self.dp} (each data-parallel "
+                              "rank takes an equal share of the global batch)")
+        return self
+
+    def describe(self) -> str:
+        return (f"dp {self.dp} (ep {self.ep} x edp {self.edp}), tp {self.tp}, pp {self.pp}, "
+                f"zero {self.zero}{' (as 2)' if self.zero == 1 else ''}")
+
+
+class ParallelMesh:
+    """The run's DeviceMesh with dims ("pp", "edp", "ep", "tp"), plus "dp" = edp x ep flattened.
+
+    `mesh[name]` gives the 1-D sub-mesh of any of those names (torch asks callers to keep the flattened
+    mesh themselves rather than slice it from the root).
+    """
+
+    def __init__(self, root, dp):
+        self.root, self.dp = root, dp
+
+    def __getitem__(self, name: str):
+        return self.dp if name == "dp" else self.root[name]
+
+    def __repr__(self) -> str:
+        return f"ParallelMesh({self.root})"
+
+
+def build_mesh(layout: ParallelLayout, device_type: str = "cpu") -> ParallelMesh:
+    """Needs an initialised default process group whose size is layout.world_size."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        raise ConfigError("build_mesh needs torch.distributed to be initialised (run under torchrun)")
+    layout.check_world(dist.get_world_size())
+    root = init_device_mesh(device_type, (layout.pp, layout.edp, layout.ep, layout.tp),
+                            mesh_dim_names=("pp", "edp", "ep", "tp"))
+    return ParallelMesh(root, root["edp", "ep"]._flatten("dp"))  # _flatten: as torchtitan does

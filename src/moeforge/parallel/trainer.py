@@ -1,0 +1,192 @@
+"""`Trainer` for one rank of a distributed run (started by torchrun; see docs/distributed.md).
+
+What changes against the single-process trainer, and why:
+* the model is parallelised after it is built (`parallelize`), before the optimizer sees it;
+* each data-parallel rank trains on its slice of the same global batch, so the global batch (and with
+  equal token counts per rank, the loss and gradients) equal a single-process run's;
+* the logged loss is the mean over dp ranks (the global loss); expert counts and the balancing bias
+  use counts summed over the dp group;
+* only rank 0 prints, writes metrics and the run folder; everyone writes its checkpoint shards (DCP),
+  and rank 0 adds a Hugging Face export of the weights to each checkpoint folder;
+* every step runs inside `collective_errors`, so a dead or stuck peer ends the run with one message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+
+from .. import hardware
+from ..checkpoint import checkpoints_dir, latest_checkpoint, list_checkpoints
+from ..config import RunConfig
+from ..errors import CheckpointError, ConfigError
+from ..train import Trainer, default_run_dir
+from . import dist_checkpoint, parallelize
+from .grads import clip_grad_norm
+from .launch import collective_errors, init_distributed
+from .mesh import ParallelLayout, build_mesh
+
+
+def is_distributed_checkpoint(ckpt: Path | None) -> bool:
+    return ckpt is not None and (Path(ckpt) / ".metadata").is_file()
+
+
+class DataParallelSlice:
+    """A batch source whose batch i is this dp rank's rows of the global batch i."""
+
+    def __init__(self, batches, rank: int, size: int):
+        self.batches, self.rank, self.size = batches, rank, size
+
+    def batch(self, index: int):
+        x, y = self.batches.batch(index)
+        rows = x.shape[0] // self.size
+        return x[self.rank * rows:(self.rank + 1) * rows], y[self.rank * rows:(self.rank + 1) * rows]
+
+
+class DistributedTrainer(Trainer):
+    def __init__(self, run: RunConfig, run_dir: Path | str | None = None, resume: bool = False,
+                 console: Console | None = None):
+        cfg = run.train
+        caps = hardware.probe(cfg.device)
+        self.rank, self.world = init_distributed(caps.dist_backend, cfg.dist_timeout)
+        if caps.device.startswith("cuda") and self.world > 1:  # one GPU per rank
+            cuda = f"cuda:{torch.cuda.current_device()}"
+            run = dataclasses.replace(run, train=dataclasses.replace(cfg, device=cuda))
+        self.layout = ParallelLayout.resolve(self.world, cfg.dp, cfg.ep, cfg.tp, cfg.pp, cfg.zero)
+        self.layout.check_model(run.model).check_batch(cfg.batch_size)
+        self.mesh = build_mesh(self.layout, "cuda" if caps.device.startswith("cuda") else "cpu")
+        self.dp_group = self.mesh["dp"].get_group()
+        self.dp_rank = self.mesh["dp"].get_local_rank()
+        self.is_main = self.rank == 0
+        # Every rank must use rank 0's run folder (default names carry a timestamp).
+        chosen = [str(run_dir or cfg.run_dir or default_run_dir(cfg.preset))]
+        dist.broadcast_object_list(chosen, src=0)
+        console = console or Console(stderr=True, quiet=not self.is_main)
+        super().__init__(run, run_dir=chosen[0], resume=resume, console=console)
+        self.train_batches = DataParallelSlice(self.train_batches, self.dp_rank, self.layout.dp)
+        self.val_batches = DataParallelSlice(self.val_batches, self.dp_rank, self.layout.dp)
+        self.console.print(f"  distributed: {self.world} processes, {self.layout.describe()}, "
+                           f"{dist.get_backend()} collectives, timeout {cfg.dist_timeout:g} s")
+
+    # --- hooks of Trainer ---------------------------------------------------------------------------
+    def parallelize(self, model):
+        return parallelize(model, self.layout, self.mesh)
+
+    def clip_gradients(self, params, max_norm):
+        return clip_grad_norm(params, max_norm)
+
+    def train_step(self) -> dict:
+        with collective_errors(f"step {self.step + 1}", self.cfg.dist_timeout):
+            m = super().train_step()
+            return self._mean_over_dp(m, ("loss", "lm_loss", "mtp_loss", "aux_loss"))
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        with collective_errors(f"evaluation after step {self.step}", self.cfg.dist_timeout):
+            return self._mean_over_dp({"v": super().evaluate()}, ("v",))["v"]
+
+    def _mean_over_dp(self, metrics: dict, keys) -> dict:
+        keys = [k for k in keys if k in metrics]
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values, group=self.dp_group)
+        return {**metrics, **{k: float(v) / self.layout.dp for k, v in zip(keys, values.tolist())}}
+
+    # --- run folder and checkpoints -----------------------------------------------------------------
+    def _start_run_dir(self) -> None:
+        error = None
+        if self.is_main:
+            try:
+                super()._start_run_dir()
+            except ConfigError as e:
+                error = str(e)
+        flag = [error]
+        dist.broadcast_object_list(flag, src=0)
+        if flag[0]:
+            raise ConfigError(flag[0])
+
+    def _resume(self) -> None:
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            raise ConfigError(f"--resume: no checkpoint in {self.run_dir}")
+        if is_distributed_checkpoint(ckpt):
+            extra = dist_checkpoint.load(ckpt, self.model, self.optimizer)
+        else:
+            extra = self._load_single_process_checkpoint(ckpt)
+        self.step, self.bad_steps = int(extra["step"]), int(extra.get("bad_steps", 0))
+        self.initial_val_loss = extra.get("initial_val_loss")
+        torch.set_rng_state(extra["rng"])
+        if self.is_main:  # drop metrics logged after the checkpoint (as Trainer._resume does)
+            metrics = self.run_dir / "metrics.jsonl"
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= self.step]
+            metrics.write_text("".join(ln + "\n" for ln in kept))
+            (self.run_dir / "config.toml").write_text(self.run.to_toml())
+        self.console.print(f"resuming {self.run_dir} from step {self.step} ({self.world} processes)")
+
+    def _load_single_process_checkpoint(self, ckpt: Path) -> dict:
+        """A checkpoint of the plain Trainer (Hugging Face weights + torch optimizer state) into the
+        parallelised model: every rank reads the full tensors and keeps its shards."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        from ..checkpoint import load_trainer_state
+        from ..hf import hf_to_moeforge, read_safetensors
+
+        state = load_trainer_state(ckpt)
+        weights = hf_to_moeforge(read_safetensors(ckpt), self.run.model)
+        # torch numbers parameters by their order in the param groups; DCP's state dicts use names.
+        name_of = {id(p): n for n, p in self.model.named_parameters()}
+        names = [name_of[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+        saved = state["optimizer"]
+        try:
+            optim = {"state": {names[i]: v for i, v in saved["state"].items()},
+                     "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+            set_state_dict(self.model, self.optimizer, model_state_dict=weights, optim_state_dict=optim,
+                           options=StateDictOptions(full_state_dict=True))
+        except (IndexError, KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{ckpt}: does not match this model ({type(e).__name__}: {e})") from None
+        return state
+
+    def save(self) -> Path:
+        """DCP shards + extra.pt + (rank 0) a Hugging Face export, into checkpoints/step-N, atomically."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        base = checkpoints_dir(self.run_dir)
+        final, tmp = base / f"step-{self.step:06d}", base / f".tmp-step-{self.step:06d}"
+        if self.is_main:
+            base.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        extra = {"step": self.step, "bad_steps": self.bad_steps, "rng": torch.get_rng_state(),
+                 "initial_val_loss": self.initial_val_loss, "train_config": dataclasses.asdict(self.cfg),
+                 "layout": dataclasses.asdict(self.layout)}
+        with collective_errors(f"checkpoint at step {self.step}", self.cfg.dist_timeout):
+            dist_checkpoint.save(tmp, self.model, self.optimizer, extra)
+            # Gathering EP x FSDP expert shards takes two all-gathers; torch warns about it on every save.
+            logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.is_main:
+            export_hf(full, self.run.model, tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for stale in list_checkpoints(self.run_dir)[:-self.cfg.keep_checkpoints]:
+                shutil.rmtree(stale, ignore_errors=True)
+        dist.barrier()
+        return final
+
+
+def export_hf(state: dict, config, folder: Path) -> None:
+    """Write the gathered full weights as a Hugging Face folder (what `moeforge generate` reads)."""
+    from ..model import Transformer
+
+    with torch.device("meta"):
+        plain = Transformer(config)
+    plain.load_state_dict(state, strict=True, assign=True)
+    plain.save_pretrained(folder)

@@ -1,0 +1,51 @@
+"""`moeforge train --nproc 2 --ep 2` as a user runs it: torchrun is launched, one rank reports, the
+logged (global) loss equals a single-process run's on the same global batch, and a run moves from one
+process to two and back through its checkpoints, continuing exactly."""
+
+import json
+import os
+
+import pytest
+
+from conftest import SMALL_CORPUS
+from moeforge.cli import main
+from parallel_helpers import one_thread
+
+SMALL = ["--preset", "debug", "--data", str(SMALL_CORPUS), "--seq-len", "32", "--batch-size", "4",
+         "--eval-batches", "2", "--eval-every", "2", "--sample-tokens", "0", "--device", "cpu", "--precision", "fp32"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_moves_from_one_process_to_two_and_back_and_matches_single_process(tmp_path, capfd):
+    single, run = tmp_path / "single", tmp_path / "run"
+    assert main(["train", *SMALL, "--steps", "6", "--run-dir", str(single)]) == 0
+    # Steps 1-2 in one process (Hugging Face checkpoint), 3-4 on 2 ranks with EP=2 (reads it, writes a
+    # distributed checkpoint), 5-6 in one process again (reads that).
+    assert main(["train", *SMALL, "--steps", "2", "--save-every", "2", "--keep-checkpoints", "5",
+                 "--run-dir", str(run)]) == 0
+    capfd.readouterr()
+    env_before = dict(os.environ)
+    assert main(["train", "--resume", "--run-dir", str(run), "--steps", "4", "--nproc", "2", "--ep", "2"]) == 0
+    err = capfd.readouterr().err
+    assert err.count("moeforge train ->") == 1 and "dp 2 (ep 2 x edp 1)" in err  # rank 0 only
+    assert dict(os.environ) == env_before  # the launcher leaves this process as it was
+    ckpt = run / "checkpoints" / "step-000004"
+    assert (ckpt / ".metadata").is_file() and (ckpt / "model.safetensors").is_file()
+    assert main(["train", "--resume", "--run-dir", str(run), "--steps", "6", "--ep", "1"]) == 0
+
+    want, got = metrics(single), metrics(run)
+    assert [m["step"] for m in got] == list(range(1, 7))  # one line per step: only rank 0 wrote
+    for a, b in zip(got, want):
+        for key in ("loss", "lm_loss", "grad_norm", "val_loss"):
+            if key in b:
+                assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
+        assert a["expert_counts"] == b["expert_counts"]
