@@ -160,3 +160,8 @@ def test_layer_split_and_stage_placement():
         layer_ranges(3, 2, [1, 1])
     assert stage_ids(0, 2, 2, "loop") == [0, 2] and stage_ids(1, 2, 2, "loop") == [1, 3]
     assert stage_ids(0, 2, 2, "v") == [0, 3] and stage_ids(1, 2, 2, "v") == [1, 2]
+
+
+def test_bad_pipeline_settings_name_the_problem():
+    with pytest.raises(ConfigError, match="unknown pipeline schedule 'zb'"):
+        build_pipeline(debug_model(), None, (B, T), MICROBATCHES, "zb")

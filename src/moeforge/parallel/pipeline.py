@@ -172,6 +172,10 @@ class Pipeline:
     _stages: list[PipelineStage] = field(default_factory=list)
 
     @property
+    def device(self) -> torch.device:  # collectives need tensors on it (NCCL: the GPU)
+        return self.modules[0].rotary.inv_freq.device
+
+    @property
     def has_first(self) -> bool:
         return any(m.is_first for m in self.modules)
 
@@ -199,7 +203,7 @@ class Pipeline:
         self._make_grads_contiguous()
         self._sum_shared_embedding_grads()
         # Logged loss = last stage's mean (next-token + MTP) + every stage's balance loss per micro-batch.
-        loss = torch.stack(losses).mean().detach().float() if self.has_last else torch.zeros(())
+        loss = torch.stack(losses).mean().detach().float() if self.has_last else torch.zeros((), device=self.device)
         for m in self.modules:
             if m.aux_values:
                 loss = loss + torch.stack(m.aux_values).sum().float() / self.n_microbatches
@@ -239,7 +243,7 @@ class Pipeline:
             total = grads[0]
         else:
             cfg = self.modules[0].config
-            total = torch.zeros(cfg.vocab_size, cfg.hidden_size, device=self.modules[0].rotary.inv_freq.device)
+            total = torch.zeros(cfg.vocab_size, cfg.hidden_size, device=self.device)
         dist.all_reduce(total, group=self.group)
         for w in copies:
             w.grad = total
@@ -247,7 +251,7 @@ class Pipeline:
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip by the norm over the whole model (all stages; the shared embedding counted once)."""
-        square = torch.zeros((), dtype=torch.float32)
+        square = torch.zeros((), dtype=torch.float32, device=self.device)
         second_copy = self._embedding_copies()[-1] if self.shares_embedding and self.has_last else None
         for p in self.parameters():
             if p.grad is not None and p is not second_copy:
@@ -311,7 +315,7 @@ def build_pipeline(model: Transformer, pp_mesh: DeviceMesh, batch_shape: tuple[i
         return last_module.loss(h, labels)
 
     sched = cls(stages if per_rank > 1 else stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)
-    # The embedding lives on two ranks when the model reads it at both ends and the ends are apart.
+    # The last stage holds a copy of the embedding when the model reads it at both ends (StageModule).
     first_rank = next(r for r in range(pp) if 0 in stage_ids(r, pp, per_rank, style))
     last_rank = next(r for r in range(pp) if n_stages - 1 in stage_ids(r, pp, per_rank, style))
     shares = reads_embedding_at_end(model) and n_stages > 1
