@@ -1,0 +1,322 @@
+"""Pipeline parallelism with `torch.distributed.pipelining`: the plain Transformer cut into stages from
+outside (torchtitan's manual split), run by the engine's schedules (GPipe, 1F1B, interleaved 1F1B,
+DualPipeV). Shapes: B batch, T tokens, D hidden, V vocab.
+
+Stage s holds a contiguous range of blocks; stage 0 also embeds the tokens, the last stage also holds the
+final norm, the output head and the multi-token-prediction (MTP) modules, and computes the loss
+(next-token + mtp_loss_weight x MTP, exactly as `Transformer.forward`).
+
+* MTP needs the token embedding on the last stage. Every rank builds the whole model from the same seed,
+  so the last stage keeps its own copy of `embed_tokens`; after each backward the copies' gradients are
+  summed over the pipeline group (Megatron does the same for tied embeddings). With a V-shaped placement
+  (DualPipeV) the first and last stage live on one rank and simply share the module. Tied input/output
+  embeddings are handled the same way.
+* Balance losses (RouterProbe) are per stage: a stage's routers' loss is attached to its output
+  activation by an identity op whose backward feeds d(aux)=1 into the graph (Megatron's
+  MoEAuxLossAutoScaler), so no stage needs another's routing. The sequence-wise loss is exact under
+  micro-batching (micro-batches hold whole sequences); the batch-level one becomes per micro-batch.
+* The balancing bias update needs nothing new: each stage counts its own layers' tokens over all
+  micro-batches and `BiasBalancer.update(stage_module, step)` moves its own biases.
+
+The engine scales gradients by 1/n_microbatches (mean of the micro-batch losses = the global loss when
+micro-batches are equal and no label is ignored).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleDualPipeV, ScheduleGPipe,
+                                          ScheduleInterleaved1F1B)
+
+from ..errors import ConfigError
+from ..model.moe import MoE
+from ..model.transformer import Transformer, cross_entropy
+
+# name -> (schedule class, stages per rank, stage placement: "loop" = rank r holds r, r+pp, ...;
+# "v" = rank r holds r and 2pp-1-r, so the first and last stage share rank 0)
+SCHEDULES = {
+    "gpipe": (ScheduleGPipe, 1, "loop"),
+    "1f1b": (Schedule1F1B, 1, "loop"),
+    "interleaved-1f1b": (ScheduleInterleaved1F1B, 2, "loop"),
+    "dualpipev": (ScheduleDualPipeV, 2, "v"),
+}
+
+
+class StageModule(nn.Module):
+    """Blocks [start, end) of a Transformer, plus the embedding (first stage) or the head (last stage).
+
+    forward: first stage input_ids [B, T] -> h [B, T, D]; other stages h -> h. The last stage returns the
+    final hidden state before the norm (MTP starts from it); `loss(h, labels)` turns it into the loss.
+    Parameter names are those of the full model (layers keep their global index).
+    """
+
+    def __init__(self, model: Transformer, start: int, end: int, is_first: bool, is_last: bool):
+        super().__init__()
+        self.config = model.config
+        self.is_first, self.is_last = is_first, is_last
+        self.embed_tokens = model.embed_tokens if is_first else None
+        self.lm_head = model.lm_head if is_last else None
+        if is_last and not is_first and reads_embedding_at_end(model):
+            # The last stage's own copy (summed gradients, see Pipeline): a parameter shared by two stages
+            # of one rank would be scaled twice by the engine.
+            self.embed_tokens = copy.deepcopy(model.embed_tokens)
+            if model.config.tie_word_embeddings:
+                self.lm_head = copy.deepcopy(model.lm_head)
+                self.lm_head.weight = self.embed_tokens.weight
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in range(start, end)})
+        self.norm = model.norm if is_last else None
+        self.mtp = model.mtp if is_last else nn.ModuleList()
+        self.rotary = model.rotary
+        self.aux_loss = None  # optional callable -> loss of this stage's routers (see attach_aux_loss)
+        self.aux_values: list[torch.Tensor] = []  # detached, one per micro-batch, for the logged loss
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(x) if self.is_first else x
+        cos, sin = self.rotary(torch.arange(h.shape[1], device=h.device))
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        if self.aux_loss is not None:
+            aux = self.aux_loss()
+            if aux is not None:
+                self.aux_values.append(aux.detach())
+                h = attach_aux_loss(h, aux)
+        return h
+
+    def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Next-token loss + mtp_loss_weight x mean MTP loss, as in `Transformer.forward` (last stage)."""
+        T = h.shape[1]
+        lm_loss = cross_entropy(self.lm_head(self.norm(h)), labels)
+        if not self.mtp:
+            return lm_loss
+        cos, sin = self.rotary(torch.arange(T, device=h.device))
+        mtp_losses = []
+        for k, module in enumerate(self.mtp, start=1):
+            if T - k <= 0:
+                break
+            h = module(h[:, :T - k], self.embed_tokens(labels[:, k - 1:T - 1].clamp(min=0)), cos[:T - k], sin[:T - k])
+            mtp_losses.append(cross_entropy(self.lm_head(module.norm(h)), labels[:, k:]))
+        mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else lm_loss.new_zeros(())
+        return lm_loss + self.config.mtp_loss_weight * mtp_loss
+
+    def moe_layers(self) -> list[tuple[int, MoE]]:
+        """(layer id, MoE) of this stage's main-model blocks (what RouterProbe listens to)."""
+        return [(int(i), layer.mlp) for i, layer in self.layers.items() if isinstance(layer.mlp, MoE)]
+
+
+def reads_embedding_at_end(model: Transformer) -> bool:
+    """MTP embeds the next tokens, and a tied output head is the embedding: both need it on the last stage."""
+    return bool(model.mtp) or model.config.tie_word_embeddings
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on h; backward also sends gradient 1 into `aux`, so aux joins the loss of this micro-batch."""
+
+    @staticmethod
+    def forward(ctx, h, aux):
+        ctx.save_for_backward(aux)
+        return h.clone()  # not a view: the engine detaches stage outputs in place (split backward)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (aux,) = ctx.saved_tensors
+        return grad, torch.ones_like(aux)
+
+
+def attach_aux_loss(h: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+    return _AttachAuxLoss.apply(h, aux)
+
+
+def layer_ranges(num_layers: int, n_stages: int, layers_per_stage: list[int] | None = None) -> list[range]:
+    """Blocks per stage: given, or as even as possible with the extra blocks on the *early* stages (the
+    last one also carries the head and MTP)."""
+    if layers_per_stage is None:
+        base, extra = divmod(num_layers, n_stages)
+        layers_per_stage = [base + (s < extra) for s in range(n_stages)]
+    if len(layers_per_stage) != n_stages or sum(layers_per_stage) != num_layers or min(layers_per_stage) < 0:
+        raise ConfigError(f"layers_per_stage {layers_per_stage} must be {n_stages} non-negative counts "
+                          f"summing to num_hidden_layers={num_layers}")
+    starts = [sum(layers_per_stage[:s]) for s in range(n_stages)]
+    return [range(a, a + n) for a, n in zip(starts, layers_per_stage)]
+
+
+def stage_ids(pp_rank: int, pp: int, per_rank: int, style: str) -> list[int]:
+    """Which global stages a pipeline rank runs (in execution order of its first micro-batch)."""
+    if style == "v":
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + i * pp for i in range(per_rank)]
+
+
+@dataclass
+class Pipeline:
+    """This rank's share of a pipelined model: its stage modules (e.g. for the optimizer) and a schedule.
+
+    `step(input_ids, labels)` runs forward and backward of the whole batch over all micro-batches, then
+    sums the shared-embedding gradients; it returns the global loss (mean over micro-batches) on every
+    rank of the pipeline group. Gradients are left in the stage modules for the optimizer.
+    """
+
+    modules: list[StageModule]
+    schedule: object
+    group: dist.ProcessGroup
+    shares_embedding: bool  # the first and last stage each hold a copy of embed_tokens
+    ends_on_one_rank: bool  # ... and those two stages run on the same rank (DualPipeV's V)
+    n_microbatches: int
+    batch_shape: tuple[int, int]
+    _stages: list[PipelineStage] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:  # collectives need tensors on it (NCCL: the GPU)
+        return self.modules[0].rotary.inv_freq.device
+
+    @property
+    def has_first(self) -> bool:
+        return any(m.is_first for m in self.modules)
+
+    @property
+    def has_last(self) -> bool:
+        return any(m.is_last for m in self.modules)
+
+    def parameters(self):
+        seen = set()
+        for m in self.modules:
+            for p in m.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+
+    def step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if tuple(input_ids.shape) != self.batch_shape:
+            raise ConfigError(f"pipeline was built for batches of shape {self.batch_shape}, got "
+                              f"{tuple(input_ids.shape)}")
+        losses: list[torch.Tensor] = []
+        args = (input_ids,) if self.has_first else ()
+        target = labels if self.has_last else None
+        self.schedule.step(*args, target=target, losses=losses if self.has_last else None,
+                           return_outputs=False)
+        self._make_grads_contiguous()
+        self._sum_shared_embedding_grads()
+        # Logged loss = last stage's mean (next-token + MTP) + every stage's balance loss per micro-batch.
+        loss = torch.stack(losses).mean().detach().float() if self.has_last else torch.zeros((), device=self.device)
+        for m in self.modules:
+            if m.aux_values:
+                loss = loss + torch.stack(m.aux_values).sum().float() / self.n_microbatches
+            m.aux_values.clear()
+        dist.all_reduce(loss, group=self.group)
+        return loss
+
+    def _make_grads_contiguous(self) -> None:
+        """The split backward (DualPipeV, zero-bubble) stores weight gradients with the strides they were
+        computed in (e.g. transposed), and torch 2.13's fused CPU AdamW then updates the wrong elements
+        (measured: 2*lr off). Give every gradient its parameter's layout, as autograd's accumulation does."""
+        for p in self.parameters():
+            if p.grad is not None and p.grad.stride() != p.stride():
+                p.grad = p.grad.contiguous() if p.is_contiguous() else p.grad.clone().as_strided_(p.shape, p.stride())
+
+    def _embedding_copies(self) -> list[torch.Tensor]:
+        """This rank's copies of the shared embedding weight: first stage's, then last stage's."""
+        firsts = [m.embed_tokens.weight for m in self.modules if m.is_first]
+        lasts = [m.embed_tokens.weight for m in self.modules if m.is_last and not m.is_first]
+        return firsts + lasts
+
+    def _sum_shared_embedding_grads(self) -> None:
+        """The first and last stage each hold the embedding: each copy's gradient becomes the sum of both,
+        so the copies stay equal. Across ranks one all-reduce over the pipeline group (middle ranks add
+        zeros: simple, one [V, D] all-reduce per step); on one rank an add."""
+        if not self.shares_embedding:
+            return
+        copies = self._embedding_copies()
+        grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in copies]
+        if self.ends_on_one_rank:
+            if len(grads) == 2:
+                total = grads[0] + grads[1]
+                for w in copies:
+                    w.grad = total.clone()
+            return
+        if grads:
+            total = grads[0]
+        else:
+            cfg = self.modules[0].config
+            total = torch.zeros(cfg.vocab_size, cfg.hidden_size, device=self.device)
+        dist.all_reduce(total, group=self.group)
+        for w in copies:
+            w.grad = total
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip by the norm over the whole model (all stages; the shared embedding counted once)."""
+        square = torch.zeros((), dtype=torch.float32, device=self.device)
+        second_copy = self._embedding_copies()[-1] if self.shares_embedding and self.has_last else None
+        for p in self.parameters():
+            if p.grad is not None and p is not second_copy:
+                square += p.grad.float().square().sum()
+        dist.all_reduce(square, group=self.group)
+        total = square.sqrt()
+        torch.nn.utils.clip_grads_with_norm_([p for p in self.parameters() if p.grad is not None], max_norm, total)
+        return total
+
+
+def build_pipeline(model: Transformer, pp_mesh: DeviceMesh, batch_shape: tuple[int, int], n_microbatches: int,
+                   schedule: str = "1f1b", layers_per_stage: list[int] | None = None,
+                   aux_loss_factory=None) -> Pipeline:
+    """Cut `model` (the same weights on every rank) into this rank's stages and build the schedule.
+
+    Args:
+        pp_mesh: 1-D mesh of the pipeline ranks.
+        batch_shape: (B, T) of every step's input_ids. Stages are built with these shapes given, so the
+            engine does not run a shape-inference forward (which would count routed tokens and route
+            uninitialised activations).
+        n_microbatches: micro-batches per step (>= number of stages for interleaved/DualPipeV).
+        schedule: one of SCHEDULES.
+        layers_per_stage: blocks per global stage (default: even split).
+        aux_loss_factory: optional `StageModule -> callable returning its balance loss` (e.g.
+            `lambda m: RouterProbe(m, seq_alpha, seq_len=T).pop_loss`).
+    """
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"unknown pipeline schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+    if pp_mesh.ndim != 1:
+        raise ConfigError(f"build_pipeline wants a 1-D pipeline mesh, got {pp_mesh.ndim}-D")
+    cls, per_rank, style = SCHEDULES[schedule]
+    pp, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
+    n_stages = pp * per_rank
+    if per_rank > 1 and n_microbatches < n_stages:
+        raise ConfigError(f"schedule {schedule} needs at least {n_stages} micro-batches (one per stage), "
+                          f"got {n_microbatches}")
+    B, T = batch_shape
+    if B % n_microbatches:
+        raise ConfigError(f"batch size {B} must be a multiple of the {n_microbatches} pipeline micro-batches")
+    ranges = layer_ranges(model.config.num_hidden_layers, n_stages, layers_per_stage)
+    group = pp_mesh.get_group()
+    device = model.embed_tokens.weight.device
+    tokens = torch.empty(B // n_microbatches, T, dtype=torch.long, device="meta")
+    hidden = torch.empty(B // n_microbatches, T, model.config.hidden_size, dtype=model.embed_tokens.weight.dtype,
+                         device="meta", requires_grad=True)
+    modules, stages = [], []
+    for s in stage_ids(pp_rank, pp, per_rank, style):
+        module = StageModule(model, ranges[s].start, ranges[s].stop, s == 0, s == n_stages - 1)
+        if aux_loss_factory is not None:
+            module.aux_loss = aux_loss_factory(module)
+        modules.append(module)
+        stages.append(PipelineStage(module, s, n_stages, device, group=group,
+                                    input_args=tokens if s == 0 else hidden, output_args=hidden,
+                                    input_grads=None if s == 0 else hidden,
+                                    output_grads=None if s == n_stages - 1 else hidden))
+    last_module = next((m for m in modules if m.is_last), None)
+
+    def loss_fn(h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if last_module is None:
+            raise RuntimeError("pipeline loss requested on a rank without the last stage")
+        return last_module.loss(h, labels)
+
+    sched = cls(stages if per_rank > 1 else stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)
+    # The last stage holds a copy of the embedding when the model reads it at both ends (StageModule).
+    first_rank = next(r for r in range(pp) if 0 in stage_ids(r, pp, per_rank, style))
+    last_rank = next(r for r in range(pp) if n_stages - 1 in stage_ids(r, pp, per_rank, style))
+    shares = reads_embedding_at_end(model) and n_stages > 1
+    return Pipeline(modules, sched, group, shares, first_rank == last_rank, n_microbatches, (B, T), stages)

@@ -1,0 +1,167 @@
+"""Pipeline parallelism (PP=2, 2 real gloo processes; 1F1B, interleaved 1F1B, DualPipeV) trains exactly
+like one process on the same global batch, MTP and balance losses included."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+
+from moeforge.balance import BiasBalancer
+from moeforge.balance.losses import RouterProbe
+from moeforge.config import TrainConfig, preset
+from moeforge.errors import ConfigError
+from moeforge.model import Router, Transformer
+from moeforge.parallel.pipeline import StageModule, attach_aux_loss, build_pipeline, layer_ranges, stage_ids
+from moeforge.train import make_optimizer
+
+STEPS, B, T, MICROBATCHES = 3, 4, 8, 4
+SCHEDULES = ("1f1b", "interleaved-1f1b", "dualpipev")
+SEQ_ALPHA = 1e-2
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(step)
+    return torch.randint(0, 256, (B, T), generator=g), torch.randint(0, 256, (B, T), generator=g)
+
+
+def debug_model():
+    """The debug preset with router weights x50, so that no expert choice is a near-tie that fp32
+    summation-order noise (micro-batches vs one batch) could flip (see test_parallel_tensor.py)."""
+    model = Transformer(preset("debug"))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, Router):
+                m.weight.mul_(50)
+    return model
+
+
+def optimizer(module):
+    """The trainer's AdamW with eps=1e-6 (see test_parallel_tensor.optimizer for why)."""
+    opt = make_optimizer(module, TrainConfig(lr=1e-3))
+    for g in opt.param_groups:
+        g["eps"] = 1e-6
+    return opt
+
+
+def train_single(model):
+    probe = RouterProbe(model, seq_alpha=SEQ_ALPHA, seq_len=T)
+    opt = optimizer(model)
+    losses = []
+    for step in range(STEPS):
+        x, y = batch(step)
+        loss = model(x, y).loss + probe.pop_loss()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        BiasBalancer(0.01).update(model, step)
+        losses.append(loss.item())
+    return losses
+
+
+def state(modules):
+    out = {}
+    for m in modules:
+        out.update({k: v.detach().clone() for k, v in m.named_parameters()})
+        out.update({k: b.clone() for k, b in m.named_buffers() if k.endswith("e_score_correction_bias")})
+    return out
+
+
+def worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)  # two processes share the cores
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("pp",))
+    results = {}
+    for schedule in SCHEDULES:
+        torch.manual_seed(0)
+        pipe = build_pipeline(debug_model(), mesh, (B, T), MICROBATCHES, schedule,
+                              aux_loss_factory=lambda m: RouterProbe(m, seq_alpha=SEQ_ALPHA, seq_len=T).pop_loss)
+        opt = optimizer(torch.nn.ModuleList(pipe.modules))
+        losses = []
+        for step in range(STEPS):
+            loss = pipe.step(*batch(step))
+            pipe.clip_grad_norm_(1.0)
+            opt.step()
+            opt.zero_grad()
+            for m in pipe.modules:
+                BiasBalancer(0.01).update(m, step)
+            losses.append(loss.item())
+        results[schedule] = {"losses": losses, "params": state(pipe.modules),
+                             "stages": sorted(m.is_first * 1 + m.is_last * 2 for m in pipe.modules)}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_pp2_schedules_match_single_process(tmp_path):
+    torch.manual_seed(0)
+    single = debug_model()
+    expected_losses = train_single(single)
+    expected = state([single])
+
+    world = 2
+    mp.spawn(worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for schedule in SCHEDULES:
+        held = {}
+        for r in ranks:
+            res = r[schedule]
+            torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(expected_losses), rtol=0, atol=1e-5,
+                                       msg=schedule)
+            for name, value in res["params"].items():  # embeddings live on two ranks: both must match
+                torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-5, msg=f"{schedule} {name}")
+            held.update(res["params"])
+        assert held.keys() == expected.keys(), schedule  # every parameter and bias is on some stage
+    # 1F1B: rank 0 runs the first stage, rank 1 the last; DualPipeV's V puts both ends on rank 0.
+    assert [r["1f1b"]["stages"] for r in ranks] == [[1], [2]]
+    assert [r["dualpipev"]["stages"] for r in ranks] == [[1, 2], [0, 0]]
+
+
+def test_stage_modules_chained_in_one_process_equal_the_model():
+    """Cut into 3 stages and run back to back, the stages compute the model's loss and gradients (the
+    last stage's embedding copy, read by MTP, holds the rest of the embedding gradient)."""
+    model = debug_model()
+    x, y = batch(0)
+    out = model(x, y)
+    out.loss.backward()
+    expected = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    stages = [StageModule(model, r.start, r.stop, s == 0, s == 2) for s, r in enumerate(layer_ranges(3, 3))]
+    h = x
+    for stage in stages:
+        h = stage(h)
+    loss = stages[-1].loss(h, y)
+    loss.backward()
+    torch.testing.assert_close(loss, out.loss)
+    copy = stages[-1].embed_tokens.weight
+    assert copy is not model.embed_tokens.weight and torch.equal(copy, model.embed_tokens.weight)
+    model.embed_tokens.weight.grad += copy.grad
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[k], msg=k)
+
+
+def test_attach_aux_loss_adds_its_gradient_without_changing_the_value():
+    h = torch.randn(3, requires_grad=True)
+    w = torch.tensor(2.0, requires_grad=True)
+    out = attach_aux_loss(h, w.square())
+    assert torch.equal(out, h)
+    out.sum().backward()
+    assert torch.equal(h.grad, torch.ones(3))
+    assert w.grad == 4.0  # d(w^2)/dw with d(loss)/d(aux) = 1
+
+
+def test_layer_split_and_stage_placement():
+    assert [list(r) for r in layer_ranges(3, 2)] == [[0, 1], [2]]
+    assert [len(r) for r in layer_ranges(3, 4)] == [1, 1, 1, 0]
+    assert [list(r) for r in layer_ranges(3, 2, [0, 3])] == [[], [0, 1, 2]]
+    with pytest.raises(ConfigError, match="summing to num_hidden_layers=3"):
+        layer_ranges(3, 2, [1, 1])
+    assert stage_ids(0, 2, 2, "loop") == [0, 2] and stage_ids(1, 2, 2, "loop") == [1, 3]
+    assert stage_ids(0, 2, 2, "v") == [0, 3] and stage_ids(1, 2, 2, "v") == [1, 2]
+
+
+def test_bad_pipeline_settings_name_the_problem():
+    with pytest.raises(ConfigError, match="unknown pipeline schedule 'zb'"):
+        build_pipeline(debug_model(), None, (B, T), MICROBATCHES, "zb")
