@@ -143,3 +143,16 @@ def test_train_with_fp8_policy_and_bf16_moments(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 <= r["fp8_layer_fraction"] <= 1 for r in rows) and len(rows) == 2
     assert summary["final_val_loss"] < summary["initial_val_loss"]
+
+
+def test_promotion_every_128_shrinks_limited_accumulator_error():
+    """The accumulation experiment's model: a 14-fraction-bit accumulator over K = 1024 positive
+    products, with and without flushing into fp32 every 128 elements."""
+    from moeforge.precision.gemm import limited_precision_dot
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(8, 1024, generator=g), torch.rand(8, 1024, generator=g)
+    exact = (a.double() * b.double()).sum(-1)
+    err = lambda **kw: float(((limited_precision_dot(a, b, 14, truncate=True, **kw).double() - exact) / exact).abs().max())
+    assert err(promote_every=128) < err() / 4
+    assert torch.allclose(limited_precision_dot(a, b, 52).double(), exact, rtol=1e-6)
