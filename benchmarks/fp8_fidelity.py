@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
