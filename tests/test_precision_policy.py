@@ -108,6 +108,9 @@ def test_adamw_bf16_moments_matches_torch_adamw():
         assert float((h - r).norm() / (r - params[0 if r.dim() == 2 else 1]).norm()) < 0.05  # bf16 moments
     assert next(iter(half_opt.state.values()))["exp_avg_sq"].dtype == torch.bfloat16
     assert optimizer_state_bytes(half_opt) * 2 == optimizer_state_bytes(ref_opt)
+    resumed = AdamWBF16Moments([nn.Parameter(p.clone()) for p in half], **kw)
+    resumed.load_state_dict(half_opt.state_dict())  # torch would cast the moments to fp32
+    assert next(iter(resumed.state.values()))["exp_avg"].dtype == torch.bfloat16
 
 
 def test_policy_needs_fp8_modules():

@@ -24,6 +24,14 @@ class AdamWBF16Moments(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.state_dtype = state_dtype
 
+    def load_state_dict(self, state_dict) -> None:
+        """torch's loader casts state tensors to the parameter dtype; put the moments back in bf16."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(self.state_dtype)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
