@@ -271,7 +271,13 @@ class TrainConfig:
                                  default=0.0)
     routing: str = doc("learned, or balanced: force a perfectly even expert assignment (a diagnostic).",
                        default="learned")
-    precision: str = doc("fp32 or bf16 (autocast; weights and optimizer stay fp32).", default="auto")
+    precision: str = doc("fp32, bf16 (autocast; weights and optimizer stay fp32), fp8 (DeepSeek-V3's fine-grained "
+                         "FP8 linears and experts, the rest bf16; docs/precision.md) or fp8-tensorwise.",
+                         default="auto")
+    fp8_policy: bool = doc("With fp8: switch layers between FP8 and BF16 from their gradient and activation "
+                           "statistics (logged as precision_switches).", default=False)
+    optimizer_state_dtype: str = doc("AdamW moment dtype: fp32, or bf16 (master weights stay fp32; half the "
+                                     "optimizer-state memory).", default="fp32")
     device: str = doc("auto, cpu or cuda.", default="auto")
     seed: int = doc("Seed for init, data order and sampling.", default=1234)
     eval_every: int = doc("Evaluate every N steps (and at the end).", default=100)
@@ -319,8 +325,12 @@ class TrainConfig:
             raise ConfigError("bias_freeze_fraction must be in [0, 1]")
         if self.schedule not in ("cosine", "wsd"):
             raise ConfigError(f"schedule must be cosine or wsd, got {self.schedule!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp8", "fp8-tensorwise"):
+            raise ConfigError(f"precision must be auto, fp32, bf16, fp8 or fp8-tensorwise, got {self.precision!r}")
+        if self.fp8_policy and not self.precision.startswith("fp8"):
+            raise ConfigError("fp8_policy needs --precision fp8 or fp8-tensorwise")
+        if self.optimizer_state_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"optimizer_state_dtype must be fp32 or bf16, got {self.optimizer_state_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         return self
