@@ -112,8 +112,9 @@ def plan_auto(profile: ActivationProfile, candidates: list[Candidate], budget: f
     if best is None:
         full = [c.name for c in candidates if c.kind == BLOCK]
         low = profile.held(full) + max(profile.inside(n) for n in full)
-        raise ConfigError(f"memory budget {budget / 2**20:.1f} MiB is below what checkpointing can reach "
-                          f"({low / 2**20:.1f} MiB of {base / 2**20:.1f} MiB activations); raise --memory-budget")
+        raise ConfigError(f"memory budget {budget / 2**20:.2f} MiB is below the least activation memory "
+                          f"checkpointing reaches here ({low / 2**20:.2f} MiB kept and rebuilt, of "
+                          f"{base / 2**20:.2f} MiB without checkpointing); raise --memory-budget")
     return best
 
 
