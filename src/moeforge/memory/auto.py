@@ -122,8 +122,11 @@ def _knapsack(options: list[list[Option]], need: float) -> list[Option] | None:
     """Least-cost choice of at most one option per group saving >= need bytes (savings rounded down)."""
     if need <= 0:
         return []
-    unit = need / UNITS
     W = UNITS
+
+    def units(o: Option) -> int:  # saving in units of need / W, rounded down (a hair of slack for float error)
+        return min(W, int(o.saving * W / need + 1e-9))
+
     dp = np.full(W + 1, math.inf)
     dp[0] = 0.0
     steps = np.arange(W + 1)
@@ -132,7 +135,7 @@ def _knapsack(options: list[list[Option]], need: float) -> list[Option] | None:
         new = dp.copy()
         pick = np.full(W + 1, -1)
         for i, o in enumerate(opts):
-            w = min(W, int(o.saving // unit))
+            w = units(o)
             cand = dp[np.maximum(steps - w, 0)] + o.cost
             better = cand < new
             new[better] = cand[better]
@@ -146,5 +149,5 @@ def _knapsack(options: list[list[Option]], need: float) -> list[Option] | None:
         i = pick[w]
         if i >= 0:
             chosen.append(opts[i])
-            w = max(0, w - min(W, int(opts[i].saving // unit)))
+            w = max(0, w - units(opts[i]))
     return chosen
