@@ -5,6 +5,8 @@ A candidate is a callable attribute of one module instance -- its `forward` or a
 modules, so parameter names and checkpoints are unchanged). Kinds:
 
   block           a whole transformer Block (main layers and MTP blocks): keeps only the block input
+  attention       the whole MLA (projections, rope, attention core, output projection)
+  moe             the whole MoE layer (router, dispatch, experts, combine, shared experts)
   attn_norm       the Block's input RMSNorm
   mlp_norm        the Block's post-attention RMSNorm
   q_proj          MLA query path: q_a_proj -> q_a_layernorm -> q_b_proj (the MLA up-projection)
@@ -14,7 +16,9 @@ modules, so parameter names and checkpoints are unchanged). Kinds:
   shared_experts  the always-on SwiGLU of an MoE layer
   dense_mlp       the SwiGLU of a dense layer
 
-Sub-block candidates do not overlap each other; a block candidate contains all of its layer's.
+A block contains all of its layer's candidates; `attention` contains q_proj, kv_proj and attention_core,
+`moe` contains routed_experts and shared_experts (CONTAINER). Nested regions are allowed: an inner
+checkpoint inside a checkpointed block shrinks what the block's recompute rebuilds at once.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from ..model.moe import MoE
 from ..model.transformer import Block
 
 BLOCK = "block"
-SUB_KINDS = ("attn_norm", "mlp_norm", "q_proj", "kv_proj", "attention_core", "routed_experts", "shared_experts",
-             "dense_mlp")
+SUB_KINDS = ("attn_norm", "mlp_norm", "attention", "q_proj", "kv_proj", "attention_core", "moe", "routed_experts",
+             "shared_experts", "dense_mlp")
+CONTAINER = {"q_proj": "attention", "kv_proj": "attention", "attention_core": "attention", "routed_experts": "moe",
+             "shared_experts": "moe"}
 KINDS = (BLOCK, *SUB_KINDS)
 
 
@@ -48,11 +54,13 @@ class Candidate:
 def block_children(block: Block) -> list[tuple[str, nn.Module, str]]:
     """(kind, owner, attribute) for the sub-block candidates of one Block."""
     attn = block.self_attn
-    out = [("attn_norm", block.input_layernorm, "forward"), ("mlp_norm", block.post_attention_layernorm, "forward")]
+    out = [("attn_norm", block.input_layernorm, "forward"), ("mlp_norm", block.post_attention_layernorm, "forward"),
+           ("attention", attn, "forward")]
     if attn.config.q_lora_rank is not None:
         out.append(("q_proj", attn, "project_q"))
     out += [("kv_proj", attn, "project_kv"), ("attention_core", attn, "attention_core")]
     if isinstance(block.mlp, MoE):
+        out.append(("moe", block.mlp, "forward"))
         out.append(("routed_experts", block.mlp.experts, "forward"))
         if block.mlp.shared_experts is not None:
             out.append(("shared_experts", block.mlp.shared_experts, "forward"))

@@ -16,6 +16,7 @@ Modes:
 
 from __future__ import annotations
 
+import threading
 from contextlib import nullcontext
 from typing import Callable, Iterable
 
@@ -35,15 +36,23 @@ SELECTIVE_KINDS = ("q_proj", "kv_proj", "routed_experts", "shared_experts", "den
 checkpoint_observers: list[Callable] = []
 
 
+_outer = threading.local()  # depth of checkpointed first forwards: inputs of nested regions are not kept
+
+
 def checkpointed(candidate: Candidate, fn: Callable) -> Callable:
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():  # evaluation and generation: nothing to save, nothing to recompute
             return fn(*args, **kwargs)
-        if not recomputing():
+        depth = getattr(_outer, "depth", 0)
+        if not recomputing() and depth == 0:
             for observer in checkpoint_observers:
                 observer(candidate, args)
-        return checkpoint(fn, *args, use_reentrant=False,
-                          context_fn=lambda: (nullcontext(), RecomputeScope(candidate.owner)), **kwargs)
+        _outer.depth = depth + 1
+        try:
+            return checkpoint(fn, *args, use_reentrant=False,
+                              context_fn=lambda: (nullcontext(), RecomputeScope(candidate.owner)), **kwargs)
+        finally:
+            _outer.depth = depth
 
     return run
 
@@ -57,11 +66,7 @@ class ActivationCheckpointing:
         unknown = [n for n in names if n not in by_name]
         if unknown:
             raise ConfigError(f"unknown checkpointing candidate(s): {', '.join(unknown)}")
-        chosen = [by_name[n] for n in names]
-        blocks = {c.layer for c in chosen if c.kind == BLOCK}
-        nested = [c.name for c in chosen if c.kind != BLOCK and c.layer in blocks]
-        if nested:
-            raise ConfigError(f"{', '.join(nested)}: already inside a checkpointed block")
+        chosen = [by_name[n] for n in names]  # nested regions are fine: non-reentrant checkpoints nest
         self.names = names
         self._patches = [Patch(c, lambda fn, c=c: checkpointed(c, fn)) for c in chosen]
 

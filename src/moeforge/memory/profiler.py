@@ -99,9 +99,20 @@ class ActivationProfile:
                 total += self.saved[k].nbytes if k in self.saved else self.input_bytes[k]
         return total
 
-    def inside(self, name: str) -> int:
-        """Bytes saved inside a candidate region: what its recompute rebuilds in the backward (transient)."""
-        return sum(s.nbytes for s in self.saved.values() if any(name in c for c in s.contexts))
+    def rebuilt(self, name: str, inner=()) -> int:
+        """Bytes a region's recompute rebuilds and keeps for its backward (a transient), when the regions
+        `inner` nested in it are checkpointed too (they keep only their inputs during that recompute)."""
+        inner = frozenset(inner)
+        kept = {k for k, s in self.saved.items() if any(name in c and not (c & inner) for c in s.contexts)}
+        total = sum(self.saved[k].nbytes for k in kept)
+        for n in inner:
+            keys, context = self.inputs[n]
+            if context & inner:
+                continue
+            for k in keys - kept:
+                kept.add(k)
+                total += self.saved[k].nbytes if k in self.saved else self.input_bytes[k]
+        return total
 
 
 class ActivationRecorder:

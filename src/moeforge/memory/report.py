@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .heap import PeakHeap, live_heap_bytes
 from .profiler import ActivationRecorder
 
 MiB = 2**20
@@ -73,6 +74,7 @@ class MemoryReport:
     activations: int
     activations_by_type: dict
     activations_by_layer: dict
+    step_peak_heap: int | None = None  # CPU: most live heap bytes above the step's start (glibc mallinfo2)
     peak_rss: int | None = None
     rss_after_trim: int | None = None
     cuda: dict = field(default_factory=dict)  # max_allocated, max_reserved, fragmentation, other
@@ -95,6 +97,9 @@ class MemoryReport:
             lines.append(f"  CUDA peak allocated {c['max_allocated'] / MiB:.1f} MiB, reserved {c['max_reserved'] / MiB:.1f}"
                          f" MiB, fragmentation (reserved - allocated) {c['fragmentation'] / MiB:.1f} MiB, "
                          f"temporaries and workspaces ~{c['other'] / MiB:.1f} MiB")
+        if self.step_peak_heap is not None:
+            lines.append(f"  CPU step peak (live heap above the step's start: activations, gradients, temporaries) "
+                         f"{self.step_peak_heap / MiB:.2f} MiB")
         if self.peak_rss is not None:
             trim = f"; RSS now, after malloc_trim: {self.rss_after_trim / MiB:.0f} MiB" if self.rss_after_trim else ""
             lines.append(f"  process peak RSS {self.peak_rss / MiB:.0f} MiB{trim}")
@@ -106,7 +111,7 @@ class MemoryProbe:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
-        self.armed, self.grad_bytes, self.profile = False, 0, None
+        self.armed, self.grad_bytes, self.profile, self.heap = False, 0, None, None
         self.device = next(model.parameters()).device
         optimizer.register_step_pre_hook(self._before_step)
 
@@ -125,11 +130,15 @@ class MemoryProbe:
 
         return run
 
-    def arm(self) -> None:
+    def arm(self):
+        """Measure the next step; returns a context to run that whole step in (the CPU heap-peak sampler)."""
         self.armed = True
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            return nullcontext()
+        self.heap = PeakHeap() if live_heap_bytes() is not None else None
+        return self.heap or nullcontext()
 
     def report(self) -> MemoryReport:
         p = self.profile
@@ -147,8 +156,9 @@ class MemoryProbe:
         if self.device.type == "cpu":
             malloc_trim()
             trimmed = current_rss_bytes()
+        heap = self.heap
         return MemoryReport(str(self.device), p.tokens, params, self.grad_bytes, opt, p.total_bytes, p.by_type(),
-                            p.by_layer(), peak_rss_bytes(), trimmed, cuda)
+                            p.by_layer(), heap.peak if heap is not None else None, peak_rss_bytes(), trimmed, cuda)
 
 
 def profile_trainer(trainer, steps: int = 3) -> MemoryReport:
@@ -156,9 +166,8 @@ def profile_trainer(trainer, steps: int = 3) -> MemoryReport:
     probe = MemoryProbe(trainer.model, trainer.optimizer)
     trainer.forward = probe.wrap(trainer.forward)
     for i in range(steps):
-        if i == steps - 1:
-            probe.arm()
-        trainer.train_step()
+        with probe.arm() if i == steps - 1 else nullcontext():
+            trainer.train_step()
         trainer.step += 1
     report = probe.report()
     trainer.console.print(report.table())
@@ -174,11 +183,11 @@ def profile_steps(model, optimizer, batch, steps: int = 2, autocast=None) -> Mem
     forward = probe.wrap(model)
     model.train()
     for i in range(steps):
-        if i == steps - 1:
-            probe.arm()
-        with autocast or nullcontext():
-            out = forward(batch[0], labels=batch[1])
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with probe.arm() if i == steps - 1 else nullcontext():
+            with autocast or nullcontext():
+                out = forward(batch[0], labels=batch[1])
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            del out
     return probe.report()

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import ConfigError
 from .auto import plan_auto
+from .auto import transient as plan_transient
 from .budget import parse_budget
 from .candidates import find_candidates
 from .checkpointing import MODES, ActivationCheckpointing, fixed_plan
@@ -75,9 +76,9 @@ def build_plan(model: torch.nn.Module, mode: str, budget: str | float | None, ba
         names, transient = auto.names, auto.transient
     else:
         names = fixed_plan(model, mode)
-        transient = max((profile.inside(n) for n in names), default=0)
+        transient = plan_transient(profile, names, candidates)
     rows = [{"name": c.name, "kind": c.kind, "saves_bytes": profile.saved_bytes - profile.held({c.name}),
-             "rebuilds_bytes": profile.inside(c.name), "forward_s": profile.seconds.get(c.name, 0.0)}
+             "rebuilds_bytes": profile.rebuilt(c.name), "forward_s": profile.seconds.get(c.name, 0.0)}
             for c in candidates]
     blocks = sum(r["forward_s"] for r in rows if r["kind"] == "block")
     return CheckpointPlan(mode, names, profile.saved_bytes, profile.held(names), transient,
