@@ -5,12 +5,15 @@ auto at 25%, 50% and 75% of the no-checkpointing activation memory. For each mod
   kept      activation bytes autograd keeps at the end of the forward, measured on the checkpointed
             model (saved tensors + inputs the checkpoints hold; moeforge.memory.ActivationRecorder);
   bound     kept + the largest region rebuilt at once in the backward (the planner's peak bound);
+  heap fwd  measured: live heap bytes (glibc mallinfo2) after the forward minus before it: what the
+            forward really left allocated (activations, checkpoint inputs, the loss);
   heap peak measured: the most live heap bytes during forward + backward above the level before it
-            (glibc mallinfo2 sampled after every op), minus the parameter gradients (fp32, as many bytes
-            as the parameters): activations plus backward temporaries;
-  planned   the planner's recompute cost (summed forward time of the regions) / that of `full`;
-  step      median forward + backward time over interleaved rounds (all modes take turns, so a busy
-            machine slows them alike); the optimizer is the same for every mode and left out;
+            (sampled after every op; includes parameter gradients and backward temporaries);
+  planned   the planner's recompute cost (summed forward time of the regions) / that of `full`, from one
+            shared profile;
+  step      fastest forward + backward over interleaved rounds (all modes take turns, so a busy
+            machine slows them alike; the fastest is the least disturbed); the optimizer is the same for
+            every mode and left out;
   overhead  step / step(none) - 1, the price of recomputation.
 Goal (issue 7): auto at 50% costs at most half the overhead of full, and every auto plan fits.
 
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import time
 
 import torch
@@ -30,8 +32,8 @@ import torch
 from moeforge import hardware
 from moeforge.config import preset
 from moeforge.errors import ConfigError
-from moeforge.memory import ActivationCheckpointing, ActivationRecorder, build_plan
-from moeforge.memory.heap import PeakHeap
+from moeforge.memory import ActivationCheckpointing, ActivationRecorder, build_plan, profile_forward
+from moeforge.memory.heap import PeakHeap, live_heap_bytes
 from moeforge.memory.setup import sample_batch
 from moeforge.model import Transformer
 
@@ -57,11 +59,11 @@ def run_config(name, cfg, args, caps, dtype):
         out.loss.backward()
         model.zero_grad(set_to_none=True)
 
-    grads = sum(p.numel() * 4 for p in model.parameters())
     plans, rows = {}, {}
+    profile = profile_forward(model, *batch, candidates=True, repeats=args.profile_repeats, autocast=autocast())
     for mode, budget in MODES:
         try:
-            plans[label(mode, budget)] = build_plan(model, mode, budget, batch, autocast(), repeats=args.profile_repeats)
+            plans[label(mode, budget)] = build_plan(model, mode, budget, batch, profile=profile)
         except ConfigError as e:
             print(f"{name} {label(mode, budget)}: {e}")
     for key, plan in plans.items():
@@ -72,14 +74,19 @@ def run_config(name, cfg, args, caps, dtype):
         out.loss.backward()
         model.zero_grad(set_to_none=True)
         del out
-        heap = []
+        heap, after_fwd = [], []
         for _ in range(2):  # the first pass also warms the allocator up
             with PeakHeap() as ph:
-                step()
+                with autocast():
+                    out = model(batch[0], labels=batch[1])
+                after_fwd.append(live_heap_bytes() - ph.base)
+                out.loss.backward()
+                del out
+            model.zero_grad(set_to_none=True)
             heap.append(ph.peak)
         ac.remove()
-        rows[key] = {"kept": kept, "peak": kept + plan.transient_bytes, "heap": min(heap) - grads, "times": [],
-                     "plan": plan}
+        rows[key] = {"kept": kept, "peak": kept + plan.transient_bytes, "heap": min(heap), "fwd": min(after_fwd),
+                     "times": [], "plan": plan}
     for r in range(args.rounds + 1):  # round 0 warms up
         for key, row in rows.items():
             ac = ActivationCheckpointing(model, row["plan"].names)
@@ -89,20 +96,20 @@ def run_config(name, cfg, args, caps, dtype):
                 row["times"].append(time.perf_counter() - t0)
             ac.remove()
     base = rows["none"]
-    t_none = statistics.median(base["times"])
+    t_none = min(base["times"])
     print(f"\n{name}: {cfg.num_hidden_layers} layers (+{cfg.num_nextn_predict_layers} MTP), batch {args.batch_size} x "
           f"{args.seq_len}, {'bf16 autocast' if dtype else 'fp32'}, {args.rounds} rounds")
     print(f"{'mode':<12}{'regions':>8}{'kept MiB':>10}{'bound MiB':>10}{'bound/none':>11}{'budget MiB':>11}{'fits':>6}"
-          f"{'heap peak':>10}{'/none':>7}{'planned':>8}{'step s':>8}{'overhead':>10}")
+          f"{'heap fwd':>9}{'heap peak':>10}{'/none':>7}{'planned':>8}{'step s':>8}{'overhead':>10}")
     overhead = {}
     for key, row in rows.items():
         plan = row["plan"]
-        t = statistics.median(row["times"])
+        t = min(row["times"])
         overhead[key] = t / t_none - 1
         budget = plan.budget_bytes
         fits = "" if budget is None else ("yes" if row["peak"] <= budget else "NO")
         print(f"{key:<12}{len(plan.names):>8}{row['kept'] / MiB:>10.1f}{row['peak'] / MiB:>10.1f}"
-              f"{row['peak'] / base['peak']:>11.2f}{(budget or 0) / MiB:>11.1f}{fits:>6}{row['heap'] / MiB:>10.1f}"
+              f"{row['peak'] / base['peak']:>11.2f}{(budget or 0) / MiB:>11.1f}{fits:>6}{row['fwd'] / MiB:>9.1f}{row['heap'] / MiB:>10.1f}"
               f"{row['heap'] / base['heap']:>7.2f}{plan.recompute_s / rows['full']['plan'].recompute_s:>8.2f}"
               f"{t:>8.3f}{overhead[key]:>+10.1%}")
     if "auto@50%" in overhead and overhead["full"] > 0:

@@ -59,8 +59,9 @@ def sample_batch(vocab: int, batch: int, seq_len: int, device, seed: int = 0):
 
 
 def build_plan(model: torch.nn.Module, mode: str, budget: str | float | None, batch, autocast=None,
-               repeats: int = 3) -> CheckpointPlan:
-    """Measure the model on `batch` (input_ids, labels) and choose what to checkpoint for `mode`."""
+               repeats: int = 3, profile=None) -> CheckpointPlan:
+    """Measure the model on `batch` (input_ids, labels) and choose what to checkpoint for `mode` (`profile`:
+    reuse an ActivationProfile with candidates, e.g. to compare modes on the same measurements)."""
     if mode not in MODES:
         raise ConfigError(f"activation_checkpointing must be one of {', '.join(MODES)}, got {mode!r}")
     if budget is not None and mode != "auto":
@@ -68,7 +69,7 @@ def build_plan(model: torch.nn.Module, mode: str, budget: str | float | None, ba
     if mode == "none":
         return CheckpointPlan("none", [])
     candidates = find_candidates(model)
-    profile = profile_forward(model, *batch, candidates=True, repeats=repeats, autocast=autocast)
+    profile = profile or profile_forward(model, *batch, candidates=True, repeats=repeats, autocast=autocast)
     budget_bytes = None
     if mode == "auto":
         budget_bytes = parse_budget(0.5 if budget is None else budget, profile.saved_bytes)
