@@ -145,7 +145,7 @@ def test_training_with_checkpointing_matches_training_without(tmp_path):
     assert plan["held_bytes"] < plan["baseline_bytes"]
 
 
-def test_offload_is_a_no_op_on_cpu(tmp_path, capsys):
+def test_offload_is_a_no_op_on_cpu():
     from moeforge.memory.offload import apply_offload
 
     model = Transformer(preset("debug"))

@@ -3,7 +3,6 @@ optionally with an activation-checkpointing mode, and print the breakdown and th
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import fields
 
