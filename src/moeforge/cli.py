@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .config import PRESETS, ModelConfig, TrainConfig, load_toml, resolve_run_config
 from .errors import ConfigError, MoeforgeError
+from .memory.cli import add_memory_command, cmd_memory
 from .plan.cli import PLAN_HANDLERS, add_plan_commands
 
 
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --run-dir (default: the newest folder under runs/)")
     t.add_argument("-m", "--model", dest="model_overrides", action="append", metavar="FIELD=VALUE",
                    help="override a model config field, e.g. -m n_routed_experts=32 (repeatable)")
+    t.add_argument("--profile-memory", action="store_true",
+                   help="run 3 steps, print a memory breakdown and save memory.json in the run folder")
     add_train_flags(t)
 
     g = sub.add_parser("generate", help="sample text from a checkpoint")
@@ -95,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", metavar="PRESET|config.json", help=f"one of {', '.join(PRESETS)} or a path")
     i.add_argument("--seq-len", type=int, default=4096, help="sequence length for the FLOPs figure")
     add_plan_commands(sub)  # plan, compare-kv
+    add_memory_command(sub)  # memory
     return parser
 
 
@@ -114,7 +118,7 @@ def cmd_train(args) -> int:
         run.train.run_dir = str(run_dir)
     from .parallel.launch import run_training  # one process, a torchrun rank, or launch torchrun
 
-    return run_training(run, run_dir, args.resume, args.argv)
+    return run_training(run, run_dir, args.resume, args.argv, profile_memory=args.profile_memory)
 
 
 def newest_run() -> Path:
@@ -238,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc N` re-runs it under torchrun
     handler = {"train": cmd_train, "generate": cmd_generate, "info": cmd_info, "report": cmd_report,
-               "balance": cmd_balance, **PLAN_HANDLERS}[args.command]
+               "balance": cmd_balance, "memory": cmd_memory, **PLAN_HANDLERS}[args.command]
     try:
         return handler(args)
     except MoeforgeError as e:

@@ -301,6 +301,13 @@ class TrainConfig:
     zero: int = doc("FSDP2 sharding over dp: 3 = reshard parameters after forward (ZeRO-3); 2 = keep them "
                     "gathered until backward (ZeRO-2; 1 runs as 2).", default=2)
     dist_timeout: float = doc("Seconds a collective waits for its peers before the run fails.", default=600.0)
+    activation_checkpointing: str = doc("Recompute activations in backward: none, full (every block), selective "
+                                        "(MLA up-projections, SwiGLUs) or auto (least recompute within "
+                                        "--memory-budget); see docs/memory.md.", default="none")
+    memory_budget: str | None = doc("auto checkpointing: activation budget in bytes (2e9, 1.5GiB) or as a "
+                                    "fraction of the activations without checkpointing (0.5).", default=None)
+    offload: str = doc("GPU runs: move to CPU memory none, optimizer (states between steps), activations "
+                       "(save_on_cpu) or all.", default="none")
 
     def validate(self) -> "TrainConfig":
         for name in ("seq_len", "batch_size", "grad_accum", "eval_batches", "log_every", "keep_checkpoints",
@@ -333,6 +340,11 @@ class TrainConfig:
             raise ConfigError(f"optimizer_state_dtype must be fp32 or bf16, got {self.optimizer_state_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.activation_checkpointing not in ("none", "full", "selective", "auto"):
+            raise ConfigError(f"activation_checkpointing must be none, full, selective or auto, got "
+                              f"{self.activation_checkpointing!r}")
+        if self.offload not in ("none", "optimizer", "activations", "all"):
+            raise ConfigError(f"offload must be none, optimizer, activations or all, got {self.offload!r}")
         return self
 
     @classmethod

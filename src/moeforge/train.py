@@ -115,6 +115,8 @@ class Trainer:
             self._resume()
         else:
             self._start_run_dir()
+        from .memory import setup_memory
+        self.memory_plan = setup_memory(self)  # activation checkpointing and offload, from outside the model
         self.forward = torch.compile(self.model) if self.cfg.compile else self.model
 
     def parallelize(self, model: torch.nn.Module) -> torch.nn.Module:

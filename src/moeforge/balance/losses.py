@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..memory.recompute import recomputing
 from ..model import Router
 
 
@@ -51,7 +52,7 @@ class RouterProbe:
         return self.seq_alpha > 0 or self.batch_alpha > 0
 
     def _record(self, module, inputs, output) -> None:
-        if self.active and torch.is_grad_enabled():
+        if self.active and torch.is_grad_enabled() and not recomputing():  # a checkpoint recompute: seen already
             _, indices, scores = output
             self._outputs.append((scores, indices))
 

@@ -53,6 +53,11 @@ class MLA(nn.Module):
             return self.q_proj(x)
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> per-head keys-and-values [B, T, H*(N+V)] from the normed latent, shared rope key [B, T, R]."""
+        kv_latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.kv_b_proj(self.kv_a_layernorm(kv_latent)), k_rope
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Causal self-attention over x [B, T, D] -> [B, T, D]."""
         B, T, _ = x.shape
@@ -63,27 +68,30 @@ class MLA(nn.Module):
         q = self.project_q(x).view(B, T, H, N + R).transpose(1, 2)  # [B, H, T, N+R] (view)
         q_nope, q_rope = q.split([N, R], dim=-1)
 
-        kv_latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, R], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(kv_latent)).view(B, T, H, N + V).transpose(1, 2)
+        kv, k_rope = self.project_kv(x)
+        kv = kv.view(B, T, H, N + V).transpose(1, 2)
         k_nope, v = kv.split([N, V], dim=-1)
 
         q = torch.cat((q_nope, *rope_halves(q_rope, cos, sin, interleave, seq_dim=2)), dim=-1)  # [B, H, T, N+R]
         k_rope = rope_halves(k_rope.view(B, 1, T, R), cos, sin, interleave, seq_dim=2)  # one key for all heads
         k = torch.cat((k_nope, *(r.expand(B, H, T, R // 2) for r in k_rope)), dim=-1)
+        out = self.attention_core(q, k, v)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * V))
+
+    def attention_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal softmax(q k^T) v: q, k [B, H, T, N+R], v [B, H, T, V] -> [B, H, T, V]. A method of its own
+        (like `project_q`, `project_kv`) so it can be wrapped from outside, e.g. by activation checkpointing."""
         if self.attn_impl == "eager":
-            out = self._eager(q, k, v)
-        elif self.attn_impl == "sdpa":
+            return self._eager(q, k, v)
+        if self.attn_impl == "sdpa":
             # SDPA's fused kernels want equal qk and v head dims; zero-padding v and slicing the output is
             # exact and faster than the math fallback (cpu-performance-notes.md).
-            pad = N + R - V
+            V, pad = v.shape[-1], q.shape[-1] - v.shape[-1]
             if pad > 0:
                 v = F.pad(v, (0, pad))
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
-            if pad > 0:
-                out = out[..., :V]
-        else:
-            raise ValueError(f"unknown attention impl {self.attn_impl!r}; choose from {ATTN_IMPLS}")
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * V))
+            return out[..., :V] if pad > 0 else out
+        raise ValueError(f"unknown attention impl {self.attn_impl!r}; choose from {ATTN_IMPLS}")
 
     def _eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention with batched matmuls: q, k [B, H, T, N+R], v [B, H, T, V] -> [B, H, T, V]."""

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .norm import SwiGLU
+from .norm import SwiGLU, silu_mul
 
 EXPERT_IMPLS = ("grouped_mm", "bmm", "loop")
 
@@ -206,7 +206,7 @@ def _grouped_mm_eager(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> t
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
     gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return silu_mul(gate, up)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

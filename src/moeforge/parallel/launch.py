@@ -113,15 +113,18 @@ def collective_errors(what: str, timeout_s: float):
                             "collective timeout)") from e
 
 
-def run_training(run, run_dir, resume: bool, argv: list[str]) -> int:
+def run_training(run, run_dir, resume: bool, argv: list[str], profile_memory: bool = False) -> int:
     """`moeforge train`: launch torchrun (--nproc > 1, not yet under torchrun), train as one rank of a
-    torchrun job, or train in this single process (also resuming a distributed checkpoint here)."""
+    torchrun job, or train in this single process (also resuming a distributed checkpoint here).
+    profile_memory: measure a few steps' memory and print the breakdown instead of training (one process)."""
     from ..checkpoint import latest_checkpoint
     from ..train import Trainer
 
     cfg = run.train
     if cfg.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {cfg.nproc}")
+    if profile_memory and (cfg.nproc > 1 or under_torchrun()):
+        raise ConfigError("--profile-memory measures one process; drop --nproc (or run it outside torchrun)")
     if cfg.nproc > 1 and not under_torchrun():
         return launch_torchrun(cfg.nproc, strip_launch_flags(argv))
     from .trainer import DistributedTrainer, is_distributed_checkpoint
@@ -139,7 +142,13 @@ def run_training(run, run_dir, resume: bool, argv: list[str]) -> int:
                           "--nproc N or launch with torchrun (to resume in one process, pass --ep 1 ...)")
     dcp_resume = resume and run_dir is not None and is_distributed_checkpoint(latest_checkpoint(run_dir))
     if not (under_torchrun() or dcp_resume):
-        Trainer(run, run_dir=run_dir, resume=resume).fit()
+        trainer = Trainer(run, run_dir=run_dir, resume=resume)
+        if profile_memory:
+            from ..memory.report import profile_trainer
+
+            profile_trainer(trainer)
+        else:
+            trainer.fit()
         return 0
     try:
         DistributedTrainer(run, run_dir=run_dir, resume=resume).fit()

@@ -1,0 +1,256 @@
+"""Measuring activation memory: which tensors autograd keeps for backward, who saved them, and what a
+checkpointing plan would keep.
+
+`ActivationRecorder` is a context manager around a forward pass:
+* a `saved_tensors_hooks` pack hook sees every tensor autograd saves; tensors are identified by their
+  storage (a view and its base, or one tensor saved by three ops, count once), parameters and buffers
+  are left out (they are counted as parameters);
+* global module pre/post forward hooks keep a stack of running modules, so each saved storage is
+  attributed to the innermost module that saved it first (its type, and the Block it sits in);
+* optionally, every checkpointing candidate is instrumented: its forward time is measured and the
+  candidates running at each save are noted, which is enough to compute exactly what any set of
+  checkpointed candidates would keep (`ActivationProfile.held`) from this one no-checkpoint forward;
+* regions already checkpointed report the inputs they keep alive (torch.utils.checkpoint holds a
+  region's arguments until its recompute) -- they count as activations too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+from .candidates import Candidate, find_candidates
+from .checkpointing import checkpoint_observers
+from .instrument import Patch, remove_all
+from .recompute import recomputing
+
+
+def storage_key(t: torch.Tensor) -> tuple:
+    s = t.untyped_storage()
+    return (t.device.type, t.device.index, s.data_ptr()), s.nbytes()
+
+
+@dataclass
+class SavedStorage:
+    nbytes: int
+    module_type: str  # innermost module that saved it first
+    layer: str  # the Block it was saved in ("layers.3", "mtp.0.block"), or "-" outside blocks
+    contexts: set = field(default_factory=set)  # frozensets of candidate names running at each save
+
+
+@dataclass
+class ActivationProfile:
+    """What one forward saved for backward. Sizes in bytes."""
+
+    saved: dict  # storage key -> SavedStorage
+    inputs: dict  # candidate name -> (frozenset of storage keys of its tensor arguments, its own context)
+    input_bytes: dict  # storage key -> bytes, for candidate inputs
+    checkpoint_inputs: dict  # storage key -> (bytes, layer) held by regions that were checkpointed
+    seconds: dict  # candidate name -> forward seconds (fastest of the recorded passes)
+    tokens: int = 0
+
+    @property
+    def saved_bytes(self) -> int:
+        return sum(s.nbytes for s in self.saved.values())
+
+    @property
+    def total_bytes(self) -> int:
+        """Activation bytes kept at the end of the forward: saved tensors plus checkpoint-held inputs."""
+        extra = sum(b for k, (b, _) in self.checkpoint_inputs.items() if k not in self.saved)
+        return self.saved_bytes + extra
+
+    def by_type(self) -> dict[str, int]:
+        out = defaultdict(int)
+        for s in self.saved.values():
+            out[s.module_type] += s.nbytes
+        for k, (b, _) in self.checkpoint_inputs.items():
+            if k not in self.saved:
+                out["(checkpoint inputs)"] += b
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def by_layer(self) -> dict[str, int]:
+        out = defaultdict(int)
+        for s in self.saved.values():
+            out[s.layer] += s.nbytes
+        for k, (b, layer) in self.checkpoint_inputs.items():
+            if k not in self.saved:
+                out[layer] += b
+        return dict(out)
+
+    def held(self, plan) -> int:
+        """Bytes kept at the end of the forward if the candidates in `plan` were checkpointed (exact for the
+        recorded forward): a storage stays if some save of it happened outside every planned region, or if
+        it is an argument of a planned region that is not itself inside another planned region."""
+        plan = frozenset(plan)
+        if not plan:
+            return self.saved_bytes
+        kept = {k for k, s in self.saved.items() if any(not (c & plan) for c in s.contexts)}
+        total = sum(self.saved[k].nbytes for k in kept)
+        for name in plan:
+            keys, context = self.inputs[name]
+            if context & plan:
+                continue
+            for k in keys - kept:
+                kept.add(k)
+                total += self.saved[k].nbytes if k in self.saved else self.input_bytes[k]
+        return total
+
+    def rebuilt(self, name: str, inner=()) -> int:
+        """Bytes a region's recompute rebuilds and keeps for its backward (a transient), when the regions
+        `inner` nested in it are checkpointed too (they keep only their inputs during that recompute)."""
+        inner = frozenset(inner)
+        kept = {k for k, s in self.saved.items() if any(name in c and not (c & inner) for c in s.contexts)}
+        total = sum(self.saved[k].nbytes for k in kept)
+        for n in inner:
+            keys, context = self.inputs[n]
+            if context & inner:
+                continue
+            for k in keys - kept:
+                kept.add(k)
+                total += self.saved[k].nbytes if k in self.saved else self.input_bytes[k]
+        return total
+
+
+class ActivationRecorder:
+    """Context manager recording one or more forward passes of `model` (see the module docstring).
+
+    `candidates=True` instruments every checkpointing candidate (timing and region membership)."""
+
+    def __init__(self, model: torch.nn.Module, candidates: bool | list[Candidate] = False):
+        self.model = model
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.layers = {id(m): n for n, m in model.named_modules() if type(m).__name__ == "Block"}
+        self.static = {storage_key(t)[0] for t in (*model.parameters(), *model.buffers())}
+        if candidates is True:
+            candidates = find_candidates(model)
+        self.candidates = list(candidates or [])
+        self._reset()
+
+    def _reset(self) -> None:
+        self.saved: dict = {}
+        self.inputs: dict = {}
+        self.input_bytes: dict = {}
+        self.checkpoint_inputs: dict = {}
+        self.seconds: dict = {}
+        self._keep: list[torch.Tensor] = []  # keeps recorded storages alive so addresses are not reused
+        self._modules: list[torch.nn.Module] = []
+        self._regions: list[str] = []
+
+    def new_pass(self) -> None:
+        """Forget saves and inputs (keep timings): call between repeated forwards of the same batch."""
+        seconds = self.seconds
+        self._reset()
+        self.seconds = seconds
+
+    # --- hooks ---------------------------------------------------------------------------------------
+    def _pack(self, t: torch.Tensor):
+        if recomputing() or t.numel() == 0:
+            return t
+        key, nbytes = storage_key(t)
+        if key in self.static:
+            return t
+        rec = self.saved.get(key)
+        if rec is None:
+            module = self._modules[-1] if self._modules else None
+            rec = self.saved[key] = SavedStorage(nbytes, type(module).__name__ if module is not None else "-",
+                                                 self._layer())
+            self._keep.append(t)
+        rec.contexts.add(frozenset(self._regions))
+        return t
+
+    def _layer(self) -> str:
+        for m in reversed(self._modules):
+            if id(m) in self.layers:
+                return self.layers[id(m)]
+        return "-"
+
+    def _pre(self, module, args):
+        if id(module) in self.names:
+            self._modules.append(module)
+
+    def _post(self, module, args, output):
+        if self._modules and self._modules[-1] is module:
+            self._modules.pop()
+
+    def _tensor_keys(self, args) -> frozenset:
+        keys = set()
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.numel():
+                key, nbytes = storage_key(a)
+                if key not in self.static:
+                    keys.add(key)
+                    self.input_bytes[key] = nbytes
+                    self._keep.append(a)
+        return frozenset(keys)
+
+    def _observe_checkpoint(self, candidate: Candidate, args) -> None:
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.numel():
+                key, nbytes = storage_key(a)
+                if key not in self.static:
+                    self.checkpoint_inputs[key] = (nbytes, candidate.layer)
+                    self._keep.append(a)
+
+    def _timed(self, candidate: Candidate, fn):
+        cuda = next(self.model.parameters()).is_cuda
+
+        def run(*args, **kwargs):
+            if recomputing():
+                return fn(*args, **kwargs)
+            self.inputs[candidate.name] = (self._tensor_keys(args), frozenset(self._regions))
+            self._regions.append(candidate.name)
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if cuda:
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                self.seconds[candidate.name] = min(dt, self.seconds.get(candidate.name, dt))
+                self._regions.pop()
+
+        return run
+
+    # --- context -----------------------------------------------------------------------------------------
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        self._handles = [register_module_forward_pre_hook(self._pre),
+                         register_module_forward_hook(self._post, always_call=True)]
+        self._patches = [Patch(c, lambda fn, c=c: self._timed(c, fn)) for c in self.candidates]
+        checkpoint_observers.append(self._observe_checkpoint)
+        return self
+
+    def __exit__(self, *exc):
+        checkpoint_observers.remove(self._observe_checkpoint)
+        remove_all(self._patches)
+        for h in self._handles:
+            h.remove()
+        self._hooks.__exit__(*exc)
+        return False
+
+    def profile(self, tokens: int = 0) -> ActivationProfile:
+        prof = ActivationProfile(dict(self.saved), dict(self.inputs), dict(self.input_bytes),
+                                 dict(self.checkpoint_inputs), dict(self.seconds), tokens)
+        self._keep = []
+        return prof
+
+
+def profile_forward(model, input_ids, labels, candidates: bool = False, repeats: int = 1,
+                    autocast=None) -> ActivationProfile:
+    """Record `repeats` forwards of one batch (the graph is dropped, no backward); timings are the fastest."""
+    from contextlib import nullcontext
+
+    with ActivationRecorder(model, candidates) as rec:
+        for i in range(repeats):
+            rec.new_pass()
+            with autocast or nullcontext():
+                out = model(input_ids, labels=labels)
+            del out
+        return rec.profile(tokens=input_ids.numel())
