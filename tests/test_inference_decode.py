@@ -11,6 +11,15 @@ from moeforge.inference.sampling import distribution
 from moeforge.model import Transformer
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Decode runs many tiny ops: on a loaded 2-core machine a second thread made them 30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def debug_model(**overrides) -> Transformer:
     config = preset("debug")
     for k, v in overrides.items():
