@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.add_argument("--mtp", action="store_true",
                    help="speculative decoding with the model's MTP module as drafter (prints acceptance)")
+    g.add_argument("--expert-budget", type=int, default=None, metavar="N",
+                   help="keep only N routed experts resident, the rest memory-mapped from the checkpoint")
     g.add_argument("--no-cache", action="store_true",
                    help="re-run the whole sequence per token instead of the latent KV cache (reference)")
 

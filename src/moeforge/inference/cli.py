@@ -16,6 +16,13 @@ def generate_cached(model, prompt: list[int], args, stop: tuple[int, ...], autoc
     """`moeforge generate` with the latent KV cache, or MTP speculative decoding with --mtp (whose
     acceptance rate and tokens per main-model forward go to stderr)."""
     params = SamplingParams(args.temperature, args.top_k, args.top_p)
+    cache = None
+    if getattr(args, "expert_budget", None) is not None:
+        from ..hf import resolve_checkpoint_dir
+        from .expert_cache import apply_expert_cache
+
+        store = None if next(model.parameters()).is_cuda else resolve_checkpoint_dir(args.checkpoint)
+        cache = apply_expert_cache(model, args.expert_budget, policy="lfu", checkpoint=store)
     start = time.perf_counter()
     if args.mtp:
         decoder = MTPSpeculativeDecoder(model, params, seed=args.seed, autocast_dtype=autocast)
@@ -27,6 +34,10 @@ def generate_cached(model, prompt: list[int], args, stop: tuple[int, ...], autoc
         new = generate(model, [prompt], args.max_new_tokens, params, seed=args.seed, stop_ids=stop,
                        autocast_dtype=autocast)[0]
     seconds = time.perf_counter() - start
+    if cache is not None:
+        st = cache.stats
+        print(f"expert cache: {args.expert_budget} resident, hit rate {st.hit_rate:.0%}, "
+              f"{st.bytes_per_token / 1e6:.2f} MB moved per token", file=sys.stderr)
     print(f"{len(new)} tokens in {seconds:.2f} s ({len(new) / max(seconds, 1e-9):.1f} tokens/s)", file=sys.stderr)
     return new
 
@@ -43,6 +54,8 @@ def add_serve_command(sub) -> None:
     s.add_argument("--max-queue", type=int, default=16, help="requests allowed to wait; more get HTTP 503")
     s.add_argument("--max-batch", type=int, default=4, help="greedy requests decoded together")
     s.add_argument("--max-tokens", type=int, default=16, help="default max_tokens of a request")
+    s.add_argument("--expert-budget", type=int, default=None, metavar="N",
+                   help="keep only N routed experts resident (LFU), the rest memory-mapped from the checkpoint")
 
 
 def load_for_inference(checkpoint: str, tokenizer_path: str | None, device: str):
@@ -84,6 +97,10 @@ def cmd_serve(args) -> int:
     if args.max_queue < 1 or args.max_batch < 1:
         raise ConfigError("--max-queue and --max-batch must be >= 1")
     model, tokenizer, autocast, folder = load_for_inference(args.checkpoint, args.tokenizer, args.device)
+    if args.expert_budget is not None:
+        from .expert_cache import apply_expert_cache
+
+        apply_expert_cache(model, args.expert_budget, "lfu", None if next(model.parameters()).is_cuda else folder)
     name = folder.parent.parent.name if folder.name.startswith("step-") else folder.name  # run name
     engine = Engine(model, tokenizer, autocast, max_queue=args.max_queue, max_batch=args.max_batch)
     print(f"moeforge serve: {folder} on http://{args.host}:{args.port} (model name {name!r})", file=sys.stderr)
