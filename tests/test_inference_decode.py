@@ -32,7 +32,7 @@ def debug_model(**overrides) -> Transformer:
     return model
 
 
-@pytest.mark.parametrize("mode", ["absorbed", "naive"])
+@pytest.mark.parametrize("mode", ["absorbed", "naive", "auto"])
 @pytest.mark.parametrize("interleave", [False, True])
 def test_prefill_then_decode_matches_full_forward(mode, interleave):
     model = debug_model(rope_interleave=interleave)
@@ -45,6 +45,16 @@ def test_prefill_then_decode_matches_full_forward(mode, interleave):
         steps.append(forward_cached(model, ids[:, 10:], cache, mode=mode)[0])  # two tokens at once
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
     assert cache.length == 12 and cache.positions.tolist() == [12, 12]
+
+
+def test_auto_mode_absorbs_decode_steps_but_not_long_prefills():
+    from moeforge.inference.absorbed import absorbed_is_cheaper
+    from moeforge.model.mla import MLA
+
+    with torch.device("meta"):
+        attn = MLA(preset("v3"))  # C 512, N 128, R 64, V 128: break-even near T = 170
+    assert absorbed_is_cheaper(attn, 1) and absorbed_is_cheaper(attn, 160)
+    assert not absorbed_is_cheaper(attn, 180) and not absorbed_is_cheaper(attn, 4096)
 
 
 def test_cache_bytes_per_token_is_latent_plus_rope_per_layer():

@@ -10,6 +10,8 @@ rotary table) and replace only the attention core, which now reads the cache:
             re-expanding S cached latents to H x (N + V).
   naive     expand every cached latent with kv_b_proj at every step, then ordinary attention: the
             reference the absorbed path must match, and the cost it avoids.
+  auto      whichever needs fewer multiply-adds for this call (`absorbed_is_cheaper`): absorbed for decode
+            steps and short chunks, naive for long prefills (DeepSeek-V3's inference code does the same).
 
 Shapes: B batch, T new tokens, S cached slots, H heads, N nope dim, R rope dim, V value dim, C kv_lora_rank,
 D hidden.
@@ -24,7 +26,15 @@ from ..model.mla import MLA
 from ..model.transformer import Block, MTPModule
 from .kv_cache import LatentKVCache
 
-ATTENTION_MODES = ("absorbed", "naive")
+ATTENTION_MODES = ("auto", "absorbed", "naive")
+
+
+def absorbed_is_cheaper(attn: MLA, T: int) -> bool:
+    """Per head and cached slot, absorbed attention costs T x (2C + R) multiply-adds (scores against the
+    latent, then the latent-weighted sum); naive costs C x (N + V) to expand the slot once plus
+    T x (N + R + V). The absorption matmuls themselves are O(T), not O(S), and are left out."""
+    C, N, R, V = attn.kv_lora_rank, attn.nope_dim, attn.rope_dim, attn.v_dim
+    return T * (2 * C + R) < C * (N + V) + T * (N + R + V)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
@@ -39,7 +49,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bo
 
 
 def cached_attention(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor,
-                     start: int, bias: torch.Tensor, mode: str = "absorbed") -> torch.Tensor:
+                     start: int, bias: torch.Tensor, mode: str = "auto") -> torch.Tensor:
     """MLA over x [B, T, D] whose tokens go into cache slots start..start+T-1 of `kv` [B, capacity, C+R]
     (one layer of a LatentKVCache); `bias` [B, T, S] is the additive mask. Returns [B, T, D]."""
     B, T, _ = x.shape
@@ -55,6 +65,8 @@ def cached_attention(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
     S = start + T
     cached = kv[:, :S]  # [B, S, C+R]
     w_kv = attn.kv_b_proj.weight.view(H, N + V, C)
+    if mode == "auto":
+        mode = "absorbed" if absorbed_is_cheaper(attn, T) else "naive"
     if mode == "absorbed":
         w_uk, w_uv = w_kv[:, :N], w_kv[:, N:]  # [H, N, C], [H, V, C]
         q_lat = torch.einsum("bthn,hnc->bhtc", q_nope, w_uk.to(q_nope.dtype))
@@ -81,7 +93,7 @@ def block_step(block: Block, h: torch.Tensor, cos, sin, kv, start, bias, mode) -
     return h + block.mlp(block.post_attention_layernorm(h))
 
 
-def _rope_and_mask(model: Transformer, cache: LatentKVCache, mask: torch.Tensor, dtype):
+def _rope_and_mask(model: Transformer, cache: LatentKVCache, mask: torch.Tensor):
     T = mask.shape[1]
     start, positions = cache.reserve(T, mask)
     if int(cache.positions.max()) > model.config.max_position_embeddings:
@@ -94,13 +106,13 @@ def _rope_and_mask(model: Transformer, cache: LatentKVCache, mask: torch.Tensor,
 
 
 def forward_cached(model: Transformer, ids: torch.Tensor, cache: LatentKVCache, mask: torch.Tensor | None = None,
-                   mode: str = "absorbed") -> tuple[torch.Tensor, torch.Tensor]:
+                   mode: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Run ids [B, T] (prefill: the prompts, left-padded with mask [B, T] False on padding; decode: T=1
     or a few speculative tokens) through the main model, appending to `cache`.
     Returns (logits [B, T, vocab], last hidden state before the final norm [B, T, D], for MTP)."""
     if mask is None:
         mask = torch.ones_like(ids, dtype=torch.bool)
-    start, cos, sin, bias = _rope_and_mask(model, cache, mask, torch.float32)
+    start, cos, sin, bias = _rope_and_mask(model, cache, mask)
     h = model.embed_tokens(ids)
     for i, layer in enumerate(model.layers):
         h = block_step(layer, h, cos, sin, cache.kv[i], start, bias, mode)
@@ -108,12 +120,12 @@ def forward_cached(model: Transformer, ids: torch.Tensor, cache: LatentKVCache, 
 
 
 def forward_mtp(model: Transformer, module: MTPModule, h: torch.Tensor, next_ids: torch.Tensor,
-                cache: LatentKVCache, mask: torch.Tensor | None = None, mode: str = "absorbed"):
+                cache: LatentKVCache, mask: torch.Tensor | None = None, mode: str = "auto"):
     """One MTP depth over main-model hidden states h [B, T, D] (positions i) and the tokens at i+1
     (next_ids [B, T]), with its own one-layer cache. Returns (logits for the tokens at i+2, hidden)."""
     if mask is None:
         mask = torch.ones_like(next_ids, dtype=torch.bool)
-    start, cos, sin, bias = _rope_and_mask(model, cache, mask, torch.float32)
+    start, cos, sin, bias = _rope_and_mask(model, cache, mask)
     x = module.eh_proj(torch.cat((module.enorm(model.embed_tokens(next_ids)), module.hnorm(h)), dim=-1))
     x = block_step(module.block, x, cos, sin, cache.kv[0], start, bias, mode)
     return model.lm_head(module.norm(x)), x

@@ -45,7 +45,7 @@ def check_length(model: Transformer, prompt_len: int, max_new_tokens: int) -> No
 @torch.no_grad()
 def stream(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
            params: SamplingParams = SamplingParams(), seed: int = 0, stop_ids: Sequence[int] = (),
-           mode: str = "absorbed", autocast_dtype: torch.dtype | None = None) -> Iterator[list[int | None]]:
+           mode: str = "auto", autocast_dtype: torch.dtype | None = None) -> Iterator[list[int | None]]:
     """Yield, once per step, each row's new token (None once that row has stopped)."""
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, device)
@@ -76,7 +76,7 @@ def stream(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens:
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              params: SamplingParams = SamplingParams(), seed: int = 0, stop_ids: Sequence[int] = (),
-             mode: str = "absorbed", autocast_dtype: torch.dtype | None = None) -> list[list[int]]:
+             mode: str = "auto", autocast_dtype: torch.dtype | None = None) -> list[list[int]]:
     """New tokens per prompt (a stop token is included, as in `moeforge.generate.generate`)."""
     out: list[list[int]] = [[] for _ in prompts]
     for tokens in stream(model, prompts, max_new_tokens, params, seed, stop_ids, mode, autocast_dtype):

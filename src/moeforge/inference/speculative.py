@@ -65,7 +65,7 @@ class MTPSpeculativeDecoder:
     """Generate with MTP drafts; `stats` describes the last call."""
 
     def __init__(self, model: Transformer, params: SamplingParams = SamplingParams(), seed: int = 0,
-                 mode: str = "absorbed", autocast_dtype: torch.dtype | None = None):
+                 mode: str = "auto", autocast_dtype: torch.dtype | None = None):
         if not len(model.mtp):
             raise ConfigError("this model has no MTP module (num_nextn_predict_layers = 0): cannot use --mtp")
         self.model, self.params, self.seed, self.mode = model, params, seed, mode
