@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 import moeforge
-from moeforge.inference import LatentKVCache, SamplingParams, forward_cached, generate
+from moeforge.inference import LatentKVCache, forward_cached, generate
 from moeforge.inference.expert_cache import apply_expert_cache, moe_modules
 from moeforge.inference.speculative import MTPSpeculativeDecoder
 
@@ -247,7 +247,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--checkpoint", default=None, help="mtp/experts: a trained run or checkpoint folder")
-    p.add_argument("--train-steps", type=int, default=300, help="mtp/experts: steps when no --checkpoint")
+    p.add_argument("--train-steps", type=int, default=400, help="mtp/experts: steps when no --checkpoint")
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--mtp-tokens", type=int, default=96)
     p.add_argument("--expert-tokens", type=int, default=48)

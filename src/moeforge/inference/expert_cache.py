@@ -129,7 +129,7 @@ class ExpertCache:
         w_in, w_out = self.store.load(layer, expert)
         self.stats.bytes_moved += w_in.numel() * w_in.element_size() + w_out.numel() * w_out.element_size()
         nb = self.device.type == "cuda"
-        weights = (w_in.to(self.device, self.dtype, non_blocking=nb), w_out.to(self.device, self.dtype, non_blocking=nb))
+        weights = tuple(w.to(self.device, self.dtype, non_blocking=nb) for w in (w_in, w_out))
         self.resident[key] = weights
         return weights
 
