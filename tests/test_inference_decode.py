@@ -47,6 +47,24 @@ def test_prefill_then_decode_matches_full_forward(mode, interleave):
     assert cache.length == 12 and cache.positions.tolist() == [12, 12]
 
 
+def test_chunked_prefill_equals_one_pass():
+    from moeforge.inference.absorbed import prefill
+
+    model = debug_model()
+    ids = torch.randint(0, 256, (2, 11))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, :4] = False
+    with torch.no_grad():
+        one = LatentKVCache.for_model(model.config, 2, 11)
+        chunked = LatentKVCache.for_model(model.config, 2, 11)
+        logits, h = forward_cached(model, ids, one, mask)
+        last, h_chunked = prefill(model, ids, chunked, mask, chunk=4)
+    torch.testing.assert_close(last, logits[:, -1:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(h_chunked, h, rtol=0, atol=1e-5)
+    torch.testing.assert_close(chunked.kv, one.kv, rtol=0, atol=1e-6)
+    assert chunked.positions.tolist() == [11, 7]
+
+
 def test_auto_mode_absorbs_decode_steps_but_not_long_prefills():
     from moeforge.inference.absorbed import absorbed_is_cheaper
     from moeforge.model.mla import MLA

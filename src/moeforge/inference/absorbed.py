@@ -119,6 +119,20 @@ def forward_cached(model: Transformer, ids: torch.Tensor, cache: LatentKVCache, 
     return model.lm_head(model.norm(h)), h
 
 
+def prefill(model: Transformer, ids: torch.Tensor, cache: LatentKVCache, mask: torch.Tensor | None = None,
+            mode: str = "auto", chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """`forward_cached` over the prompt in chunks of `chunk` tokens, so that attention scores take
+    [B, H, chunk, S] memory rather than [B, H, T, T] (a long prompt would otherwise need T^2 x heads).
+    Returns the last position's logits [B, 1, vocab] and all hidden states [B, T, D]."""
+    if mask is None:
+        mask = torch.ones_like(ids, dtype=torch.bool)
+    hidden, logits = [], None
+    for i in range(0, ids.shape[1], chunk):
+        logits, h = forward_cached(model, ids[:, i:i + chunk], cache, mask[:, i:i + chunk], mode)
+        hidden.append(h)
+    return logits[:, -1:], torch.cat(hidden, dim=1)
+
+
 def forward_mtp(model: Transformer, module: MTPModule, h: torch.Tensor, next_ids: torch.Tensor,
                 cache: LatentKVCache, mask: torch.Tensor | None = None, mode: str = "auto"):
     """One MTP depth over main-model hidden states h [B, T, D] (positions i) and the tokens at i+1

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ConfigError
 from ..model import Transformer
-from .absorbed import forward_cached
+from .absorbed import forward_cached, prefill
 from .kv_cache import LatentKVCache
 from .sampling import SamplingParams, sample
 
@@ -45,8 +45,10 @@ def check_length(model: Transformer, prompt_len: int, max_new_tokens: int) -> No
 @torch.no_grad()
 def stream(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
            params: SamplingParams = SamplingParams(), seed: int = 0, stop_ids: Sequence[int] = (),
-           mode: str = "auto", autocast_dtype: torch.dtype | None = None) -> Iterator[list[int | None]]:
-    """Yield, once per step, each row's new token (None once that row has stopped)."""
+           mode: str = "auto", autocast_dtype: torch.dtype | None = None,
+           prefill_chunk: int = 512) -> Iterator[list[int | None]]:
+    """Yield, once per step, each row's new token (None once that row has stopped). The prompt is
+    prefilled in chunks of `prefill_chunk` tokens (bounded attention memory)."""
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, device)
     B, T = ids.shape
@@ -62,7 +64,7 @@ def stream(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens:
     model.eval()
     try:
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            logits, _ = forward_cached(model, ids, cache, mask, mode)
+            logits, _ = prefill(model, ids, cache, mask, mode, prefill_chunk)
             for step in range(max_new_tokens):
                 token = sample(logits[:, -1], params, generator)
                 yield [None if d else int(t) for t, d in zip(token.tolist(), done.tolist())]
@@ -76,10 +78,11 @@ def stream(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens:
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              params: SamplingParams = SamplingParams(), seed: int = 0, stop_ids: Sequence[int] = (),
-             mode: str = "auto", autocast_dtype: torch.dtype | None = None) -> list[list[int]]:
+             mode: str = "auto", autocast_dtype: torch.dtype | None = None,
+             prefill_chunk: int = 512) -> list[list[int]]:
     """New tokens per prompt (a stop token is included, as in `moeforge.generate.generate`)."""
     out: list[list[int]] = [[] for _ in prompts]
-    for tokens in stream(model, prompts, max_new_tokens, params, seed, stop_ids, mode, autocast_dtype):
+    for tokens in stream(model, prompts, max_new_tokens, params, seed, stop_ids, mode, autocast_dtype, prefill_chunk):
         for row, t in zip(out, tokens):
             if t is not None:
                 row.append(t)

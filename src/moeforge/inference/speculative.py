@@ -23,10 +23,12 @@ import torch
 
 from ..errors import ConfigError
 from ..model import Transformer
-from .absorbed import forward_cached, forward_mtp
+from .absorbed import forward_cached, forward_mtp, prefill
 from .generation import cache_dtype, check_length
 from .kv_cache import LatentKVCache
 from .sampling import SamplingParams, distribution, sample
+
+PREFILL_CHUNK = 512
 
 
 @dataclass
@@ -113,13 +115,15 @@ class MTPSpeculativeDecoder:
             with torch.autocast(device.type, dtype=self.autocast_dtype or torch.bfloat16,
                                 enabled=self.autocast_dtype is not None):
                 ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
-                logits, h = forward_cached(model, ids, main, mode=mode)
+                logits, h = prefill(model, ids, main, mode=mode, chunk=PREFILL_CHUNK)
                 t = int(sample(logits[:, -1], self.params, generator))
                 if emit([t]):
                     return out
                 # The MTP layer sees (h_i, token i+1) for every prompt position i.
                 next_ids = torch.cat((ids[:, 1:], ids.new_tensor([[t]])), dim=1)
-                mtp_logits, _ = forward_mtp(model, mtp, h, next_ids, mtp_cache, mode=mode)
+                for i in range(0, next_ids.shape[1], PREFILL_CHUNK):  # chunked like the main prefill
+                    mtp_logits, _ = forward_mtp(model, mtp, h[:, i:i + PREFILL_CHUNK],
+                                                next_ids[:, i:i + PREFILL_CHUNK], mtp_cache, mode=mode)
                 while True:
                     if len(out) + 1 >= max_new_tokens:  # one token left: no room for a bonus token
                         logits, _ = forward_cached(model, ids.new_tensor([[t]]), main, mode=mode)
