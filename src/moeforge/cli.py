@@ -1,4 +1,4 @@
-"""`moeforge` command line: train, generate, info, report, balance.
+"""`moeforge` command line: train, generate, serve, report, balance, info, plan, memory.
 
 `train` flags are generated from `TrainConfig` (one definition, documented there); model fields are
 set in a TOML [model] section or with `-m FIELD=VALUE`. User errors print one line and exit 2.
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .config import PRESETS, ModelConfig, TrainConfig, load_toml, resolve_run_config
 from .errors import ConfigError, MoeforgeError
+from .inference.cli import SERVE_HANDLERS, add_serve_command
 from .memory.cli import add_memory_command, cmd_memory
 from .plan.cli import PLAN_HANDLERS, add_plan_commands
 
@@ -76,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's, else bytes)")
     g.add_argument("--device", default="auto")
+    g.add_argument("--mtp", action="store_true",
+                   help="speculative decoding with the model's MTP module as drafter (prints acceptance)")
+    g.add_argument("--expert-budget", type=int, default=None, metavar="N",
+                   help="keep only N routed experts resident, the rest memory-mapped from the checkpoint")
+    g.add_argument("--no-cache", action="store_true",
+                   help="re-run the whole sequence per token instead of the latent KV cache (reference)")
 
     r = sub.add_parser("report", help="summarise a run folder; --plot writes loss and expert-load PNGs")
     r.add_argument("run_dir", metavar="RUN_DIR")
@@ -99,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--seq-len", type=int, default=4096, help="sequence length for the FLOPs figure")
     add_plan_commands(sub)  # plan, compare-kv
     add_memory_command(sub)  # memory
+    add_serve_command(sub)  # serve
     return parser
 
 
@@ -149,9 +157,14 @@ def cmd_generate(args) -> int:
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
     stop = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
-    new = generate(model, tokenizer.encode(args.prompt), args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=stop,
-                   autocast_dtype=hardware.autocast_dtype("auto", caps))
+    autocast = hardware.autocast_dtype("auto", caps)
+    if args.no_cache:
+        new = generate(model, tokenizer.encode(args.prompt), args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=stop, autocast_dtype=autocast)
+    else:
+        from .inference.cli import generate_cached
+
+        new = generate_cached(model, tokenizer.encode(args.prompt) or [stop[0] if stop else 0], args, stop, autocast)
     print(args.prompt + tokenizer.decode(new))
     return 0
 
@@ -242,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc N` re-runs it under torchrun
     handler = {"train": cmd_train, "generate": cmd_generate, "info": cmd_info, "report": cmd_report,
-               "balance": cmd_balance, "memory": cmd_memory, **PLAN_HANDLERS}[args.command]
+               "balance": cmd_balance, "memory": cmd_memory, **PLAN_HANDLERS, **SERVE_HANDLERS}[args.command]
     try:
         return handler(args)
     except MoeforgeError as e:

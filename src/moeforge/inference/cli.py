@@ -1,0 +1,111 @@
+"""Command-line glue for `moeforge generate` (cached / --mtp) and `moeforge serve`."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from .generation import generate
+from .sampling import SamplingParams
+from .speculative import MTPSpeculativeDecoder
+
+
+def generate_cached(model, prompt: list[int], args, stop: tuple[int, ...], autocast: torch.dtype | None) -> list[int]:
+    """`moeforge generate` with the latent KV cache, or MTP speculative decoding with --mtp (whose
+    acceptance rate and tokens per main-model forward go to stderr)."""
+    params = SamplingParams(args.temperature, args.top_k, args.top_p)
+    cache = None
+    if getattr(args, "expert_budget", None) is not None:
+        from ..hf import resolve_checkpoint_dir
+        from .expert_cache import apply_expert_cache
+
+        store = None if next(model.parameters()).is_cuda else resolve_checkpoint_dir(args.checkpoint)
+        cache = apply_expert_cache(model, args.expert_budget, policy="lfu", checkpoint=store)
+    start = time.perf_counter()
+    if args.mtp:
+        decoder = MTPSpeculativeDecoder(model, params, seed=args.seed, autocast_dtype=autocast)
+        new = decoder.generate(prompt, args.max_new_tokens, stop)
+        s = decoder.stats
+        print(f"mtp: {s.accepted}/{s.drafted} drafts accepted ({s.acceptance_rate:.0%}), "
+              f"{s.tokens_per_forward:.2f} tokens per main forward", file=sys.stderr)
+    else:
+        new = generate(model, [prompt], args.max_new_tokens, params, seed=args.seed, stop_ids=stop,
+                       autocast_dtype=autocast)[0]
+    seconds = time.perf_counter() - start
+    if cache is not None:
+        st = cache.stats
+        print(f"expert cache: {args.expert_budget} resident, hit rate {st.hit_rate:.0%}, "
+              f"{st.bytes_per_token / 1e6:.2f} MB moved per token", file=sys.stderr)
+    print(f"{len(new)} tokens in {seconds:.2f} s ({len(new) / max(seconds, 1e-9):.1f} tokens/s)", file=sys.stderr)
+    return new
+
+
+def add_serve_command(sub) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server for one checkpoint (needs moeforge[serve])",
+                       description="Serve /v1/completions, /v1/chat/completions (streaming), /v1/models, /health.")
+    s.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="a run folder, a checkpoint in it, or a Hugging Face DeepseekV3 folder")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's, else bytes)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--max-queue", type=int, default=16, help="requests allowed to wait; more get HTTP 503")
+    s.add_argument("--max-batch", type=int, default=4, help="greedy requests decoded together")
+    s.add_argument("--max-tokens", type=int, default=16, help="default max_tokens of a request")
+    s.add_argument("--expert-budget", type=int, default=None, metavar="N",
+                   help="keep only N routed experts resident (LFU), the rest memory-mapped from the checkpoint")
+
+
+def load_for_inference(checkpoint: str, tokenizer_path: str | None, device: str):
+    """(model, tokenizer, autocast dtype, folder) the way `moeforge generate` finds them: the tokenizer is
+    --tokenizer, else the checkpoint's tokenizer.json, else the run's configured one, else bytes."""
+    from pathlib import Path
+
+    from .. import hardware
+    from ..config import load_toml
+    from ..data import load_tokenizer
+    from ..errors import ConfigError
+    from ..hf import from_pretrained, resolve_checkpoint_dir
+
+    folder = resolve_checkpoint_dir(checkpoint)
+    if tokenizer_path is None and (folder / "tokenizer.json").is_file():
+        tokenizer_path = str(folder / "tokenizer.json")
+    if tokenizer_path is None:
+        for run_config in (folder.parent.parent / "config.toml", Path(checkpoint) / "config.toml"):
+            if run_config.is_file():
+                tokenizer_path = load_toml(run_config).get("train", {}).get("tokenizer")
+                break
+    tokenizer = load_tokenizer(tokenizer_path)
+    caps = hardware.probe(device)
+    model = hardware.configure(from_pretrained(folder, device=caps.device), caps)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
+    return model, tokenizer, hardware.autocast_dtype("auto", caps), folder
+
+
+def cmd_serve(args) -> int:
+    from ..errors import ConfigError
+
+    try:
+        from .server import serve
+    except ImportError as e:
+        raise ConfigError(f"moeforge serve needs FastAPI and uvicorn: pip install 'moeforge[serve]' ({e})") from None
+    from .engine import Engine
+
+    if args.max_queue < 1 or args.max_batch < 1:
+        raise ConfigError("--max-queue and --max-batch must be >= 1")
+    model, tokenizer, autocast, folder = load_for_inference(args.checkpoint, args.tokenizer, args.device)
+    if args.expert_budget is not None:
+        from .expert_cache import apply_expert_cache
+
+        apply_expert_cache(model, args.expert_budget, "lfu", None if next(model.parameters()).is_cuda else folder)
+    name = folder.parent.parent.name if folder.name.startswith("step-") else folder.name  # run name
+    engine = Engine(model, tokenizer, autocast, max_queue=args.max_queue, max_batch=args.max_batch)
+    print(f"moeforge serve: {folder} on http://{args.host}:{args.port} (model name {name!r})", file=sys.stderr)
+    serve(engine, name, args.host, args.port, default_max_tokens=args.max_tokens)
+    return 0
+
+
+SERVE_HANDLERS = {"serve": cmd_serve}

@@ -1,0 +1,23 @@
+"""`moeforge generate` with the latent KV cache, --mtp and --expert-budget agree with the reference path."""
+
+from moeforge.cli import main
+from test_inference_decode import debug_model, one_thread  # noqa: F401 (autouse fixture)
+
+
+def test_generate_paths_agree(tmp_path, capsys):
+    debug_model().save_pretrained(tmp_path / "ckpt")
+    base = ["generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "def ", "--max-new-tokens", "8",
+            "--temperature", "0", "--device", "cpu"]
+    outputs = {}
+    for name, extra in {"reference": ["--no-cache"], "cached": [], "mtp": ["--mtp"],
+                        "experts": ["--expert-budget", "3"]}.items():
+        assert main(base + extra) == 0
+        captured = capsys.readouterr()
+        outputs[name] = captured.out
+        if name == "mtp":
+            assert "drafts accepted" in captured.err
+        if name == "experts":
+            assert "hit rate" in captured.err
+    assert len(set(outputs.values())) == 1, outputs
+    assert main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "x" * 600, "--device", "cpu"]) == 2
+    assert "context" in capsys.readouterr().err
