@@ -1,3 +1,4 @@
+import os
 import sysconfig
 from pathlib import Path
 
@@ -5,6 +6,10 @@ import pytest
 import torch
 
 from moeforge.config import resolve_run_config
+
+# Tiny models: one intra-op thread is fastest and keeps spawned ranks from oversubscribing a small machine.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # A small folder of real text that exists wherever Python does.
 SMALL_CORPUS = Path(sysconfig.get_paths()["stdlib"]) / "json"
