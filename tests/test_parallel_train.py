@@ -49,3 +49,41 @@ def test_run_moves_from_one_process_to_two_and_back_and_matches_single_process(t
             if key in b:
                 assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
         assert a["expert_counts"] == b["expert_counts"]
+
+
+def test_tensor_parallel_run_matches_single_process(tmp_path, capfd):
+    """`--nproc 2 --tp 2`: both ranks see the whole batch, heads / hidden width / vocabulary are split;
+    the logged losses and gradient norms equal a single-process run's."""
+    single, run = tmp_path / "single", tmp_path / "tp"
+    assert main(["train", *SMALL, "--steps", "3", "--run-dir", str(single)]) == 0
+    assert main(["train", *SMALL, "--steps", "3", "--run-dir", str(run), "--nproc", "2", "--tp", "2",
+                 "--save-every", "3"]) == 0
+    assert "tp 2" in capfd.readouterr().err
+    assert (run / "checkpoints" / "step-000003" / "model.safetensors").is_file()  # gathered HF export
+    for a, b in zip(metrics(run), metrics(single), strict=True):
+        for key in ("loss", "lm_loss", "grad_norm", "val_loss"):
+            if key in b:
+                assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
+
+
+def test_bad_layouts_fail_in_one_line_before_any_process_starts(tmp_path, capfd):
+    for flags, message in ((["--pp", "2"], "pp=2: the trainer does not run pipeline stages"),
+                           (["--tp", "3"], "does not divide the 2 processes"),
+                           (["--ep", "3", "--dp", "2"], "ep=3 must divide dp=2")):
+        assert main(["train", *SMALL, "--steps", "1", "--run-dir", str(tmp_path / "x"), "--nproc", "2", *flags]) == 2
+        err = capfd.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_activation_checkpointing_under_ep_and_zero3_matches_single_process(tmp_path):
+    """auto checkpointing measures on every rank, but all ranks must recompute the same regions (a region
+    holding the EP all-to-all recomputed on one rank only would be a collective mismatch)."""
+    single, run = tmp_path / "single", tmp_path / "ac"
+    assert main(["train", *SMALL, "--steps", "2", "--run-dir", str(single)]) == 0
+    assert main(["train", *SMALL, "--steps", "2", "--run-dir", str(run), "--nproc", "2", "--ep", "2", "--zero", "3",
+                 "--activation-checkpointing", "auto", "--memory-budget", "0.5"]) == 0
+    assert json.loads((run / "activation_checkpointing.json").read_text())["names"]
+    for a, b in zip(metrics(run), metrics(single), strict=True):
+        for key in ("loss", "grad_norm", "val_loss"):
+            if key in b:
+                assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])

@@ -66,7 +66,7 @@ class Trainer:
     """Owns the model, optimizer, data and run folder for one run.
 
     Distributed runs use `moeforge.parallel.trainer.DistributedTrainer`, which overrides the hooks
-    `parallelize` and `clip_gradients` and sets `is_main` (writes files) and `dp_group` (sums counts).
+    `parallelize`, `build_optimizer` and `clip_gradients` and sets `is_main` (writes files) and `dp_group` (sums counts).
     """
 
     is_main = True
@@ -100,7 +100,7 @@ class Trainer:
         # --precision fp8*: FP8 linears and experts swapped in from outside (before sharding); optional policy.
         self.precision_policy = apply_training_precision(model, self.cfg.precision, self.cfg.fp8_policy)
         self.model = self.parallelize(model)
-        self.optimizer = make_optimizer(self.model, self.cfg)
+        self.optimizer = self.build_optimizer()
         # Balancing wraps the model from outside: router hooks for losses, a bias update after each step.
         cfg = self.cfg
         freeze_after = int(cfg.bias_freeze_fraction * cfg.steps) if cfg.bias_freeze_fraction < 1 else None
@@ -118,6 +118,9 @@ class Trainer:
         from .memory import setup_memory
         self.memory_plan = setup_memory(self)  # activation checkpointing and offload, from outside the model
         self.forward = torch.compile(self.model) if self.cfg.compile else self.model
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        return make_optimizer(self.model, self.cfg)
 
     def parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
         return model

@@ -21,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from .candidates import Candidate, find_candidates
@@ -30,8 +31,15 @@ from .recompute import recomputing
 
 
 def storage_key(t: torch.Tensor) -> tuple:
-    s = t.untyped_storage()
-    return (t.device.type, t.device.index, s.data_ptr()), s.nbytes()
+    """(device, storage address), storage bytes. A DTensor (TP/FSDP parameters) counts as its local
+    shard; a tensor without a real storage (other wrapper subclasses) counts as 0 bytes."""
+    if isinstance(t, DTensor):
+        t = t._local_tensor
+    try:
+        s = t.untyped_storage()
+        return (t.device.type, t.device.index, s.data_ptr()), s.nbytes()
+    except (RuntimeError, NotImplementedError):
+        return (t.device.type, t.device.index, ("no-storage", id(t))), 0
 
 
 @dataclass

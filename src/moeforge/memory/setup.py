@@ -87,6 +87,19 @@ def build_plan(model: torch.nn.Module, mode: str, budget: str | float | None, ba
                           None if budget_bytes is None else int(budget_bytes), rows)
 
 
+def same_on_every_rank(names: list[str]) -> list[str]:
+    """Rank 0's choice, in a distributed run. Ranks measure their own timings, and a region recomputed on
+    one rank but not another would re-run its collectives (the EP all-to-all, FSDP all-gathers) on one
+    side only: a collective mismatch."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return names
+    chosen = [names]
+    dist.broadcast_object_list(chosen, src=0)
+    return chosen[0]
+
+
 def setup_memory(trainer) -> CheckpointPlan:
     """Apply the trainer's activation_checkpointing / memory_budget / offload settings to its model."""
     cfg, model = trainer.cfg, trainer.model
@@ -96,6 +109,7 @@ def setup_memory(trainer) -> CheckpointPlan:
     if cfg.activation_checkpointing != "none" or cfg.memory_budget is not None:
         batch = sample_batch(trainer.run.model.vocab_size, cfg.batch_size, cfg.seq_len, trainer.device, cfg.seed)
         plan = build_plan(model, cfg.activation_checkpointing, cfg.memory_budget, batch, trainer.autocast())
+        plan.names = same_on_every_rank(plan.names)
         trainer.router_probe.pop_loss()  # drop what the router probe saw during the measurement
         trainer.activation_checkpointing = ActivationCheckpointing(model, plan.names)
         trainer.console.print(plan.summary())

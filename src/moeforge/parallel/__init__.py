@@ -1,5 +1,6 @@
 """Distributed training applied to the plain model from outside, in one fixed order:
-expert parallelism (swap experts, exchange tokens), then FSDP2 (ZeRO-2/3) over the data-parallel mesh.
+tensor parallelism (DTensor, by head / hidden width / vocabulary), expert parallelism (swap experts,
+exchange tokens), then FSDP2 (ZeRO-2/3) over the data-parallel mesh.
 
     layout = ParallelLayout.resolve(world_size, dp=0, ep=2)
     mesh = build_mesh(layout, "cpu")
@@ -19,9 +20,10 @@ from .expert import ExpertParallelExperts, apply_expert_parallel
 from .fsdp import apply_fsdp, mixed_precision
 from .grads import clip_grad_norm
 from .mesh import ParallelLayout, ParallelMesh, build_mesh
+from .tensor import apply_tensor_parallel
 
 __all__ = ["ExpertParallelExperts", "ParallelLayout", "ParallelMesh", "apply_expert_parallel", "apply_fsdp",
-           "build_mesh", "clip_grad_norm", "dist_checkpoint", "mixed_precision", "parallelize"]
+           "apply_tensor_parallel", "build_mesh", "clip_grad_norm", "dist_checkpoint", "mixed_precision", "parallelize"]
 
 
 def parallelize(model: nn.Module, layout: ParallelLayout, mesh, param_dtype: torch.dtype | None = None) -> nn.Module:
@@ -30,9 +32,9 @@ def parallelize(model: nn.Module, layout: ParallelLayout, mesh, param_dtype: tor
     The model must be initialised identically on every rank (same seed): each rank keeps its shards.
     """
     layout.check_model(model.config)
-    if layout.tp > 1 or layout.pp > 1:  # parallel/tensor.py and pipeline.py are built separately
-        raise ConfigError(f"tp={layout.tp}, pp={layout.pp}: tensor and pipeline parallelism are not combined "
-                          "with EP/FSDP in parallelize() yet; use --tp 1 --pp 1")
+    layout.check_trainer()
+    if layout.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
     if layout.ep > 1:
         apply_expert_parallel(model, mesh["ep"])
     if layout.dp > 1 or layout.ep > 1:

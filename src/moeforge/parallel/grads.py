@@ -2,7 +2,7 @@
 
 Under EP x FSDP, dense weights are DTensors over the dp mesh and expert weights DTensors over the
 (edp, ep) mesh; torch's `clip_grad_norm_` cannot stack norms of DTensors on different meshes. Here the
-squared norm is computed per mesh (each reduced to a full, global value), summed, and torch's
+squared norm is computed per mesh and placement (TP mixes Shard and Replicate; each reduced to a full, global value), summed, and torch's
 `clip_grads_with_norm_` applies the one global scale.
 """
 
@@ -17,7 +17,7 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     params = [p for p in params if p.grad is not None]
     by_mesh: dict = {}
     for p in params:
-        key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+        key = (p.grad.device_mesh, p.grad.placements) if isinstance(p.grad, DTensor) else None
         by_mesh.setdefault(key, []).append(p)
     total_sq = None
     for group in by_mesh.values():

@@ -126,6 +126,11 @@ def run_training(run, run_dir, resume: bool, argv: list[str], profile_memory: bo
     if profile_memory and (cfg.nproc > 1 or under_torchrun()):
         raise ConfigError("--profile-memory measures one process; drop --nproc (or run it outside torchrun)")
     if cfg.nproc > 1 and not under_torchrun():
+        # Check the layout here, so a bad one is one line now rather than an error from every rank.
+        from .mesh import ParallelLayout
+
+        layout = ParallelLayout.resolve(cfg.nproc, cfg.dp, cfg.ep, cfg.tp, cfg.pp, cfg.zero)
+        layout.check_model(run.model).check_batch(cfg.batch_size).check_trainer()
         return launch_torchrun(cfg.nproc, strip_launch_flags(argv))
     from .trainer import DistributedTrainer, is_distributed_checkpoint
 

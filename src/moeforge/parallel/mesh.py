@@ -95,6 +95,13 @@ class ParallelLayout:
                               "rank takes an equal share of the global batch)")
         return self
 
+    def check_trainer(self) -> "ParallelLayout":
+        """What `moeforge train` runs: every degree but pp (pipeline schedules drive their own steps)."""
+        if self.pp > 1:
+            raise ConfigError(f"pp={self.pp}: the trainer does not run pipeline stages yet; use --pp 1 (the "
+                              "pipeline API is moeforge.parallel.pipeline.build_pipeline, see docs/parallel-tp-pp.md)")
+        return self
+
     def describe(self) -> str:
         return (f"dp {self.dp} (ep {self.ep} x edp {self.edp}), tp {self.tp}, pp {self.pp}, "
                 f"zero {self.zero}{' (as 2)' if self.zero == 1 else ''}")

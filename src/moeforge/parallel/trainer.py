@@ -32,6 +32,7 @@ from . import dist_checkpoint, parallelize
 from .grads import clip_grad_norm
 from .launch import collective_errors, init_distributed
 from .mesh import ParallelLayout, build_mesh
+from .tensor import split_param_groups
 
 
 def is_distributed_checkpoint(ckpt: Path | None) -> bool:
@@ -78,6 +79,12 @@ class DistributedTrainer(Trainer):
     # --- hooks of Trainer ---------------------------------------------------------------------------
     def parallelize(self, model):
         return parallelize(model, self.layout, self.mesh)
+
+    def build_optimizer(self):
+        optimizer = super().build_optimizer()
+        if self.layout.tp > 1:  # fused/foreach kernels refuse groups mixing plain tensors and TP DTensors
+            optimizer = type(optimizer)(split_param_groups(optimizer.param_groups))
+        return optimizer
 
     def clip_gradients(self, params, max_norm):
         return clip_grad_norm(params, max_norm)
