@@ -19,16 +19,6 @@ from moeforge.train import Trainer
 from test_precision_quant import reference_fake_quant as fq
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are small: on a loaded 2-core machine, OpenMP threads waiting for each other cost far
-    more than they save (a 64x64x96 matmul measured 60 ms with 2 threads under load, 20 us with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rel(a, b):
     return float((a - b).norm() / b.norm())
 

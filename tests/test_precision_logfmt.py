@@ -9,16 +9,6 @@ from moeforge.precision.logfmt import logfmt_decode, logfmt_encode, logfmt_round
 from moeforge.precision.quant import E4M3, TILE, quantize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are small: on a loaded 2-core machine, OpenMP threads waiting for each other cost far
-    more than they save (a 64x64x96 matmul measured 60 ms with 2 threads under load, 20 us with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("bits", [8, 10])
 def test_exact_on_representable_values(bits):
     """A tile whose values sit on the grid exp(lo + j * step), with its ends at lo and hi, decodes to

@@ -9,16 +9,6 @@ from moeforge.precision import (AdamWBF16Moments, DynamicPrecisionPolicy, Fp8Lin
                                 apply_fp8, optimizer_state_bytes)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are small: on a loaded 2-core machine, OpenMP threads waiting for each other cost far
-    more than they save (a 64x64x96 matmul measured 60 ms with 2 threads under load, 20 us with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TwoLayers(nn.Module):
     def __init__(self):
         super().__init__()

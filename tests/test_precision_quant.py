@@ -7,16 +7,6 @@ from moeforge.precision.quant import (BLOCK, E4M3, E5M2, TENSOR, TILE, NonFinite
                                       quantize_row_tiles)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are small: on a loaded 2-core machine, OpenMP threads waiting for each other cost far
-    more than they save (a 64x64x96 matmul measured 60 ms with 2 threads under load, 20 us with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def reference_fake_quant(x, br, bc, fmt, pow2=False):
     """Block by block in Python: scale = amax / max (power of two rounded up), cast, multiply back."""
     out = torch.empty_like(x)

@@ -97,25 +97,22 @@ class ActivationProfile:
         if not plan:
             return self.saved_bytes
         kept = {k for k, s in self.saved.items() if any(not (c & plan) for c in s.contexts)}
-        total = sum(self.saved[k].nbytes for k in kept)
-        for name in plan:
-            keys, context = self.inputs[name]
-            if context & plan:
-                continue
-            for k in keys - kept:
-                kept.add(k)
-                total += self.saved[k].nbytes if k in self.saved else self.input_bytes[k]
-        return total
+        return self._plus_region_inputs(kept, plan)
 
     def rebuilt(self, name: str, inner=()) -> int:
         """Bytes a region's recompute rebuilds and keeps for its backward (a transient), when the regions
         `inner` nested in it are checkpointed too (they keep only their inputs during that recompute)."""
         inner = frozenset(inner)
         kept = {k for k, s in self.saved.items() if any(name in c and not (c & inner) for c in s.contexts)}
+        return self._plus_region_inputs(kept, inner)
+
+    def _plus_region_inputs(self, kept: set, regions: frozenset) -> int:
+        """Bytes of the storages `kept`, plus the inputs that each checkpointed region in `regions` (not
+        nested in another of them) keeps alive, each storage counted once."""
         total = sum(self.saved[k].nbytes for k in kept)
-        for n in inner:
-            keys, context = self.inputs[n]
-            if context & inner:
+        for name in regions:
+            keys, context = self.inputs[name]
+            if context & regions:
                 continue
             for k in keys - kept:
                 kept.add(k)
