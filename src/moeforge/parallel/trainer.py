@@ -78,6 +78,9 @@ class DistributedTrainer(Trainer):
 
     # --- hooks of Trainer ---------------------------------------------------------------------------
     def parallelize(self, model):
+        # On 2-D meshes (EP x FSDP expert shards, TP x FSDP norms) DTensor warns, on every step and save, that
+        # it reduces one mesh dim after the other; that is the expected cost here, not a problem to report.
+        logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
         return parallelize(model, self.layout, self.mesh)
 
     def build_optimizer(self):
@@ -175,8 +178,6 @@ class DistributedTrainer(Trainer):
                  "layout": dataclasses.asdict(self.layout)}
         with collective_errors(f"checkpoint at step {self.step}", self.cfg.dist_timeout):
             dist_checkpoint.save(tmp, self.model, self.optimizer, extra)
-            # Gathering EP x FSDP expert shards takes two all-gathers; torch warns about it on every save.
-            logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
             full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.is_main:
             export_hf(full, self.run.model, tmp)
