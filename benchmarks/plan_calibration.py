@@ -43,8 +43,10 @@ def main() -> int:
     pred = predict_tiny_step(args.batch_size, args.seq_len, precision)
     err = pred["predicted_step_s"] / measured - 1
     print(f"tiny, batch {args.batch_size} x seq {args.seq_len}, {precision}: predicted {pred['predicted_step_s']:.3f} s "
-          f"(matmul {pred['matmul_s']:.3f} + memory {pred['memory_s']:.3f}), measured median {measured:.3f} s "
-          f"over {len(times)} steps -> {100 * err:+.0f}%")
+          f"(matmuls at their traced shapes {pred['matmul_s']:.3f} + {pred['other_bytes'] / 1e9:.1f} GB other traffic "
+          f"{pred['memory_s']:.3f} + {pred['other_ops']} dispatches {pred['dispatch_s']:.3f}; one peak matmul rate would "
+          f"say {pred['peak_matmul_s']:.3f} for the matmuls), measured median {measured:.3f} s over {len(times)} steps "
+          f"-> {100 * err:+.0f}%")
     return 0
 
 

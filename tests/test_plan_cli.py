@@ -53,3 +53,21 @@ def test_errors_are_one_line(extra, message, capsys):
     code = main(SMALL + extra)
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1 and err.startswith("moeforge plan")
+
+
+def test_calibration_trace_counts_the_matmuls_costs_predicts():
+    """The traced step's matmul FLOPs equal `costs`' analytic count (MTP included) once eager attention's
+    full T x T score matrix (the analytic count takes the causal half) is added: the trace sees the real
+    model and the cost model describes it."""
+    from moeforge.config import preset
+    from moeforge.costs import training_flops_per_token
+    from moeforge.plan.calibrate import trace_step
+
+    cfg, batch, seq = preset("debug"), 2, 64
+    trace = trace_step(batch, seq, "fp32", preset="debug")
+    tokens = batch * seq
+    analytic = training_flops_per_token(cfg, seq, include_mtp=True) * tokens
+    attention_half = 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (seq / 2)
+    eager_extra = 3 * attention_half * (cfg.num_hidden_layers + cfg.num_nextn_predict_layers) * tokens
+    assert trace.matmul_flops() == pytest.approx(analytic + eager_extra, rel=0.01)
+    assert trace.other_ops > 100 and trace.other_bytes > 0
