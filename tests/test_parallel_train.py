@@ -100,3 +100,17 @@ def test_four_ranks_tp_x_ep_x_zero3_matches_single_process(tmp_path):
         for key in ("loss", "grad_norm", "val_loss"):
             if key in b:
                 assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
+
+
+def test_fp8_experts_stay_fp8_under_expert_parallelism(tmp_path):
+    """EP swaps the experts module out; the FP8 kernel must still compute the local experts. The first
+    step's loss (forward only: row-wise activation tiles, per-expert weight blocks, nothing that depends on
+    row order) equals the single-process FP8 run's, and is measurably not the BF16 one."""
+    def first_loss(name, precision, *flags):
+        assert main(["train", *SMALL, "--precision", precision, "--steps", "1", "--eval-every", "0",
+                     "--run-dir", str(tmp_path / name), *flags]) == 0
+        return metrics(tmp_path / name)[0]["loss"]
+
+    fp8, bf16 = first_loss("fp8", "fp8"), first_loss("bf16", "bf16")
+    ep = first_loss("ep", "fp8", "--nproc", "2", "--ep", "2")
+    assert abs(ep - fp8) < 1e-5 and abs(ep - bf16) > 1e-4, (ep, fp8, bf16)

@@ -72,10 +72,13 @@ class ExpertParallelExperts(nn.Module):
         for name in ("gate_up_proj", "down_proj"):
             local = getattr(experts, name).detach()[lo:hi].clone()
             setattr(self, name, nn.Parameter(DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False)))
-        # The local computation is the plain GroupedExperts, run with this rank's weight shards.
-        dim, hidden = experts.gate_up_proj.shape[2], experts.hidden
-        with torch.device("meta"):
-            self._kernel = (GroupedExperts(self.n_local, dim, hidden, self.impl),)  # tuple: not a submodule
+            # The swapped-out module keeps no weights of its own (meta placeholders free the full copy) ...
+            setattr(experts, name, nn.Parameter(torch.empty_like(local, device="meta")))
+        # ... and computes this rank's experts with its shards: the same module, so whatever wraps the
+        # plain model's experts (FP8 kernels, their statistics and the precision policy's switches) keeps
+        # working under expert parallelism.
+        experts.n_experts = self.n_local
+        self._kernel = (experts,)  # a tuple: not a submodule (its placeholders are not parameters of the model)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, D] sorted by global expert, counts [E] -> [M, D] in the same order."""
