@@ -239,6 +239,10 @@ def preset(name: str) -> ModelConfig:
 
 
 # --- training --------------------------------------------------------------------------------------
+# Pipeline schedules of `moeforge.parallel.pipeline` -> stages each pipeline rank runs.
+PP_SCHEDULES = {"gpipe": 1, "1f1b": 1, "interleaved-1f1b": 2, "dualpipev": 2}
+
+
 @dataclass
 class TrainConfig:
     """One training run. Every field is also a `moeforge train --flag`."""
@@ -299,7 +303,13 @@ class TrainConfig:
     dp: int = doc("Data-parallel degree: ranks that see different tokens (0 = processes / (tp x pp)).", default=0)
     ep: int = doc("Expert-parallel degree, within dp: each rank holds n_routed_experts / ep experts.", default=1)
     tp: int = doc("Tensor-parallel degree.", default=1)
-    pp: int = doc("Pipeline-parallel stages.", default=1)
+    pp: int = doc("Pipeline-parallel degree: ranks holding consecutive blocks of the model (pp > 1 runs "
+                  "alone: --nproc = --pp; docs/parallel-tp-pp.md).", default=1)
+    pp_schedule: str = doc("Pipeline schedule: gpipe, 1f1b, interleaved-1f1b or dualpipev (the last two run two "
+                           "stages per rank).", default="1f1b")
+    pp_microbatches: int = doc("Pipeline micro-batches per optimizer step (0 = one per stage: pp, or 2 x pp for "
+                               "interleaved-1f1b and dualpipev); must divide batch_size x grad_accum / dp.",
+                               default=0)
     zero: int = doc("FSDP2 sharding over dp: 3 = reshard parameters after forward (ZeRO-3); 2 = keep them "
                     "gathered until backward (ZeRO-2; 1 runs as 2).", default=2)
     dist_timeout: float = doc("Seconds a collective waits for its peers before the run fails.", default=600.0)
@@ -347,6 +357,10 @@ class TrainConfig:
                               f"{self.activation_checkpointing!r}")
         if self.offload not in ("none", "optimizer", "activations", "all"):
             raise ConfigError(f"offload must be none, optimizer, activations or all, got {self.offload!r}")
+        if self.pp_schedule not in PP_SCHEDULES:
+            raise ConfigError(f"pp_schedule must be {', '.join(PP_SCHEDULES)}, got {self.pp_schedule!r}")
+        if self.pp_microbatches < 0:
+            raise ConfigError(f"pp_microbatches must be >= 0 (0 = one per pipeline stage), got {self.pp_microbatches}")
         return self
 
     @classmethod

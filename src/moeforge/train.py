@@ -45,11 +45,19 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr - (cfg.lr - floor) * (progress - decay_start) / max(cfg.wsd_decay_fraction, 1e-9)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on norms, embeddings and 1-D tensors (they are not 'weights' to shrink)."""
+def decay_split(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """Parameter names with and without weight decay, in the optimizer's order (norms, embeddings and 1-D
+    tensors are not 'weights' to shrink)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "embed_tokens" in name or "norm" in name else decay).append(p)
+        (no_decay if p.ndim < 2 or "embed_tokens" in name or "norm" in name else decay).append(name)
+    return decay, no_decay
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms, embeddings and 1-D tensors (see decay_split)."""
+    params = dict(model.named_parameters())
+    decay, no_decay = ([params[n] for n in names] for names in decay_split(model))
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer_state_dtype == "bf16":  # fp32 master weights, bf16 moments (DeepSeek-V3 sec. 3.3.3)
         return AdamWBF16Moments(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)

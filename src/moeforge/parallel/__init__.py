@@ -30,6 +30,8 @@ def parallelize(model: nn.Module, layout: ParallelLayout, mesh, param_dtype: tor
     """Apply the layout to a built (and hardware-configured) model on every rank; returns the same model.
 
     The model must be initialised identically on every rank (same seed): each rank keeps its shards.
+    Pipeline stages (pp > 1, which the trainer runs alone) are cut afterwards with
+    `moeforge.parallel.pipeline.build_pipeline`.
     """
     layout.check_model(model.config)
     layout.check_trainer()

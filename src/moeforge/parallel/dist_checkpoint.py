@@ -6,6 +6,11 @@ What makes resharding work: model and optimizer state are keyed by the plain mod
 see `moeforge.parallel.expert`), so DCP's planner maps saved chunks onto whatever shards the loading
 layout has. A plain single-process model and optimizer save and load through the same two functions.
 Training-loop state that is not a tensor shard (step, schedule, ...) goes into `extra.pt`, written once.
+
+The optimizer state is saved flattened (`flatten_optimizer_state_dict`: hyperparameters keyed by
+parameter name, as torchtitan does): pipeline stages hold different parameters, and a per-group list of
+parameter names would be one key with a different value on every stage, of which DCP keeps one.
+Checkpoints written before this (unflattened, `optim.param_groups.0.params`) still load.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from ..errors import CheckpointError
 
@@ -29,7 +34,7 @@ def _is_main() -> bool:
 def save(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict | None = None):
     """Write model + optimizer shards (all ranks call this) and `extra` (rank 0) to folder `path`."""
     path = Path(path)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True))
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
     if _is_main():
         torch.save(extra or {}, path / EXTRA_FILE)
@@ -43,9 +48,12 @@ def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     path = Path(path)
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"{path}: not a distributed checkpoint (no .metadata)")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    options = StateDictOptions(flatten_optimizer_state_dict="optim.param_groups.0.params" not in saved)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=options)
     extra = path / EXTRA_FILE
     return torch.load(extra, map_location="cpu", weights_only=True) if extra.is_file() else {}

@@ -12,24 +12,39 @@ import torch
 from torch.distributed.tensor import DTensor
 
 
-def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
-    """Global L2 norm of all gradients (returned); scales them down to max_norm if larger."""
+def clip_grad_norm(params, max_norm: float, group=None, uncounted=()) -> torch.Tensor:
+    """Global L2 norm of all gradients (returned); scales them down to max_norm if larger.
+
+    group: also sum the squared norm over this process group (pipeline stages hold different parameters).
+    uncounted: parameters whose gradients are scaled but left out of the norm (a second copy of a
+    parameter counted on another stage, e.g. the pipeline's last-stage embedding).
+    """
     params = [p for p in params if p.grad is not None]
+    skip = {id(p) for p in uncounted}
     by_mesh: dict = {}
     for p in params:
+        if id(p) in skip:
+            continue
         key = (p.grad.device_mesh, p.grad.placements) if isinstance(p.grad, DTensor) else None
         by_mesh.setdefault(key, []).append(p)
     total_sq = None
-    for group in by_mesh.values():
-        norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0)
+    for group_params in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group_params], norm_type=2.0)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         sq = norm.float() ** 2
         total_sq = sq if total_sq is None else total_sq + sq
+    if group is not None:
+        import torch.distributed as dist
+
+        if total_sq is None:
+            total_sq = torch.zeros((), device=params[0].grad.device if params else "cpu")
+        dist.all_reduce(total_sq, group=group)
     if total_sq is None:
         return torch.zeros(())
     total = total_sq.sqrt()
     if max_norm != float("inf"):
-        for group in by_mesh.values():
-            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+        for group_params in [*by_mesh.values(), [p for p in params if id(p) in skip]]:
+            if group_params:
+                torch.nn.utils.clip_grads_with_norm_(group_params, max_norm, total)
     return total

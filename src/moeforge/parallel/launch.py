@@ -130,7 +130,7 @@ def run_training(run, run_dir, resume: bool, argv: list[str], profile_memory: bo
         from .mesh import ParallelLayout
 
         layout = ParallelLayout.resolve(cfg.nproc, cfg.dp, cfg.ep, cfg.tp, cfg.pp, cfg.zero)
-        layout.check_model(run.model).check_batch(cfg.batch_size).check_trainer()
+        layout.check_model(run.model).check_batch(cfg.batch_size).check_trainer().check_pipeline(cfg)
         return launch_torchrun(cfg.nproc, strip_launch_flags(argv))
     from .trainer import DistributedTrainer, is_distributed_checkpoint
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ModelConfig
+from ..config import PP_SCHEDULES, ModelConfig, TrainConfig
 from ..errors import ConfigError
 
 ZERO_LEVELS = (1, 2, 3)
@@ -96,10 +96,33 @@ class ParallelLayout:
         return self
 
     def check_trainer(self) -> "ParallelLayout":
-        """What `moeforge train` runs: every degree but pp (pipeline schedules drive their own steps)."""
-        if self.pp > 1:
-            raise ConfigError(f"pp={self.pp}: the trainer does not run pipeline stages yet; use --pp 1 (the "
-                              "pipeline API is moeforge.parallel.pipeline.build_pipeline, see docs/parallel-tp-pp.md)")
+        """What `moeforge train` runs: dp x ep x tp, or pipeline stages alone (pp = world size)."""
+        if self.pp > 1 and (self.dp > 1 or self.tp > 1):
+            raise ConfigError(f"pp={self.pp} with dp={self.dp}, tp={self.tp}: the trainer runs pipeline stages only "
+                              f"on their own (--nproc {self.pp} --pp {self.pp}); PP combined with data, expert or "
+                              "tensor parallelism is not implemented")
+        return self
+
+    def pipeline_microbatches(self, cfg: TrainConfig) -> int:
+        """Micro-batches per optimizer step: --pp-microbatches, or one per pipeline stage."""
+        return cfg.pp_microbatches or self.pp * PP_SCHEDULES[cfg.pp_schedule]
+
+    def check_pipeline(self, cfg: TrainConfig) -> "ParallelLayout":
+        """Raise ConfigError naming the first pipeline setting the trainer cannot run (nothing when pp = 1)."""
+        if self.pp == 1:
+            return self
+        n, stages = self.pipeline_microbatches(cfg), self.pp * PP_SCHEDULES[cfg.pp_schedule]
+        rows = cfg.batch_size * cfg.grad_accum // self.dp
+        if rows % n:
+            raise ConfigError(f"pp_microbatches={n} must divide the {rows} sequences a pipeline runs per step "
+                              "(batch_size x grad_accum / dp)")
+        if stages > self.pp and n < stages:
+            raise ConfigError(f"pp_schedule {cfg.pp_schedule} runs {stages} stages and needs at least {stages} "
+                              f"micro-batches, got pp_microbatches={n}")
+        for flag, on in (("--compile", cfg.compile), ("--activation-checkpointing", cfg.activation_checkpointing != "none"),
+                         ("--memory-budget", cfg.memory_budget is not None), ("--offload", cfg.offload != "none")):
+            if on:
+                raise ConfigError(f"{flag} is not applied to pipeline stages; drop it, or use --pp 1")
         return self
 
     def describe(self) -> str:

@@ -35,8 +35,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleDualPipeV, ScheduleGPipe,
                                           ScheduleInterleaved1F1B)
 
+from ..config import PP_SCHEDULES
 from ..errors import ConfigError
 from ..model.moe import MoE
+from .grads import clip_grad_norm
 from ..model.transformer import Transformer, cross_entropy
 
 # name -> (schedule class, stages per rank, stage placement: "loop" = rank r holds r, r+pp, ...;
@@ -47,6 +49,7 @@ SCHEDULES = {
     "interleaved-1f1b": (ScheduleInterleaved1F1B, 2, "loop"),
     "dualpipev": (ScheduleDualPipeV, 2, "v"),
 }
+assert {k: v[1] for k, v in SCHEDULES.items()} == PP_SCHEDULES  # what the config validates against
 
 
 class StageModule(nn.Module):
@@ -76,6 +79,8 @@ class StageModule(nn.Module):
         self.rotary = model.rotary
         self.aux_loss = None  # optional callable -> loss of this stage's routers (see attach_aux_loss)
         self.aux_values: list[torch.Tensor] = []  # detached, one per micro-batch, for the logged loss
+        self.loss_parts: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # detached (lm, mtp) per micro-batch
+        self.stage_id = 0  # the global stage index (build_pipeline sets it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(x) if self.is_first else x
@@ -92,8 +97,9 @@ class StageModule(nn.Module):
     def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Next-token loss + mtp_loss_weight x mean MTP loss, as in `Transformer.forward` (last stage)."""
         T = h.shape[1]
-        lm_loss = cross_entropy(self.lm_head(self.norm(h)), labels)
+        lm_loss = self.lm_loss(h, labels)
         if not self.mtp:
+            self.loss_parts.append((lm_loss.detach(), None))
             return lm_loss
         cos, sin = self.rotary(torch.arange(T, device=h.device))
         mtp_losses = []
@@ -103,7 +109,12 @@ class StageModule(nn.Module):
             h = module(h[:, :T - k], self.embed_tokens(labels[:, k - 1:T - 1].clamp(min=0)), cos[:T - k], sin[:T - k])
             mtp_losses.append(cross_entropy(self.lm_head(module.norm(h)), labels[:, k:]))
         mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else lm_loss.new_zeros(())
+        self.loss_parts.append((lm_loss.detach(), mtp_loss.detach()))
         return lm_loss + self.config.mtp_loss_weight * mtp_loss
+
+    def lm_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The next-token loss alone (what evaluation reports), last stage."""
+        return cross_entropy(self.lm_head(self.norm(h)), labels)
 
     def moe_layers(self) -> list[tuple[int, MoE]]:
         """(layer id, MoE) of this stage's main-model blocks (what RouterProbe listens to)."""
@@ -170,6 +181,10 @@ class Pipeline:
     n_microbatches: int
     batch_shape: tuple[int, int]
     _stages: list[PipelineStage] = field(default_factory=list)
+    stage_ranks: list[int] = field(default_factory=list)  # pipeline rank of each global stage
+    hidden_dtype: torch.dtype = torch.float32  # activations passed between stages
+    # The last step's logged values (loss, lm_loss, mtp_loss, aux_loss), the same on every pipeline rank.
+    metrics: dict = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:  # collectives need tensors on it (NCCL: the GPU)
@@ -202,12 +217,49 @@ class Pipeline:
                            return_outputs=False)
         self._make_grads_contiguous()
         self._sum_shared_embedding_grads()
-        # Logged loss = last stage's mean (next-token + MTP) + every stage's balance loss per micro-batch.
-        loss = torch.stack(losses).mean().detach().float() if self.has_last else torch.zeros((), device=self.device)
+        # Logged loss = last stage's mean (next-token + MTP) + every stage's balance loss per micro-batch;
+        # values = [loss, lm_loss, mtp_loss, aux_loss], summed over the pipeline group in one all-reduce.
+        values = torch.zeros(4, device=self.device)
+        if self.has_last:
+            values[0] = torch.stack(losses).mean().detach().float()
         for m in self.modules:
+            if m.loss_parts:
+                values[1] = torch.stack([lm for lm, _ in m.loss_parts]).float().mean()
+                mtp = [x for _, x in m.loss_parts if x is not None]
+                if mtp:
+                    values[2] = torch.stack(mtp).float().mean()
             if m.aux_values:
-                loss = loss + torch.stack(m.aux_values).sum().float() / self.n_microbatches
+                aux = torch.stack(m.aux_values).sum().float() / self.n_microbatches
+                values[0] += aux
+                values[3] += aux
             m.aux_values.clear()
+            m.loss_parts.clear()
+        dist.all_reduce(values, group=self.group)
+        self.metrics = dict(zip(("loss", "lm_loss", "mtp_loss", "aux_loss"), values.tolist()))
+        return values[0]
+
+    @torch.no_grad()
+    def forward_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Forward only, the whole batch at once through the stages in order (activations sent to the next
+        stage's rank): the next-token loss on every rank of the pipeline group. For evaluation."""
+        me, n = dist.get_rank(self.group), len(self.stage_ranks)
+        here = {m.stage_id: m for m in self.modules}
+        loss = torch.zeros((), device=self.device)
+        h = None
+        for s in range(n):
+            owner = self.stage_ranks[s]
+            if owner == me:
+                h = here[s](input_ids if s == 0 else h)
+                if s == n - 1:
+                    loss = here[s].lm_loss(h, labels).float()
+            nxt = self.stage_ranks[s + 1] if s + 1 < n else owner
+            if nxt != owner and me == owner:
+                dist.send(h.to(self.hidden_dtype).contiguous(), dst=dist.get_global_rank(self.group, nxt),
+                          group=self.group)
+            elif nxt != owner and me == nxt:
+                h = torch.empty(*input_ids.shape, self.modules[0].config.hidden_size, dtype=self.hidden_dtype,
+                                device=self.device)
+                dist.recv(h, src=dist.get_global_rank(self.group, owner), group=self.group)
         dist.all_reduce(loss, group=self.group)
         return loss
 
@@ -251,15 +303,50 @@ class Pipeline:
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip by the norm over the whole model (all stages; the shared embedding counted once)."""
-        square = torch.zeros((), dtype=torch.float32, device=self.device)
-        second_copy = self._embedding_copies()[-1] if self.shares_embedding and self.has_last else None
-        for p in self.parameters():
-            if p.grad is not None and p is not second_copy:
-                square += p.grad.float().square().sum()
-        dist.all_reduce(square, group=self.group)
-        total = square.sqrt()
-        torch.nn.utils.clip_grads_with_norm_([p for p in self.parameters() if p.grad is not None], max_norm, total)
-        return total
+        second_copy = [self._embedding_copies()[-1]] if self.shares_embedding and self.has_last else []
+        return clip_grad_norm(list(self.parameters()), max_norm, group=self.group, uncounted=second_copy)
+
+    def rank_module(self) -> "PipelineRank":
+        """This rank's stages as one module under the full model's parameter names (for the optimizer,
+        checkpoints and token counts)."""
+        return PipelineRank(self.modules)
+
+
+class PipelineRank(nn.Module):
+    """The stage modules of one pipeline rank as one module whose parameter and buffer names are the full
+    Transformer's (`layers.<global index>...`, `embed_tokens`, `norm`, `lm_head`, `mtp`): a checkpoint of
+    all ranks' PipelineRanks is a checkpoint of the model. The last stage's embedding copy is
+    `embed_tokens` when the rank does not also run the first stage, else `LAST_STAGE_COPY` (DualPipeV's
+    rank 0). Not callable: the pipeline's schedule runs the stages."""
+
+    LAST_STAGE_COPY = "last_stage_embed_tokens"
+
+    def __init__(self, modules: list[StageModule]):
+        super().__init__()
+        first = next((m for m in modules if m.is_first), None)
+        last = next((m for m in modules if m.is_last), None)
+        self.config = modules[0].config
+        self.embed_tokens = first.embed_tokens if first is not None else (last.embed_tokens if last else None)
+        if first is not None and last is not None and last.embed_tokens is not None \
+                and last.embed_tokens is not first.embed_tokens:
+            setattr(self, self.LAST_STAGE_COPY, last.embed_tokens)
+        layers = {k: v for m in modules for k, v in m.layers.items()}
+        self.layers = nn.ModuleDict({k: layers[k] for k in sorted(layers, key=int)})
+        self.norm = last.norm if last is not None else None
+        self.lm_head = last.lm_head if last is not None else None
+        self.mtp = last.mtp if last is not None else nn.ModuleList()
+        self.rotary = modules[0].rotary
+        self.full_model_parameters = sum(p.numel() for p in self.parameters())  # build_pipeline sets the total
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("a pipeline rank's stages run through Pipeline.step / Pipeline.forward_loss")
+
+    def moe_layers(self) -> list[tuple[int, MoE]]:
+        return [(int(i), layer.mlp) for i, layer in self.layers.items() if isinstance(layer.mlp, MoE)]
+
+    def num_parameters(self) -> int:
+        """Of the whole model (all stages), as `Transformer.num_parameters`."""
+        return self.full_model_parameters
 
 
 def build_pipeline(model: Transformer, pp_mesh: DeviceMesh, batch_shape: tuple[int, int], n_microbatches: int,
@@ -300,6 +387,7 @@ def build_pipeline(model: Transformer, pp_mesh: DeviceMesh, batch_shape: tuple[i
     modules, stages = [], []
     for s in stage_ids(pp_rank, pp, per_rank, style):
         module = StageModule(model, ranges[s].start, ranges[s].stop, s == 0, s == n_stages - 1)
+        module.stage_id = s
         if aux_loss_factory is not None:
             module.aux_loss = aux_loss_factory(module)
         modules.append(module)
@@ -319,4 +407,6 @@ def build_pipeline(model: Transformer, pp_mesh: DeviceMesh, batch_shape: tuple[i
     first_rank = next(r for r in range(pp) if 0 in stage_ids(r, pp, per_rank, style))
     last_rank = next(r for r in range(pp) if n_stages - 1 in stage_ids(r, pp, per_rank, style))
     shares = reads_embedding_at_end(model) and n_stages > 1
-    return Pipeline(modules, sched, group, shares, first_rank == last_rank, n_microbatches, (B, T), stages)
+    owners = [next(r for r in range(pp) if s in stage_ids(r, pp, per_rank, style)) for s in range(n_stages)]
+    return Pipeline(modules, sched, group, shares, first_rank == last_rank, n_microbatches, (B, T), stages,
+                    stage_ranks=owners, hidden_dtype=hidden.dtype)

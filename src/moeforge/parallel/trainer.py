@@ -9,6 +9,13 @@ What changes against the single-process trainer, and why:
 * only rank 0 prints, writes metrics and the run folder; everyone writes its checkpoint shards (DCP),
   and rank 0 adds a Hugging Face export of the weights to each checkpoint folder;
 * every step runs inside `collective_errors`, so a dead or stuck peer ends the run with one message.
+
+Pipeline parallelism (--pp P = --nproc, alone): every rank builds the whole model from the same seed and
+keeps its stage(s) (`build_pipeline`); `self.model` is then this rank's `PipelineRank` (full-model
+parameter names), and each optimizer step runs the global batch through the schedule in
+--pp-microbatches micro-batches. Loss, gradient norm (over all stages), expert counts (all layers) and the
+validation loss (a forward-only pass through the stages) are the whole model's on every rank; checkpoints
+are DCP shards per stage plus a Hugging Face export of the weights gathered on rank 0.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -27,11 +35,13 @@ from .. import hardware
 from ..checkpoint import checkpoints_dir, latest_checkpoint, list_checkpoints
 from ..config import RunConfig
 from ..errors import CheckpointError, ConfigError
-from ..train import Trainer, default_run_dir
+from ..balance import load_stats, reset_counts
+from ..train import Trainer, decay_split, default_run_dir, lr_at
 from . import dist_checkpoint, parallelize
 from .grads import clip_grad_norm
 from .launch import collective_errors, init_distributed
 from .mesh import ParallelLayout, build_mesh
+from .pipeline import PipelineRank, build_pipeline
 from .tensor import split_param_groups
 
 
@@ -61,7 +71,8 @@ class DistributedTrainer(Trainer):
             cuda = f"cuda:{torch.cuda.current_device()}"
             run = dataclasses.replace(run, train=dataclasses.replace(cfg, device=cuda))
         self.layout = ParallelLayout.resolve(self.world, cfg.dp, cfg.ep, cfg.tp, cfg.pp, cfg.zero)
-        self.layout.check_model(run.model).check_batch(cfg.batch_size)
+        self.layout.check_model(run.model).check_batch(cfg.batch_size).check_trainer().check_pipeline(cfg)
+        self.pipeline = None  # built in parallelize when pp > 1
         self.mesh = build_mesh(self.layout, "cuda" if caps.device.startswith("cuda") else "cpu")
         self.dp_group = self.mesh["dp"].get_group()
         self.dp_rank = self.mesh["dp"].get_local_rank()
@@ -75,13 +86,38 @@ class DistributedTrainer(Trainer):
         self.val_batches = DataParallelSlice(self.val_batches, self.dp_rank, self.layout.dp)
         self.console.print(f"  distributed: {self.world} processes, {self.layout.describe()}, "
                            f"{dist.get_backend()} collectives, timeout {cfg.dist_timeout:g} s")
+        if self.pipeline is not None:
+            self.console.print(f"  pipeline: {cfg.pp_schedule} schedule, {len(self.pipeline.stage_ranks)} stages, "
+                               f"{self.pipeline.n_microbatches} micro-batches of "
+                               f"{self.pipeline.batch_shape[0] // self.pipeline.n_microbatches} sequences per step")
 
     # --- hooks of Trainer ---------------------------------------------------------------------------
     def parallelize(self, model):
         # On 2-D meshes (EP x FSDP expert shards, TP x FSDP norms) DTensor warns, on every step and save, that
         # it reduces one mesh dim after the other; that is the expected cost here, not a problem to report.
         logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
-        return parallelize(model, self.layout, self.mesh)
+        model = parallelize(model, self.layout, self.mesh)
+        if self.layout.pp == 1:
+            return model
+        return self._build_pipeline(model)
+
+    def _build_pipeline(self, model) -> PipelineRank:
+        """Cut the (identically initialised) model into this rank's stages. The trainer's RouterProbe is
+        built on the returned module afterwards; each stage pops it at the end of its forward, so the balance
+        loss of a micro-batch's routers joins that micro-batch's backward (see pipeline.attach_aux_loss)."""
+        cfg = self.cfg
+        self._moe_layer_ids = [i for i, _ in model.moe_layers()]
+        self._has_mtp = bool(model.mtp)
+        self._full_optimizer_names = [n for names in decay_split(model) for n in names]  # a plain run's order
+        total = model.num_parameters()
+        rows = cfg.batch_size * cfg.grad_accum // self.layout.dp
+        self.pipeline = build_pipeline(model, self.mesh["pp"], (rows, cfg.seq_len),
+                                       self.layout.pipeline_microbatches(cfg), cfg.pp_schedule,
+                                       aux_loss_factory=lambda stage: lambda: self.router_probe.pop_loss())
+        self.pp_group = self.mesh["pp"].get_group()
+        rank_module = self.pipeline.rank_module()
+        rank_module.full_model_parameters = total
+        return rank_module
 
     def build_optimizer(self):
         optimizer = super().build_optimizer()
@@ -94,13 +130,112 @@ class DistributedTrainer(Trainer):
 
     def train_step(self) -> dict:
         with collective_errors(f"step {self.step + 1}", self.cfg.dist_timeout):
-            m = super().train_step()
+            m = super().train_step() if self.pipeline is None else self._pipeline_train_step()
             return self._mean_over_dp(m, ("loss", "lm_loss", "mtp_loss", "aux_loss"))
 
     @torch.no_grad()
     def evaluate(self) -> float:
         with collective_errors(f"evaluation after step {self.step}", self.cfg.dist_timeout):
-            return self._mean_over_dp({"v": super().evaluate()}, ("v",))["v"]
+            value = super().evaluate() if self.pipeline is None else self._pipeline_evaluate()
+            return self._mean_over_dp({"v": value}, ("v",))["v"]
+
+    # --- pipeline parallelism -----------------------------------------------------------------------
+    def _pipeline_train_step(self) -> dict:
+        """Trainer.train_step with the pipeline: the grad_accum batches of this step, concatenated, run through
+        the schedule in micro-batches; the same metrics, for the whole model, on every rank."""
+        cfg = self.cfg
+        self.model.train()
+        reset_counts(self.model)
+        parts = [self.train_batches.batch(self.step * cfg.grad_accum + micro) for micro in range(cfg.grad_accum)]
+        x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        with self.autocast():
+            self.pipeline.step(x.to(self.device), y.to(self.device))
+        sums = dict(self.pipeline.metrics)
+        switches = self.precision_policy.step(self.step + 1) if self.precision_policy else []
+        grad_norm = self.pipeline.clip_grad_norm_(cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        lr = lr_at(self.step, cfg)
+        finite = math.isfinite(sums["loss"]) and bool(torch.isfinite(grad_norm))
+        if finite:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            self.balancer.update(self.model, self.step, group=self.dp_group)
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = {"step": self.step + 1, **sums, "lr": lr, "grad_norm": float(grad_norm), "skipped": not finite}
+        counts = self._pipeline_counts()
+        metrics.update(load_stats(counts))
+        if cfg.log_expert_counts:
+            metrics["expert_counts"] = counts.long().tolist()
+        if self.precision_policy:
+            metrics["fp8_layer_fraction"] = self.precision_policy.fp8_fraction()
+            if switches:
+                metrics["precision_switches"] = switches
+        if not self._has_mtp:
+            metrics.pop("mtp_loss")
+        if not self.router_probe.active:
+            metrics.pop("aux_loss")
+        return metrics
+
+    def _pipeline_counts(self) -> torch.Tensor:
+        """[moe layers of the whole model, experts] token counts: each stage fills its layers' rows."""
+        here = dict(self.model.moe_layers())
+        if not self._moe_layer_ids:
+            return torch.zeros(0, 0)
+        counts = torch.zeros(len(self._moe_layer_ids), self.run.model.n_routed_experts, device=self.device)
+        for row, layer in enumerate(self._moe_layer_ids):
+            if layer in here:
+                counts[row] = here[layer].tokens_per_expert
+        dist.all_reduce(counts, group=self.dp_group)
+        dist.all_reduce(counts, group=self.pp_group)
+        return counts.cpu()
+
+    def _pipeline_evaluate(self) -> float:
+        """Trainer.evaluate through the stages (forward only, each batch whole)."""
+        self.model.eval()
+        losses = []
+        for i in range(self.cfg.eval_batches):
+            x, y = self.val_batches.batch(i)
+            with self.autocast():
+                losses.append(self.pipeline.forward_loss(x.to(self.device), y.to(self.device)).item())
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    def _gather_full_state(self) -> dict | None:
+        """The whole model's state dict (CPU tensors) on rank 0, from every stage; None on other ranks."""
+        local = {k: v.detach().cpu() for k, v in self.model.state_dict().items()
+                 if not k.startswith(PipelineRank.LAST_STAGE_COPY + ".")}
+        gathered = [None] * self.world if self.is_main else None
+        dist.gather_object(local, gathered, dst=0)
+        if not self.is_main:
+            return None
+        full: dict = {}
+        for part in gathered:
+            for k, v in part.items():
+                full.setdefault(k, v)  # the embedding (on the first and last stage) is the same on both
+        return full
+
+    def sample(self, prompt: str, max_new_tokens: int | None = None) -> str:
+        if self.pipeline is None:
+            return super().sample(prompt, max_new_tokens)
+        from ..generate import generate
+        from ..model import Transformer
+
+        full = self._gather_full_state()  # every rank takes part; rank 0 samples from the whole model
+        if not self.is_main:
+            return ""
+        with torch.device("meta"):
+            model = Transformer(self.run.model)
+        model.to_empty(device=self.device)
+        model.load_state_dict(full, strict=True)
+        model.rotary.reset()
+        ids = self.tokenizer.encode(prompt)
+        stop = (self.tokenizer.eos_id,) if self.tokenizer.eos_id is not None else ()
+        new = generate(model.eval(), ids, max_new_tokens or self.cfg.sample_tokens, temperature=0.8,
+                       top_k=50, seed=self.cfg.seed, stop_ids=stop, autocast_dtype=self.amp_dtype)
+        return prompt + self.tokenizer.decode(new)
 
     def _mean_over_dp(self, metrics: dict, keys) -> dict:
         keys = [k for k in keys if k in metrics]
@@ -154,9 +289,24 @@ class DistributedTrainer(Trainer):
         name_of = {id(p): n for n, p in self.model.named_parameters()}
         names = [name_of[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
         saved = state["optimizer"]
+        if self.pipeline is not None:  # the plain run numbered the whole model's parameters; keep this stage's
+            names, held = self._full_optimizer_names, set(names)
+            copy = PipelineRank.LAST_STAGE_COPY + ".weight"
+            alias = {copy: "embed_tokens.weight"} if copy in held else {}
+            weights = {k: weights[alias.get(k, k)] for k in self.model.state_dict()}
+            by_name = {names[i]: v for i, v in saved["state"].items()}
+            saved = {"state": {**{n: by_name[n] for n in names if n in held},
+                               **{c: by_name[o] for c, o in alias.items() if o in by_name}},
+                     "param_groups": [{**g, "params": [names[i] for i in g["params"] if names[i] in held]
+                                       + [c for c, o in alias.items() if o in [names[i] for i in g["params"]]]}
+                                      for g in saved["param_groups"]]}
         try:
-            optim = {"state": {names[i]: v for i, v in saved["state"].items()},
-                     "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+            if self.pipeline is not None:
+                optim = saved
+            else:
+                optim = {"state": {names[i]: v for i, v in saved["state"].items()},
+                         "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                                          for g in saved["param_groups"]]}
             set_state_dict(self.model, self.optimizer, model_state_dict=weights, optim_state_dict=optim,
                            options=StateDictOptions(full_state_dict=True))
         except (IndexError, KeyError, RuntimeError, ValueError) as e:
@@ -178,7 +328,11 @@ class DistributedTrainer(Trainer):
                  "layout": dataclasses.asdict(self.layout)}
         with collective_errors(f"checkpoint at step {self.step}", self.cfg.dist_timeout):
             dist_checkpoint.save(tmp, self.model, self.optimizer, extra)
-            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.pipeline is not None:
+                full = self._gather_full_state()
+            else:
+                full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                                  cpu_offload=True))
         if self.is_main:
             export_hf(full, self.run.model, tmp)
             if final.exists():
