@@ -158,3 +158,33 @@ def test_four_ranks_ep_x_fsdp_matches_single_process(tmp_path, reference):
     records, _, after_3 = reference
     for kw, result in zip(FOUR_RANK_LAYOUTS, run_layouts(tmp_path, 4, FOUR_RANK_LAYOUTS)):
         check_matches(result, records[:STEPS], after_3, f"4 ranks {kw}")
+
+
+def test_checkpoints_with_unflattened_optimizer_state_still_load(tmp_path):
+    """Checkpoints are saved with the optimizer state flattened (per-parameter keys: pipeline stages hold
+    different parameters); one written before, with per-group parameter lists, loads the same."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from moeforge.parallel.launch import init_distributed
+
+    with one_thread():
+        init_distributed("gloo", 60)
+        try:
+            saved = Loop(build_model())
+            saved.train_step(*batches(1)[0])
+            model_sd, optim_sd = get_state_dict(saved.model, saved.optimizer)  # the old, unflattened layout
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path / "old"))
+            dist_checkpoint.save(tmp_path / "new", saved.model, saved.optimizer)
+            for name in ("old", "new"):
+                fresh = Loop(build_model())
+                dist_checkpoint.load(tmp_path / name, fresh.model, fresh.optimizer)
+                got, want = fresh.optimizer.state_dict(), saved.optimizer.state_dict()
+                assert got["param_groups"] == want["param_groups"], name
+                for i, s in want["state"].items():
+                    for k, v in s.items():
+                        assert torch.equal(got["state"][i][k], v), (name, i, k)
+                assert all(torch.equal(a, b) for a, b in zip(fresh.model.state_dict().values(),
+                                                            saved.model.state_dict().values()))
+        finally:
+            dist.destroy_process_group()

@@ -67,12 +67,79 @@ def test_tensor_parallel_run_matches_single_process(tmp_path, capfd):
 
 
 def test_bad_layouts_fail_in_one_line_before_any_process_starts(tmp_path, capfd):
-    for flags, message in ((["--pp", "2"], "pp=2: the trainer does not run pipeline stages"),
+    for flags, message in ((["--pp", "2", "--pp-microbatches", "3"], "pp_microbatches=3 must divide the 4 sequences"),
+                           (["--pp", "2", "--pp-schedule", "dualpipev", "--pp-microbatches", "2"],
+                            "needs at least 4 micro-batches"),
+                           (["--pp", "2", "--compile"], "--compile is not applied to pipeline stages"),
+                           (["--pp", "2", "-m", "num_hidden_layers=1"], "pp=2 exceeds num_hidden_layers=1"),
+                           (["--pp", "2", "--pp-schedule", "zb"], "pp_schedule must be gpipe, 1f1b"),
                            (["--tp", "3"], "does not divide the 2 processes"),
                            (["--ep", "3", "--dp", "2"], "ep=3 must divide dp=2")):
         assert main(["train", *SMALL, "--steps", "1", "--run-dir", str(tmp_path / "x"), "--nproc", "2", *flags]) == 2
         err = capfd.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_pipeline_parallel_run_matches_single_process(tmp_path, capfd):
+    """`--nproc 2 --pp 2` (1F1B, 2 micro-batches): rank 0 runs the embedding and block 0-1, rank 1 block 2,
+    the head and MTP. The loss parts (on the last stage), the gradient norm (over both stages), the
+    validation loss (forward through the stages) and the expert counts (all layers) are the whole model's,
+    logged once, and equal a single-process run's; the Hugging Face export holds the whole model."""
+    single, run = tmp_path / "single", tmp_path / "pp"
+    assert main(["train", *SMALL, "--steps", "3", "--run-dir", str(single)]) == 0
+    capfd.readouterr()
+    assert main(["train", *SMALL, "--steps", "3", "--run-dir", str(run), "--nproc", "2", "--pp", "2"]) == 0
+    err = capfd.readouterr().err
+    assert err.count("moeforge train ->") == 1 and "1f1b schedule, 2 stages, 2 micro-batches" in err
+    want, got = metrics(single), metrics(run)
+    assert [m["step"] for m in got] == [1, 2, 3]  # one line per step: only rank 0 wrote
+    for a, b in zip(got, want, strict=True):
+        assert a.keys() - {"tokens_per_s", "elapsed_s"} == b.keys() - {"tokens_per_s", "elapsed_s"}
+        for key in ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm", "val_loss", "max_vio"):
+            if key in b:
+                assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
+        assert a["expert_counts"] == b["expert_counts"] and len(a["expert_counts"]) == 2  # both MoE layers
+    from safetensors.torch import load_file
+
+    ckpt = "checkpoints/step-000003/model.safetensors"
+    w_single, w_pp = load_file(single / ckpt), load_file(run / ckpt)
+    assert w_pp.keys() == w_single.keys()
+    assert max((w_pp[k] - w_single[k]).abs().max().item() for k in w_single) < 1e-5
+
+
+def test_pipeline_parallel_run_resumes_exactly(tmp_path):
+    """DualPipeV at pp=2 (rank 0 holds the first and the last stage, with the last stage's embedding copy):
+    steps 1-2 write a DCP checkpoint (each rank its stages), steps 3-4 resume it at pp=2, step 5 resumes
+    that in one process: the same numbers as 5 uninterrupted single-process steps."""
+    single, run = tmp_path / "single", tmp_path / "pp"
+    assert main(["train", *SMALL, "--steps", "5", "--run-dir", str(single)]) == 0
+    assert main(["train", *SMALL, "--steps", "2", "--save-every", "2", "--keep-checkpoints", "5", "--run-dir",
+                 str(run), "--nproc", "2", "--pp", "2", "--pp-schedule", "dualpipev"]) == 0
+    assert (run / "checkpoints" / "step-000002" / ".metadata").is_file()
+    assert main(["train", "--resume", "--run-dir", str(run), "--steps", "4", "--nproc", "2", "--pp", "2"]) == 0
+    assert main(["train", "--resume", "--run-dir", str(run), "--steps", "5", "--pp", "1"]) == 0
+    want, got = metrics(single), metrics(run)
+    assert [m["step"] for m in got] == [1, 2, 3, 4, 5]
+    for a, b in zip(got, want, strict=True):
+        for key in ("loss", "lm_loss", "grad_norm", "val_loss"):
+            if key in b:
+                assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
+        assert a["expert_counts"] == b["expert_counts"]
+
+
+def test_single_process_checkpoint_continues_under_pipeline_parallelism(tmp_path):
+    """Steps 1-2 in one process (Hugging Face weights + the optimizer state numbered in the whole model's
+    order), 3-4 at pp=2 with DualPipeV (each rank takes its stages' weights and state; rank 0's two
+    embeddings both take the embedding's): the numbers of 4 single-process steps."""
+    single, run = tmp_path / "single", tmp_path / "run"
+    assert main(["train", *SMALL, "--steps", "4", "--run-dir", str(single)]) == 0
+    assert main(["train", *SMALL, "--steps", "2", "--save-every", "2", "--run-dir", str(run)]) == 0
+    assert main(["train", "--resume", "--run-dir", str(run), "--steps", "4", "--nproc", "2", "--pp", "2",
+                 "--pp-schedule", "dualpipev"]) == 0
+    for a, b in zip(metrics(run), metrics(single), strict=True):
+        for key in ("loss", "grad_norm", "val_loss"):
+            if key in b:
+                assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
 
 
 def test_activation_checkpointing_under_ep_and_zero3_matches_single_process(tmp_path):

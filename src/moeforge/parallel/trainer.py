@@ -20,6 +20,7 @@ are DCP shards per stage plus a Hugging Face export of the weights gathered on r
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -285,28 +286,23 @@ class DistributedTrainer(Trainer):
 
         state = load_trainer_state(ckpt)
         weights = hf_to_moeforge(read_safetensors(ckpt), self.run.model)
-        # torch numbers parameters by their order in the param groups; DCP's state dicts use names.
+        # torch numbers parameters by their order in the param groups; DCP's state dicts use names. Under pp the
+        # plain run numbered the whole model's parameters and this rank holds some of them (DualPipeV's rank 0
+        # also a second embedding, which takes the first one's values).
         name_of = {id(p): n for n, p in self.model.named_parameters()}
         names = [name_of[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+        order = names if self.pipeline is None else self._full_optimizer_names
+        holders: dict[str, list[str]] = {}  # saved name -> this rank's names holding it
+        for n in names:
+            holders.setdefault(saved_name(n), []).append(n)
+        if self.pipeline is not None:
+            weights = {k: weights[saved_name(k)] for k in self.model.state_dict()}
         saved = state["optimizer"]
-        if self.pipeline is not None:  # the plain run numbered the whole model's parameters; keep this stage's
-            names, held = self._full_optimizer_names, set(names)
-            copy = PipelineRank.LAST_STAGE_COPY + ".weight"
-            alias = {copy: "embed_tokens.weight"} if copy in held else {}
-            weights = {k: weights[alias.get(k, k)] for k in self.model.state_dict()}
-            by_name = {names[i]: v for i, v in saved["state"].items()}
-            saved = {"state": {**{n: by_name[n] for n in names if n in held},
-                               **{c: by_name[o] for c, o in alias.items() if o in by_name}},
-                     "param_groups": [{**g, "params": [names[i] for i in g["params"] if names[i] in held]
-                                       + [c for c, o in alias.items() if o in [names[i] for i in g["params"]]]}
-                                      for g in saved["param_groups"]]}
         try:
-            if self.pipeline is not None:
-                optim = saved
-            else:
-                optim = {"state": {names[i]: v for i, v in saved["state"].items()},
-                         "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
-                                          for g in saved["param_groups"]]}
+            optim = {"state": {n: v if j == 0 else copy.deepcopy(v)  # copies must not share moment tensors
+                               for i, v in saved["state"].items() for j, n in enumerate(holders.get(order[i], []))},
+                     "param_groups": [{**g, "params": [n for i in g["params"] for n in holders.get(order[i], [])]}
+                                      for g in saved["param_groups"]]}
             set_state_dict(self.model, self.optimizer, model_state_dict=weights, optim_state_dict=optim,
                            options=StateDictOptions(full_state_dict=True))
         except (IndexError, KeyError, RuntimeError, ValueError) as e:
@@ -342,6 +338,13 @@ class DistributedTrainer(Trainer):
                 shutil.rmtree(stale, ignore_errors=True)
         dist.barrier()
         return final
+
+
+def saved_name(name: str) -> str:
+    """The full model's name of a parameter or buffer of this rank (DualPipeV's last-stage embedding copy
+    is the embedding)."""
+    prefix = PipelineRank.LAST_STAGE_COPY + "."
+    return "embed_tokens." + name[len(prefix):] if name.startswith(prefix) else name
 
 
 def export_hf(state: dict, config, folder: Path) -> None:
