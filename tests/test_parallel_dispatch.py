@@ -18,6 +18,8 @@ import torch.multiprocessing as mp
 from moeforge.balance import moe_modules
 from moeforge.config import TrainConfig
 from moeforge.errors import ConfigError
+from moeforge.memory.candidates import find_candidates
+from moeforge.memory.checkpointing import ActivationCheckpointing
 from moeforge.parallel import ParallelLayout, build_mesh, parallelize, pop_comm_bytes
 from moeforge.parallel.expert import ExpertParallelExperts
 from moeforge.precision.logfmt import logfmt_roundtrip
@@ -30,6 +32,10 @@ CASES = {  # name -> parallelize keywords
     "compute": dict(ep_dispatch="compute", ep_overlap_shared=False),
     "compute_overlap": dict(ep_dispatch="compute", ep_overlap_shared=True),
 }
+# Overlap under activation checkpointing of these candidate kinds (docs/memory.md): blocks and shared experts
+# are recomputed with the overlap; a checkpointed MoE or routed-experts region is run without it.
+CHECKPOINTED = {"ckpt_block": ("block",), "ckpt_moe": ("moe",), "ckpt_routed_shared": ("routed_experts", "shared_experts"),
+                "ckpt_shared": ("shared_experts",)}
 ROUNDTRIP = {"fp8": lambda x: fake_quantize(x, TILE), "logfmt": lambda x: logfmt_roundtrip(x, 8)}
 
 
@@ -57,8 +63,10 @@ def worker(rank, world, init_file, out_dir):
     init_gloo(rank, world, init_file)
     layout = ParallelLayout.resolve(world, ep=2, zero=2)
     mesh = build_mesh(layout, "cpu")
-    for name, kw in CASES.items():
+    for name, kw in {**CASES, **{k: dict(ep_dispatch="compute") for k in CHECKPOINTED}}.items():
         model = parallelize(build_model(), layout, mesh, **kw)
+        if name in CHECKPOINTED:
+            ActivationCheckpointing(model, [c.name for c in find_candidates(model) if c.kind in CHECKPOINTED[name]])
         loop = Loop(model, group=mesh["dp"].get_group(), rank=mesh["dp"].get_local_rank(), dp=layout.dp)
         result = run(loop)
         assert all(m.dispatch == kw["ep_dispatch"] for m in model.modules() if isinstance(m, ExpertParallelExperts))
@@ -111,7 +119,7 @@ def check_matches(got, want, what, atol=1e-5, state_atol=None):
 
 def test_low_precision_dispatch_and_shared_overlap_at_ep2(tmp_path):
     mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    got = {name: torch.load(tmp_path / f"{name}.pt") for name in CASES}
+    got = {name: torch.load(tmp_path / f"{name}.pt") for name in [*CASES, *CHECKPOINTED]}
 
     plain = emulated_run(None)
     check_matches(got["compute"], plain, "EP=2 compute dispatch")
@@ -129,6 +137,10 @@ def test_low_precision_dispatch_and_shared_overlap_at_ep2(tmp_path):
     check_matches(got["compute_overlap"], got["compute"], "overlap vs no overlap", atol=0)
     assert got["compute"]["hits"] == 0 and got["compute_overlap"]["hits"] == 3 * len(moe_modules(build_model()))
     assert got["fp8"]["hits"] == got["compute_overlap"]["hits"]
+    assert got["ckpt_block"]["hits"] > 0 and got["ckpt_shared"]["hits"] > 0
+    assert got["ckpt_moe"]["hits"] == got["ckpt_routed_shared"]["hits"] == 0
+    for name in CHECKPOINTED:
+        check_matches(got[name], got["compute"], f"overlap under checkpointing {CHECKPOINTED[name]}", atol=0)
 
     # Bytes: every row a rank sends to another comes back through the combine (fp32 here, 256 B per row of
     # D = 64), so over both ranks rows = combine bytes / 256. Dispatch per row: fp32 256 B, fp8 64 + 4 (one
