@@ -34,8 +34,8 @@ CASES = {  # name -> parallelize keywords
 }
 # Overlap under activation checkpointing of these candidate kinds (docs/memory.md): blocks and shared experts
 # are recomputed with the overlap; a checkpointed MoE or routed-experts region is run without it.
-CHECKPOINTED = {"ckpt_block": ("block",), "ckpt_moe": ("moe",), "ckpt_routed_shared": ("routed_experts", "shared_experts"),
-                "ckpt_shared": ("shared_experts",)}
+CHECKPOINTED = {"ckpt_block": ("block",), "ckpt_moe": ("moe",),
+                "ckpt_routed_shared": ("routed_experts", "shared_experts"), "ckpt_shared": ("shared_experts",)}
 ROUNDTRIP = {"fp8": lambda x: fake_quantize(x, TILE), "logfmt": lambda x: logfmt_roundtrip(x, 8)}
 
 
@@ -96,7 +96,8 @@ def emulated_run(fmt: str | None):
     if fmt is not None:
         for moe in moe_modules(model):
             inner = moe.experts.forward
-            moe.experts.forward = lambda x, counts, inner=inner: inner(_StraightThrough.apply(x, ROUNDTRIP[fmt]), counts)
+            moe.experts.forward = (lambda x, counts, inner=inner:
+                                   inner(_StraightThrough.apply(x, ROUNDTRIP[fmt]), counts))
     return run(Loop(model))
 
 

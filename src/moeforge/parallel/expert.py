@@ -212,7 +212,8 @@ class ExpertParallelExperts(nn.Module):
             inverse[index] = torch.arange(index.numel(), device=index.device)
         me = self.ep_mesh.get_local_rank()
         D = x.shape[1]
-        self.comm_bytes["dispatch"] += (sum(input_splits) - input_splits[me]) * payload_row_bytes(D, self.dispatch, x.dtype)
+        row_bytes = payload_row_bytes(D, self.dispatch, x.dtype)
+        self.comm_bytes["dispatch"] += (sum(input_splits) - input_splits[me]) * row_bytes
         if self.dispatch == "compute":  # an AsyncCollectiveTensor: waited for at its first use (_Permute)
             recv = all_to_all_single_autograd(x.contiguous(), output_splits, input_splits, group)
             self._run_shared()
@@ -255,7 +256,8 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if isinstance(p, DTensor) else p
 
 
-def apply_expert_parallel(model: nn.Module, ep_mesh, dispatch: str = "compute", overlap_shared: bool = True) -> nn.Module:
+def apply_expert_parallel(model: nn.Module, ep_mesh, dispatch: str = "compute",
+                          overlap_shared: bool = True) -> nn.Module:
     """Swap every MoE layer's experts (main layers and MTP blocks) for their expert-parallel form, sending
     token rows as `dispatch` (compute, fp8 or logfmt); with `overlap_shared`, the shared experts run while
     the dispatch is in flight."""
