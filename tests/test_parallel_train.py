@@ -181,3 +181,21 @@ def test_fp8_experts_stay_fp8_under_expert_parallelism(tmp_path):
     fp8, bf16 = first_loss("fp8", "fp8"), first_loss("bf16", "bf16")
     ep = first_loss("ep", "fp8", "--nproc", "2", "--ep", "2")
     assert abs(ep - fp8) < 1e-5 and abs(ep - bf16) > 1e-4, (ep, fp8, bf16)
+
+
+def test_fp8_dispatch_through_the_cli_logs_the_bytes_it_saves(tmp_path, capfd):
+    """`--ep-dispatch fp8` reaches the EP modules: the logged dispatch bytes are 68 per row crossing ranks
+    (64 FP8 values + one fp32 scale; rows counted by the fp32 combine, 256 B each), and the loss moves
+    by the quantisation only. Without --ep the flag is a one-line error."""
+    single, run = tmp_path / "single", tmp_path / "fp8"
+    assert main(["train", *SMALL, "--steps", "2", "--eval-every", "0", "--run-dir", str(single)]) == 0
+    assert main(["train", *SMALL, "--steps", "2", "--eval-every", "0", "--run-dir", str(run), "--nproc", "2",
+                 "--ep", "2", "--ep-dispatch", "fp8"]) == 0
+    for a, b in zip(metrics(run), metrics(single), strict=True):
+        assert 0 < abs(a["loss"] - b["loss"]) < 1e-2, (a["loss"], b["loss"])
+        assert a["ep_combine_bytes"] > 0 and a["ep_combine_bytes"] % 256 == 0
+        assert a["ep_dispatch_bytes"] == a["ep_combine_bytes"] // 256 * 68
+    capfd.readouterr()
+    assert main(["train", *SMALL, "--steps", "1", "--run-dir", str(tmp_path / "x"), "--ep-dispatch", "fp8"]) == 2
+    err = capfd.readouterr().err
+    assert "ep_dispatch=fp8 needs ep > 1" in err and err.count("\n") == 1, err

@@ -61,3 +61,17 @@ def test_edge_cases_zero_tiles_clamped_range_padding_and_payload():
     assert p.nbytes == 400 + 2 * 2 * 2 * 4  # 8 bits per value + fp32 min and max per tile
     with pytest.raises(ValueError, match="inf or NaN"):
         logfmt_encode(torch.tensor([[1.0, float("nan")]]))
+
+
+def test_unchecked_non_finite_input_decodes_its_tiles_to_nan():
+    """check_finite=False (the EP dispatch: no host sync): a tile holding inf or NaN decodes to NaN as a
+    whole, the other tiles exactly as if it were checked."""
+    x = torch.randn(3, 200)
+    x[1, 5], x[2, 150] = float("nan"), float("inf")
+    y = logfmt_decode(logfmt_encode(x, 8, check_finite=False))
+    assert torch.isnan(y[1, :128]).all() and torch.isnan(y[2, 128:]).all()
+    clean = x.clone()
+    clean[1, :128], clean[2, 128:] = 1.0, 1.0  # other tiles: as if the input were finite
+    want = logfmt_roundtrip(clean, 8)
+    assert torch.equal(y[0], want[0]) and torch.equal(y[1, 128:], want[1, 128:])
+    assert torch.equal(y[2, :128], want[2, :128])

@@ -302,6 +302,12 @@ class TrainConfig:
     nproc: int = doc("Processes to start on this machine; > 1 launches torchrun for you.", default=1)
     dp: int = doc("Data-parallel degree: ranks that see different tokens (0 = processes / (tp x pp)).", default=0)
     ep: int = doc("Expert-parallel degree, within dp: each rank holds n_routed_experts / ep experts.", default=1)
+    ep_dispatch: str = doc("Expert parallelism: what the token rows travel as to their experts' ranks: compute "
+                           "(the compute dtype, bf16 under bf16/fp8 precision), fp8 (E4M3 + one fp32 scale per "
+                           "1x128 tile, as DeepSeek-V3) or logfmt (LogFMT-8); results return in the compute dtype. "
+                           "fp8/logfmt need ep > 1.", default="compute")
+    ep_overlap_shared: bool = doc("Expert parallelism: compute the shared experts while the dispatch all-to-all "
+                                  "is in flight (same results).", default=True)
     tp: int = doc("Tensor-parallel degree.", default=1)
     pp: int = doc("Pipeline-parallel degree: ranks holding consecutive blocks of the model (pp > 1 runs "
                   "alone: --nproc = --pp; docs/parallel-tp-pp.md).", default=1)
@@ -355,6 +361,11 @@ class TrainConfig:
         if self.activation_checkpointing not in ("none", "full", "selective", "auto"):
             raise ConfigError(f"activation_checkpointing must be none, full, selective or auto, got "
                               f"{self.activation_checkpointing!r}")
+        if self.ep_dispatch not in ("compute", "fp8", "logfmt"):
+            raise ConfigError(f"ep_dispatch must be compute, fp8 or logfmt, got {self.ep_dispatch!r}")
+        if self.ep_dispatch != "compute" and self.ep == 1:
+            raise ConfigError(f"ep_dispatch={self.ep_dispatch} needs ep > 1: with ep=1 no tokens are exchanged "
+                              "(use --ep-dispatch compute)")
         if self.offload not in ("none", "optimizer", "activations", "all"):
             raise ConfigError(f"offload must be none, optimizer, activations or all, got {self.offload!r}")
         if self.pp_schedule not in PP_SCHEDULES:

@@ -113,7 +113,8 @@ def setup_memory(trainer) -> CheckpointPlan:
         trainer.router_probe.pop_loss()  # drop what the router probe saw during the measurement
         trainer.activation_checkpointing = ActivationCheckpointing(model, plan.names)
         trainer.console.print(plan.summary())
-        (Path(trainer.run_dir) / PLAN_FILE).write_text(json.dumps(plan.to_json(), indent=2) + "\n")
+        if trainer.is_main:  # every rank writing the same file at once interleaved them (invalid JSON)
+            (Path(trainer.run_dir) / PLAN_FILE).write_text(json.dumps(plan.to_json(), indent=2) + "\n")
     if cfg.offload != "none":
         trainer.console.print(apply_offload(cfg.offload, model, trainer.optimizer, trainer.device))
     return plan

@@ -16,18 +16,21 @@ from torch import nn
 
 from ..errors import ConfigError
 from . import dist_checkpoint
-from .expert import ExpertParallelExperts, apply_expert_parallel
+from .expert import DISPATCH_FORMATS, ExpertParallelExperts, apply_expert_parallel, pop_comm_bytes
 from .fsdp import apply_fsdp, mixed_precision
 from .grads import clip_grad_norm
 from .mesh import ParallelLayout, ParallelMesh, build_mesh
 from .tensor import apply_tensor_parallel
 
-__all__ = ["ExpertParallelExperts", "ParallelLayout", "ParallelMesh", "apply_expert_parallel", "apply_fsdp",
-           "apply_tensor_parallel", "build_mesh", "clip_grad_norm", "dist_checkpoint", "mixed_precision", "parallelize"]
+__all__ = ["DISPATCH_FORMATS", "ExpertParallelExperts", "ParallelLayout", "ParallelMesh", "apply_expert_parallel",
+           "apply_fsdp", "apply_tensor_parallel", "build_mesh", "clip_grad_norm", "dist_checkpoint", "mixed_precision",
+           "parallelize", "pop_comm_bytes"]
 
 
-def parallelize(model: nn.Module, layout: ParallelLayout, mesh, param_dtype: torch.dtype | None = None) -> nn.Module:
+def parallelize(model: nn.Module, layout: ParallelLayout, mesh, param_dtype: torch.dtype | None = None,
+                ep_dispatch: str = "compute", ep_overlap_shared: bool = True) -> nn.Module:
     """Apply the layout to a built (and hardware-configured) model on every rank; returns the same model.
+    `ep_dispatch` (compute, fp8, logfmt) and `ep_overlap_shared` configure expert parallelism (expert.py).
 
     The model must be initialised identically on every rank (same seed): each rank keeps its shards.
     Pipeline stages (pp > 1, which the trainer runs alone) are cut afterwards with
@@ -38,7 +41,7 @@ def parallelize(model: nn.Module, layout: ParallelLayout, mesh, param_dtype: tor
     if layout.tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
     if layout.ep > 1:
-        apply_expert_parallel(model, mesh["ep"])
+        apply_expert_parallel(model, mesh["ep"], ep_dispatch, ep_overlap_shared)
     if layout.dp > 1 or layout.ep > 1:
         apply_fsdp(model, mesh, layout, mixed_precision(param_dtype))
     return model

@@ -14,6 +14,27 @@ Inside (M rows sorted by expert, E experts, El = E / ep local experts, S = ep so
   4. combine: the inverse permutation and the inverse all-to-all bring results back in input order.
 Both all-to-alls are autograd functional collectives: the backward of each is the inverse exchange.
 
+Dispatch payload (`dispatch`, `--ep-dispatch`): "compute" sends the rows in the compute dtype; "fp8"
+(DeepSeek-V3) quantises every row to E4M3 with one fp32 scale per 1x128 tile (quant.py) and sends FP8
+bytes and scales as one uint8 row each ([M, D + 4 ceil(D/128)] bytes: gloo has no float8 dtypes);
+"logfmt" sends LogFMT-8 codes and each tile's fp32 lo and hi (logfmt.py; D + 8 ceil(D/128) bytes). The
+receiver decodes to the compute dtype (an FP8 expert kernel quantises again itself). All rows are
+encoded, those a rank keeps for itself too, so results do not depend on the layout: EP with "fp8"
+computes what one process computes with the routed experts' inputs quantised and dequantised. The
+backward is a straight-through estimator: the gradient of the received rows goes back through the
+inverse exchange in the compute dtype. The combine stays in the compute dtype (as in DeepSeek-V3).
+`comm_bytes` counts the bytes each forward exchange sends to other ranks (`pop_comm_bytes`).
+
+Shared experts (`overlap_shared`): `MoE.forward` calls the routed experts, then the shared experts, on
+the same flattened input x. To compute the shared experts while the dispatch is in flight (DeepSeek-V3's
+overlap) without touching the model, a forward pre-hook on the router keeps x; the EP module starts the
+dispatch, runs the shared-experts module on x (its ordinary call: hooks, checkpoint and TP wrappers
+included), then waits. The shared module's class is extended so that its next call, with that very
+tensor x, returns the stored result instead of computing it again. Same operations on the same inputs:
+results are bitwise those without overlap. A layer whose MoE or routed-experts `forward` is wrapped on
+the instance (activation checkpointing of those regions, the memory profiler) is not overlapped: their
+recompute calls `forward` directly, without the router hook, and must replay the same operations.
+
 The weights are DTensors sharded on dim 0 over the ep mesh, so their global shape and name equal the
 single-process model's: distributed checkpoints reshard them to any other layout, and FSDP can shard
 them further over the expert-data-parallel mesh.
@@ -29,6 +50,10 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.func import functional_call
 
 from ..model.moe import MoE, GroupedExperts
+from ..precision.logfmt import LogFmtPayload, logfmt_decode, logfmt_encode
+from ..precision.quant import E4M3, TILE, Quantized, quantize
+
+DISPATCH_FORMATS = ("compute", "fp8", "logfmt")
 
 
 class _Permute(torch.autograd.Function):
@@ -59,11 +84,102 @@ def source_to_expert_order(recv_counts: torch.Tensor) -> torch.Tensor:
     return torch.arange(total, device=recv_counts.device) + shift
 
 
+# --- dispatch payloads -----------------------------------------------------------------------------
+def _tiles(dim: int) -> int:
+    return -(-dim // TILE[1])
+
+
+def encode_rows(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """x [M, D] -> uint8 [M, payload_row_bytes(D, fmt)]: each row's codes followed by its tiles' fp32
+    numbers (fp8: one scale per tile; logfmt: lo per tile, then hi per tile). No host sync: a tile holding
+    inf or NaN decodes to NaN."""
+    M, D = x.shape
+    if M == 0:
+        return torch.empty(0, payload_row_bytes(D, fmt, x.dtype), dtype=torch.uint8, device=x.device)
+    if fmt == "fp8":
+        q = quantize(x, TILE, E4M3, check_finite=False)
+        return torch.cat([q.data.view(torch.uint8), q.scale.view(torch.uint8)], dim=1)
+    if fmt == "logfmt":
+        p = logfmt_encode(x, bits=8, tile=TILE[1], check_finite=False)
+        return torch.cat([p.codes[:, :D], p.lo.view(torch.uint8), p.hi.view(torch.uint8)], dim=1)
+    raise ValueError(f"unknown dispatch format {fmt!r}; choose from {DISPATCH_FORMATS}")
+
+
+def decode_rows(payload: torch.Tensor, dim: int, fmt: str, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of `encode_rows`: uint8 [R, bytes] -> [R, dim] in `dtype`."""
+    R, T = payload.shape[0], _tiles(dim)
+    if R == 0:
+        return torch.empty(0, dim, dtype=dtype, device=payload.device)
+    if fmt == "fp8":
+        data = payload[:, :dim].contiguous().view(E4M3.dtype)
+        scale = payload[:, dim:].contiguous().view(torch.float32)
+        return Quantized(data, scale, TILE, E4M3).dequantize(dtype)
+    if fmt == "logfmt":
+        codes = torch.nn.functional.pad(payload[:, :dim], (0, T * TILE[1] - dim))
+        lo = payload[:, dim:dim + 4 * T].contiguous().view(torch.float32)
+        hi = payload[:, dim + 4 * T:].contiguous().view(torch.float32)
+        return logfmt_decode(LogFmtPayload(codes, lo, hi, 8, (R, dim), dtype, TILE[1]))
+    raise ValueError(f"unknown dispatch format {fmt!r}; choose from {DISPATCH_FORMATS}")
+
+
+def payload_row_bytes(dim: int, fmt: str, dtype: torch.dtype) -> int:
+    """Bytes one dispatched row of width `dim` takes on the wire."""
+    if fmt == "compute":
+        return dim * dtype.itemsize
+    return dim + (4 if fmt == "fp8" else 8) * _tiles(dim)
+
+
+class _ReceiveEncoded(torch.autograd.Function):
+    """Forward: decode the received payload into rows of x's dtype (x only connects the graph: its rows
+    left through the forward exchange, done outside autograd). Backward (straight-through): the gradient
+    of the received rows returns through the inverse all-to-all in that dtype."""
+
+    @staticmethod
+    def forward(ctx, x, payload, fmt, input_splits, output_splits, group):
+        ctx.shape, ctx.splits, ctx.group = x.shape, (input_splits, output_splits), group
+        return decode_rows(payload, x.shape[1], fmt, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        input_splits, output_splits = ctx.splits
+        dx = grad.new_empty(ctx.shape)
+        dist.all_to_all_single(dx, grad.contiguous(), input_splits, output_splits, group=ctx.group)
+        return dx, None, None, None, None, None
+
+
+class _SharedOverlap:
+    """Mixed into the shared-experts module's class: a call whose input is the one the EP module ran it on
+    returns that stored result instead of computing it again."""
+
+    _ep_result: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (input, output, input version)
+    _ep_hits = 0  # calls answered with the stored result
+
+    def __call__(self, *args, **kwargs):
+        stored, self._ep_result = self._ep_result, None
+        if stored is not None and len(args) == 1 and not kwargs and args[0] is stored[0] \
+                and args[0]._version == stored[2]:
+            self._ep_hits += 1
+            return stored[1]
+        return super().__call__(*args, **kwargs)
+
+
+def _enable_overlap(shared: nn.Module) -> None:
+    cls = type(shared)
+    if not issubclass(cls, _SharedOverlap):
+        shared.__class__ = type(f"EPOverlapped{cls.__name__}", (_SharedOverlap, cls), {})
+
+
 class ExpertParallelExperts(nn.Module):
     """A drop-in for `GroupedExperts` holding this rank's E / ep experts (see the module docstring)."""
 
-    def __init__(self, experts: GroupedExperts, ep_mesh):
+    def __init__(self, experts: GroupedExperts, ep_mesh, dispatch: str = "compute"):
         super().__init__()
+        if dispatch not in DISPATCH_FORMATS:
+            raise ValueError(f"unknown dispatch format {dispatch!r}; choose from {DISPATCH_FORMATS}")
+        self.dispatch = dispatch
+        self.comm_bytes = {"dispatch": 0, "combine": 0}  # forward bytes sent to other ranks, since reset
+        self._overlap: tuple[nn.Module, nn.Module] | None = None  # (MoE, shared experts): apply_expert_parallel
+        self._moe_input: torch.Tensor | None = None  # the MoE layer's flattened input, from the router's pre-hook
         ep, rank = ep_mesh.size(), ep_mesh.get_local_rank()
         E = experts.n_experts
         self.n_experts, self.n_local, self.ep_mesh = E, E // ep, ep_mesh
@@ -94,26 +210,83 @@ class ExpertParallelExperts(nn.Module):
             index = source_to_expert_order(recv_counts)
             inverse = torch.empty_like(index)
             inverse[index] = torch.arange(index.numel(), device=index.device)
-        recv = all_to_all_single_autograd(x.contiguous(), output_splits, input_splits, group)
+        me = self.ep_mesh.get_local_rank()
+        D = x.shape[1]
+        row_bytes = payload_row_bytes(D, self.dispatch, x.dtype)
+        self.comm_bytes["dispatch"] += (sum(input_splits) - input_splits[me]) * row_bytes
+        if self.dispatch == "compute":  # an AsyncCollectiveTensor: waited for at its first use (_Permute)
+            recv = all_to_all_single_autograd(x.contiguous(), output_splits, input_splits, group)
+            self._run_shared()
+        else:
+            with torch.no_grad():
+                payload = encode_rows(x.detach(), self.dispatch)
+                received = payload.new_empty(sum(output_splits), payload.shape[1])
+                work = dist.all_to_all_single(received, payload, output_splits, input_splits, group=group,
+                                              async_op=True)
+            self._run_shared()
+            work.wait()
+            recv = _ReceiveEncoded.apply(x, received, self.dispatch, input_splits, output_splits, group)
         local_in = _Permute.apply(recv, index, inverse)
         kernel = self._kernel[0]
         kernel.impl = self.impl
         weights = {name: _local(getattr(self, name)) for name in ("gate_up_proj", "down_proj")}
         local_out = functional_call(kernel, weights, (local_in, recv_counts.sum(0)))
         back = _Permute.apply(local_out, inverse, index)
+        self.comm_bytes["combine"] += (sum(output_splits) - output_splits[me]) * D * back.dtype.itemsize
         return all_to_all_single_autograd(back.contiguous(), input_splits, output_splits, group)
 
+    def _run_shared(self) -> None:
+        """With overlap on: run the shared experts on the MoE input now (the dispatch is in flight) and
+        hand the result to the shared module's next call on that input (see `_SharedOverlap`)."""
+        x, self._moe_input = self._moe_input, None
+        if self._overlap is None or x is None:
+            return
+        moe, shared = self._overlap
+        if "forward" in vars(self) or "forward" in vars(moe):  # a checkpointed / profiled region: see above
+            return
+        out = super(_SharedOverlap, shared).__call__(x)
+        shared._ep_result = (x, out, x._version)
+
     def extra_repr(self) -> str:
-        return f"experts {self.n_local} of {self.n_experts} on this rank, impl={self.impl}"
+        return (f"experts {self.n_local} of {self.n_experts} on this rank, impl={self.impl}, "
+                f"dispatch={self.dispatch}, overlap_shared={self._overlap is not None}")
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if isinstance(p, DTensor) else p
 
 
-def apply_expert_parallel(model: nn.Module, ep_mesh) -> nn.Module:
-    """Swap every MoE layer's experts (main layers and MTP blocks) for their expert-parallel form."""
+def apply_expert_parallel(model: nn.Module, ep_mesh, dispatch: str = "compute",
+                          overlap_shared: bool = True) -> nn.Module:
+    """Swap every MoE layer's experts (main layers and MTP blocks) for their expert-parallel form, sending
+    token rows as `dispatch` (compute, fp8 or logfmt); with `overlap_shared`, the shared experts run while
+    the dispatch is in flight."""
     for module in model.modules():
         if isinstance(module, MoE) and isinstance(module.experts, GroupedExperts):
-            module.experts = ExpertParallelExperts(module.experts, ep_mesh)
+            ep = module.experts = ExpertParallelExperts(module.experts, ep_mesh, dispatch)
+            if overlap_shared and module.shared_experts is not None:
+                _enable_overlap(module.shared_experts)
+                ep._overlap = (module, module.shared_experts)  # a tuple: no submodules (names unchanged)
+                module.gate.register_forward_pre_hook(_keep_moe_input(ep))
     return model
+
+
+def _keep_moe_input(ep: ExpertParallelExperts):
+    def hook(gate, args):  # MoE.forward calls gate(x) and shared_experts(x) with the same x
+        ep._moe_input = args[0]
+    return hook
+
+
+def expert_parallel_modules(model: nn.Module) -> list[ExpertParallelExperts]:
+    return [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]
+
+
+def pop_comm_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes the EP exchanges of `model` sent to other ranks (forward dispatch and combine, this rank)
+    since the last call; resets the counters."""
+    total = {"dispatch": 0, "combine": 0}
+    for m in expert_parallel_modules(model):
+        for k in total:
+            total[k] += m.comm_bytes[k]
+            m.comm_bytes[k] = 0
+    return total

@@ -39,6 +39,7 @@ from ..errors import CheckpointError, ConfigError
 from ..balance import load_stats, reset_counts
 from ..train import Trainer, decay_split, default_run_dir, lr_at
 from . import dist_checkpoint, parallelize
+from .expert import pop_comm_bytes
 from .grads import clip_grad_norm
 from .launch import collective_errors, init_distributed
 from .mesh import ParallelLayout, build_mesh
@@ -97,7 +98,8 @@ class DistributedTrainer(Trainer):
         # On 2-D meshes (EP x FSDP expert shards, TP x FSDP norms) DTensor warns, on every step and save, that
         # it reduces one mesh dim after the other; that is the expected cost here, not a problem to report.
         logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
-        model = parallelize(model, self.layout, self.mesh)
+        model = parallelize(model, self.layout, self.mesh, ep_dispatch=self.cfg.ep_dispatch,
+                            ep_overlap_shared=self.cfg.ep_overlap_shared)
         if self.layout.pp == 1:
             return model
         return self._build_pipeline(model)
@@ -131,8 +133,18 @@ class DistributedTrainer(Trainer):
 
     def train_step(self) -> dict:
         with collective_errors(f"step {self.step + 1}", self.cfg.dist_timeout):
+            pop_comm_bytes(self.model)  # evaluation's exchanges are not this step's
             m = super().train_step() if self.pipeline is None else self._pipeline_train_step()
+            if self.layout.ep > 1:
+                m.update(self._comm_bytes())
             return self._mean_over_dp(m, ("loss", "lm_loss", "mtp_loss", "aux_loss"))
+
+    def _comm_bytes(self) -> dict:
+        """Bytes the EP all-to-alls of this step's forward passes sent between ranks, summed over ranks."""
+        sent = pop_comm_bytes(self.model)
+        values = torch.tensor([sent["dispatch"], sent["combine"]], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values)
+        return {"ep_dispatch_bytes": int(values[0]), "ep_combine_bytes": int(values[1])}
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -13,6 +13,10 @@ clamp) round between 0 and exp(lo) the same way.
 Payload: `codes` (uint8 for n = 8, int16 up to n = 16; sign in bit n-1) plus fp32 lo and hi per tile:
 n/8 + 8/128 bytes per element. `LogFmtPayload.nbytes` counts n bits per code, as a packed wire
 format would. Tiles run along the last dim (zero-padded to a multiple of the tile).
+
+Non-finite input raises ValueError by default (one host sync); with `check_finite=False` a tile holding
+inf or NaN is sent with lo = NaN and decodes to NaN as a whole (as an FP8 block does in quant.py), so
+the NaN reaches the loss and the trainer's non-finite-step skip handles it.
 """
 
 from __future__ import annotations
@@ -48,14 +52,19 @@ def _levels(bits: int) -> int:
 
 
 def logfmt_encode(x: torch.Tensor, bits: int = 8, tile: int = 128, stochastic: bool = False,
-                  generator: torch.Generator | None = None) -> LogFmtPayload:
-    """Encode x [..., C] in tiles of `tile` along the last dim. Non-finite input raises ValueError."""
+                  generator: torch.Generator | None = None, check_finite: bool = True) -> LogFmtPayload:
+    """Encode x [..., C] in tiles of `tile` along the last dim. Non-finite input raises ValueError, or
+    (check_finite=False) makes its tile decode to NaN."""
     L = _levels(bits)
     shape, C = tuple(x.shape), x.shape[-1]
     xf = x.reshape(-1, C).float()
-    if not bool(torch.isfinite(xf).all()):
+    finite = torch.isfinite(xf)
+    if check_finite and not bool(finite.all()):
         raise ValueError("cannot LogFMT-encode a tensor holding inf or NaN")
     pad = (-C) % tile
+    if not check_finite:
+        xf = torch.where(finite, xf, torch.zeros_like(xf))
+        bad = F.pad((~finite).float(), (0, pad)).view(xf.shape[0], (C + pad) // tile, tile).amax(-1) > 0  # [R, T]
     if pad:
         xf = F.pad(xf, (0, pad))
     t = xf.view(xf.shape[0], -1, tile)  # [R, T, tile]
@@ -85,6 +94,8 @@ def logfmt_encode(x: torch.Tensor, bits: int = 8, tile: int = 128, stochastic: b
     code = torch.where(nz, code, torch.zeros_like(code)).clamp(0, L)
     signed = code.to(torch.int32) | ((t < 0).to(torch.int32) << (bits - 1))
     codes = signed.to(torch.uint8 if bits <= 8 else torch.int16).view(xf.shape[0], -1)
+    if not check_finite:
+        lo = lo.masked_fill(bad, float("nan"))
     return LogFmtPayload(codes, lo, hi, bits, shape, x.dtype, tile)
 
 
@@ -95,7 +106,8 @@ def logfmt_decode(p: LogFmtPayload) -> torch.Tensor:
     code = (raw & L).float()
     step = ((p.hi - p.lo) / max(L - 1, 1))[..., None]
     mag = torch.where(code > 0, torch.exp(p.lo[..., None] + (code - 1) * step), torch.zeros_like(code))
-    out = torch.where(sign.bool(), -mag, mag).view(p.codes.shape[0], -1)
+    out = torch.where(sign.bool(), -mag, mag)
+    out = out.masked_fill(torch.isnan(p.lo)[..., None], float("nan")).view(p.codes.shape[0], -1)
     C = p.shape[-1]
     return out[:, :C].reshape(p.shape).to(p.dtype)
 
