@@ -12,12 +12,14 @@ import torch
 from torch.distributed.tensor import DTensor
 
 
-def clip_grad_norm(params, max_norm: float, group=None, uncounted=()) -> torch.Tensor:
+def clip_grad_norm(params, max_norm: float, group=None, uncounted=(), extra_sq=None) -> torch.Tensor:
     """Global L2 norm of all gradients (returned); scales them down to max_norm if larger.
 
     group: also sum the squared norm over this process group (pipeline stages hold different parameters).
     uncounted: parameters whose gradients are scaled but left out of the norm (a second copy of a
     parameter counted on another stage, e.g. the pipeline's last-stage embedding).
+    extra_sq: a squared norm added to the total after any `group` reduction (already global; e.g. the
+    logical expert gradients of replicated experts, whose slot parameters are then `uncounted`).
     """
     params = [p for p in params if p.grad is not None]
     skip = {id(p) for p in uncounted}
@@ -40,6 +42,8 @@ def clip_grad_norm(params, max_norm: float, group=None, uncounted=()) -> torch.T
         if total_sq is None:
             total_sq = torch.zeros((), device=params[0].grad.device if params else "cpu")
         dist.all_reduce(total_sq, group=group)
+    if extra_sq is not None:
+        total_sq = extra_sq.float() if total_sq is None else total_sq + extra_sq.float().to(total_sq.device)
     if total_sq is None:
         return torch.zeros(())
     total = total_sq.sqrt()
