@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moeforge.balance import reset_counts
+from moeforge.balance import gather_counts, reset_counts
 from moeforge.balance.placement import plan_placement
 from moeforge.errors import ConfigError
 from moeforge.parallel import ParallelLayout, build_mesh, clip_grad_norm
@@ -25,7 +25,7 @@ from moeforge.parallel.replicated import (apply_replicated_expert_parallel, chec
                                           load_logical_expert_state, load_placement, logical_expert_state,
                                           pop_slot_counts, replica_grad_sq, replicated_modules, slot_parameters,
                                           sync_replica_grads)
-from parallel_helpers import Loop, batches, build_model, full_state, init_gloo, one_thread
+from parallel_helpers import Loop, batches, build_model, init_gloo, one_thread
 
 E, SLOTS, EP = 8, 12, 2
 # Layer 1 (hand-written): expert 0 has 3 replicas (two on rank 0, one on rank 1), experts 1 and 2 one on each.
@@ -34,10 +34,6 @@ LAYER1 = [0, 1, 2, 3, 0, 5] + [4, 0, 6, 7, 1, 2]
 LAYER2 = plan_placement(np.array([[1, 1, 1, 1, 1, 12, 1, 1]], dtype=float), SLOTS, n_devices=EP).phy2log[0].tolist()
 PHY2LOG = [LAYER1, LAYER2]
 LOGCNT = [np.bincount(row, minlength=E).tolist() for row in PHY2LOG]
-
-
-def slot_names(model):
-    return {id(p): n for n, p in model.named_parameters() if id(p) in {id(q) for q in slot_parameters(model)}}
 
 
 class ReplicaLoop(Loop):
@@ -60,7 +56,6 @@ class ReplicaLoop(Loop):
         norm = clip_grad_norm(self.model.parameters(), 0.5, uncounted=slots, extra_sq=replica_grad_sq(self.model))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        from moeforge.balance import gather_counts
         counts = gather_counts(self.model, group=self.group)
         self.balancer.update(self.model, self.step, group=self.group)
         self.step += 1

@@ -6,8 +6,8 @@ holds one weight copy per slot; each token assigned to logical expert e goes to 
 Because all replicas hold the same weights the outputs equal the unreplicated model's; after backward,
 `sync_replica_grads` gives every replica the sum of its group's gradients (the logical expert's
 gradient), so identical optimizer updates keep the copies identical. In an expert-parallel run the
-replicas sit on different ranks and that sum is an all-reduce over the replica group; here all
-replicas live in one process.
+replicas sit on different ranks and that sum is an all-reduce: `moeforge.parallel.replicated`; here
+all replicas live in one process.
 """
 
 from __future__ import annotations

@@ -20,11 +20,12 @@ from .expert import DISPATCH_FORMATS, ExpertParallelExperts, apply_expert_parall
 from .fsdp import apply_fsdp, mixed_precision
 from .grads import clip_grad_norm
 from .mesh import ParallelLayout, ParallelMesh, build_mesh
+from .replicated import apply_replicated_expert_parallel
 from .tensor import apply_tensor_parallel
 
 __all__ = ["DISPATCH_FORMATS", "ExpertParallelExperts", "ParallelLayout", "ParallelMesh", "apply_expert_parallel",
-           "apply_fsdp", "apply_tensor_parallel", "build_mesh", "clip_grad_norm", "dist_checkpoint", "mixed_precision",
-           "parallelize", "pop_comm_bytes"]
+           "apply_fsdp", "apply_replicated_expert_parallel", "apply_tensor_parallel", "build_mesh", "clip_grad_norm",
+           "dist_checkpoint", "mixed_precision", "parallelize", "pop_comm_bytes"]
 
 
 def parallelize(model: nn.Module, layout: ParallelLayout, mesh, param_dtype: torch.dtype | None = None,
