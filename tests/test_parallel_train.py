@@ -214,22 +214,31 @@ def test_fp8_dispatch_through_the_cli_logs_the_bytes_it_saves(tmp_path, capfd):
 def test_four_ranks_pp2_x_dp2_matches_single_process_and_resumes(tmp_path, capfd):
     """`--nproc 4 --pp 2` (dp = 2): each pipeline rank is replicated over 2 dp ranks, which take half of the
     global batch each (1 sequence per micro-batch); gradients are averaged over dp after the schedule. Steps
-    1-2 save a DCP checkpoint, step 3 resumes it at the same layout: the logged (global) loss, gradient norm,
-    validation loss and expert counts of all 3 steps equal an uninterrupted single-process run, logged once."""
+    1-2 save a DCP checkpoint, step 3 resumes it at the same layout (and saves), step 4 resumes that in one
+    process: the logged (global) loss parts, gradient norm, validation loss and expert counts of all 4 steps
+    equal an uninterrupted single-process run's, logged once; the step-3 Hugging Face export equals its
+    weights."""
+    from safetensors.torch import load_file
+
     single, run = tmp_path / "single", tmp_path / "ppdp"
-    assert main(["train", *SMALL, "--steps", "3", "--run-dir", str(single)]) == 0
+    keep = ["--save-every", "1", "--keep-checkpoints", "5"]
+    assert main(["train", *SMALL, "--steps", "4", *keep, "--run-dir", str(single)]) == 0
     capfd.readouterr()
-    assert main(["train", *SMALL, "--steps", "2", "--save-every", "2", "--run-dir", str(run), "--nproc", "4",
-                 "--pp", "2"]) == 0
+    assert main(["train", *SMALL, "--steps", "2", *keep, "--run-dir", str(run), "--nproc", "4", "--pp", "2"]) == 0
     err = capfd.readouterr().err
     assert err.count("moeforge train ->") == 1 and "dp 2 (ep 1 x edp 2), tp 1, pp 2" in err
     assert "1f1b schedule, 2 stages, 2 micro-batches of 1 sequences" in err
     assert (run / "checkpoints" / "step-000002" / ".metadata").is_file()
     assert main(["train", "--resume", "--run-dir", str(run), "--steps", "3", "--nproc", "4", "--pp", "2"]) == 0
+    assert main(["train", "--resume", "--run-dir", str(run), "--steps", "4", "--pp", "1"]) == 0
     want, got = metrics(single), metrics(run)
-    assert [m["step"] for m in got] == [1, 2, 3]  # one line per step: only rank 0 wrote
+    assert [m["step"] for m in got] == [1, 2, 3, 4]  # one line per step: only rank 0 wrote
     for a, b in zip(got, want, strict=True):
         for key in ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm", "val_loss", "max_vio"):
             if key in b:
                 assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
         assert a["expert_counts"] == b["expert_counts"]
+    ckpt = "checkpoints/step-000003/model.safetensors"
+    w_single, w_run = load_file(single / ckpt), load_file(run / ckpt)
+    assert w_run.keys() == w_single.keys()
+    assert max((w_run[k] - w_single[k]).abs().max().item() for k in w_single) < 1e-5
