@@ -210,7 +210,7 @@ def test_fp8_dispatch_through_the_cli_logs_the_bytes_it_saves(tmp_path, capfd):
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 4 and not os.environ.get("MOEFORGE_TEST_4RANK"),
-                    reason="4 processes on < 4 CPUs: set MOEFORGE_TEST_4RANK=1 to run anyway")
+                    reason="4 processes on < 4 CPUs: set MOEFORGE_TEST_4RANK=1 to run anyway (~25 s on 2 CPUs)")
 def test_four_ranks_pp2_x_dp2_matches_single_process_and_resumes(tmp_path, capfd):
     """`--nproc 4 --pp 2` (dp = 2): each pipeline rank is replicated over 2 dp ranks, which take half of the
     global batch each (1 sequence per micro-batch); gradients are averaged over dp after the schedule. Steps
