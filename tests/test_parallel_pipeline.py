@@ -14,7 +14,8 @@ from moeforge.balance.losses import RouterProbe
 from moeforge.config import TrainConfig, preset
 from moeforge.errors import ConfigError
 from moeforge.model import Router, Transformer
-from moeforge.parallel.pipeline import StageModule, attach_aux_loss, build_pipeline, layer_ranges, stage_ids
+from moeforge.parallel.pipeline import (Pipeline, StageModule, attach_aux_loss, build_pipeline, layer_ranges,
+                                       stage_ids)
 from moeforge.train import make_optimizer
 
 STEPS, B, T, MICROBATCHES = 3, 4, 8, 4
@@ -117,6 +118,42 @@ def test_pp2_schedules_match_single_process(tmp_path):
     # 1F1B: rank 0 runs the first stage, rank 1 the last; DualPipeV's V puts both ends on rank 0.
     assert [r["1f1b"]["stages"] for r in ranks] == [[1], [2]]
     assert [r["dualpipev"]["stages"] for r in ranks] == [[1, 2], [0, 0]]
+
+
+def dp_worker(rank, world, init_file, out_dir):
+    """One whole-model stage replicated over 2 dp ranks, with made-up gradients: rank r's gradient is r + 1
+    (a transposed one for the head), the norm weight has one on rank 0 only, the final norm none anywhere."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = debug_model()
+    module = StageModule(model, 0, model.config.num_hidden_layers, True, True)
+    pipe = Pipeline([module], schedule=None, group=None, shares_embedding=False, ends_on_one_rank=False,
+                    n_microbatches=1, batch_shape=(1, 1), dp_group=dist.group.WORLD)
+    for name, p in module.named_parameters():
+        p.grad = torch.full_like(p, rank + 1.0)
+    module.lm_head.weight.grad = torch.full(module.lm_head.weight.shape[::-1], rank + 1.0).t()  # other strides
+    module.layers["0"].input_layernorm.weight.grad = None if rank else torch.full_like(
+        module.layers["0"].input_layernorm.weight, 4.0)
+    module.norm.weight.grad = None
+    pipe._average_grads_over_dp()
+    torch.save({n: (None if p.grad is None else (p.grad.clone(), p.grad.stride()))
+                for n, p in module.named_parameters()}, os.path.join(out_dir, f"dp{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_stage_gradients_are_averaged_over_data_parallel_replicas(tmp_path):
+    mp.spawn(dp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"dp{r}.pt") for r in range(2)]
+    for name, got in ranks[0].items():
+        assert ranks[1][name] is None if got is None else torch.equal(ranks[1][name][0], got[0]), name
+        if name == "norm.weight":
+            assert got is None  # missing on every replica: stays missing (AdamW skips it, as in one process)
+        elif name == "layers.0.input_layernorm.weight":
+            assert torch.all(got[0] == 2.0)  # (4 + zeros) / 2
+        else:
+            assert torch.all(got[0] == 1.5), name  # (1 + 2) / 2
+    assert ranks[0]["lm_head.weight"][1] == (1, ranks[0]["lm_head.weight"][0].shape[0])  # kept in place
 
 
 def test_stage_modules_chained_in_one_process_equal_the_model():

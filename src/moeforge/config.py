@@ -309,8 +309,9 @@ class TrainConfig:
     ep_overlap_shared: bool = doc("Expert parallelism: compute the shared experts while the dispatch all-to-all "
                                   "is in flight (same results).", default=True)
     tp: int = doc("Tensor-parallel degree.", default=1)
-    pp: int = doc("Pipeline-parallel degree: ranks holding consecutive blocks of the model (pp > 1 runs "
-                  "alone: --nproc = --pp; docs/parallel-tp-pp.md).", default=1)
+    pp: int = doc("Pipeline-parallel degree: ranks holding consecutive blocks of the model (pp > 1 runs alone "
+                  "or with data parallelism, --nproc = pp x dp, stages replicated over dp; not with ep or tp; "
+                  "docs/parallel-tp-pp.md).", default=1)
     pp_schedule: str = doc("Pipeline schedule: gpipe, 1f1b, interleaved-1f1b or dualpipev (the last two run two "
                            "stages per rank).", default="1f1b")
     pp_microbatches: int = doc("Pipeline micro-batches per optimizer step (0 = one per stage: pp, or 2 x pp for "

@@ -34,8 +34,9 @@ def parallelize(model: nn.Module, layout: ParallelLayout, mesh, param_dtype: tor
     `ep_dispatch` (compute, fp8, logfmt) and `ep_overlap_shared` configure expert parallelism (expert.py).
 
     The model must be initialised identically on every rank (same seed): each rank keeps its shards.
-    Pipeline stages (pp > 1, which the trainer runs alone) are cut afterwards with
-    `moeforge.parallel.pipeline.build_pipeline`.
+    Pipeline stages (pp > 1: alone or with data parallelism, not with ep or tp) are cut afterwards with
+    `moeforge.parallel.pipeline.build_pipeline`, which also averages their gradients over dp: FSDP is not
+    applied then (the stages are replicated over their dp ranks).
     """
     layout.check_model(model.config)
     layout.check_trainer()
@@ -43,6 +44,6 @@ def parallelize(model: nn.Module, layout: ParallelLayout, mesh, param_dtype: tor
         apply_tensor_parallel(model, mesh["tp"])
     if layout.ep > 1:
         apply_expert_parallel(model, mesh["ep"], ep_dispatch, ep_overlap_shared)
-    if layout.dp > 1 or layout.ep > 1:
+    if (layout.dp > 1 or layout.ep > 1) and layout.pp == 1:
         apply_fsdp(model, mesh, layout, mixed_precision(param_dtype))
     return model

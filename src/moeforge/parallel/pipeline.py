@@ -20,6 +20,14 @@ final norm, the output head and the multi-token-prediction (MTP) modules, and co
 
 The engine scales gradients by 1/n_microbatches (mean of the micro-batch losses = the global loss when
 micro-batches are equal and no label is ignored).
+
+Pipeline x data parallelism (`dp_group`): every pipeline rank is replicated over a data-parallel group
+(ranks holding the same stages and seeing different rows of the batch). After the schedule, each
+stage's gradients are averaged over that group with one all-reduce of all gradients flattened together
+(DDP-like; parameters, gradients and optimizer state stay replicated, no ZeRO sharding), so every
+replica clips and steps identically. Simpler than FSDP2 stage modules here: the last stage runs its
+head and MTP outside the stage module's forward, and the shared-embedding gradient sum and the
+cross-stage norm work on plain tensors.
 """
 
 from __future__ import annotations
@@ -180,6 +188,7 @@ class Pipeline:
     ends_on_one_rank: bool  # ... and those two stages run on the same rank (DualPipeV's V)
     n_microbatches: int
     batch_shape: tuple[int, int]
+    dp_group: dist.ProcessGroup | None = None  # replicas of this pipeline rank (None or 1 rank: no dp)
     _stages: list[PipelineStage] = field(default_factory=list)
     stage_ranks: list[int] = field(default_factory=list)  # pipeline rank of each global stage
     hidden_dtype: torch.dtype = torch.float32  # activations passed between stages
@@ -217,6 +226,7 @@ class Pipeline:
                            return_outputs=False)
         self._make_grads_contiguous()
         self._sum_shared_embedding_grads()
+        self._average_grads_over_dp()
         # Logged loss = last stage's mean (next-token + MTP) + every stage's balance loss per micro-batch;
         # values = [loss, lm_loss, mtp_loss, aux_loss], summed over the pipeline group in one all-reduce.
         values = torch.zeros(4, device=self.device)
@@ -301,6 +311,29 @@ class Pipeline:
             w.grad = total
 
     @torch.no_grad()
+    def _average_grads_over_dp(self) -> None:
+        """Mean of each gradient over the data-parallel replicas: one all-reduce of all gradients flattened
+        (plus one flag per parameter: a gradient missing on every replica stays None, as in one process;
+        missing on some replicas only, it counts as zeros there)."""
+        if self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
+            return
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flags = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
+        flat = torch.cat([g.detach().reshape(-1).float() for g in grads] + [flags])
+        dist.all_reduce(flat, group=self.dp_group)
+        flat[:-len(params)] /= dist.get_world_size(self.dp_group)
+        offset = 0
+        for p, g, flag in zip(params, grads, flat[-len(params):].tolist()):
+            n = g.numel()
+            if flag > 0:
+                g.copy_(flat[offset:offset + n].view(g.shape))  # in place: keeps the gradient's strides
+                p.grad = g
+            offset += n
+
+    @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip by the norm over the whole model (all stages; the shared embedding counted once)."""
         second_copy = [self._embedding_copies()[-1]] if self.shares_embedding and self.has_last else []
@@ -351,7 +384,7 @@ class PipelineRank(nn.Module):
 
 def build_pipeline(model: Transformer, pp_mesh: DeviceMesh, batch_shape: tuple[int, int], n_microbatches: int,
                    schedule: str = "1f1b", layers_per_stage: list[int] | None = None,
-                   aux_loss_factory=None) -> Pipeline:
+                   aux_loss_factory=None, dp_group: dist.ProcessGroup | None = None) -> Pipeline:
     """Cut `model` (the same weights on every rank) into this rank's stages and build the schedule.
 
     Args:
@@ -364,6 +397,8 @@ def build_pipeline(model: Transformer, pp_mesh: DeviceMesh, batch_shape: tuple[i
         layers_per_stage: blocks per global stage (default: even split).
         aux_loss_factory: optional `StageModule -> callable returning its balance loss` (e.g.
             `lambda m: RouterProbe(m, seq_alpha, seq_len=T).pop_loss`).
+        dp_group: the data-parallel replicas of this pipeline rank (same stages, other rows): gradients
+            are averaged over it after each step. batch_shape is then one replica's share.
     """
     if schedule not in SCHEDULES:
         raise ConfigError(f"unknown pipeline schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
@@ -408,5 +443,5 @@ def build_pipeline(model: Transformer, pp_mesh: DeviceMesh, batch_shape: tuple[i
     last_rank = next(r for r in range(pp) if n_stages - 1 in stage_ids(r, pp, per_rank, style))
     shares = reads_embedding_at_end(model) and n_stages > 1
     owners = [next(r for r in range(pp) if s in stage_ids(r, pp, per_rank, style)) for s in range(n_stages)]
-    return Pipeline(modules, sched, group, shares, first_rank == last_rank, n_microbatches, (B, T), stages,
-                    stage_ranks=owners, hidden_dtype=hidden.dtype)
+    return Pipeline(modules, sched, group, shares, first_rank == last_rank, n_microbatches, (B, T), dp_group,
+                    stages, stage_ranks=owners, hidden_dtype=hidden.dtype)

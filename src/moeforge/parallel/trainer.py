@@ -10,12 +10,15 @@ What changes against the single-process trainer, and why:
   and rank 0 adds a Hugging Face export of the weights to each checkpoint folder;
 * every step runs inside `collective_errors`, so a dead or stuck peer ends the run with one message.
 
-Pipeline parallelism (--pp P = --nproc, alone): every rank builds the whole model from the same seed and
+Pipeline parallelism (--pp P, --nproc P x dp): every rank builds the whole model from the same seed and
 keeps its stage(s) (`build_pipeline`); `self.model` is then this rank's `PipelineRank` (full-model
-parameter names), and each optimizer step runs the global batch through the schedule in
---pp-microbatches micro-batches. Loss, gradient norm (over all stages), expert counts (all layers) and the
-validation loss (a forward-only pass through the stages) are the whole model's on every rank; checkpoints
-are DCP shards per stage plus a Hugging Face export of the weights gathered on rank 0.
+parameter names), and each optimizer step runs this dp rank's slice of the global batch through the
+schedule in --pp-microbatches micro-batches. With dp > 1 each pipeline rank is replicated over its dp group
+(gradients averaged by one all-reduce after the schedule, no ZeRO sharding). Loss (summed over stages,
+mean over dp), gradient norm (over all stages, of the dp-averaged gradients), expert counts (all layers,
+summed over dp) and the validation loss (a forward-only pass through the stages, mean over dp) are the
+whole model's on every rank; checkpoints are DCP shards per stage (dp replicas write them once) plus a
+Hugging Face export of the weights gathered on rank 0.
 """
 
 from __future__ import annotations
@@ -116,7 +119,8 @@ class DistributedTrainer(Trainer):
         rows = cfg.batch_size * cfg.grad_accum // self.layout.dp
         self.pipeline = build_pipeline(model, self.mesh["pp"], (rows, cfg.seq_len),
                                        self.layout.pipeline_microbatches(cfg), cfg.pp_schedule,
-                                       aux_loss_factory=lambda stage: lambda: self.router_probe.pop_loss())
+                                       aux_loss_factory=lambda stage: lambda: self.router_probe.pop_loss(),
+                                       dp_group=self.dp_group)
         self.pp_group = self.mesh["pp"].get_group()
         rank_module = self.pipeline.rank_module()
         rank_module.full_model_parameters = total
