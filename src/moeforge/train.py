@@ -74,7 +74,7 @@ class Trainer:
     """Owns the model, optimizer, data and run folder for one run.
 
     Distributed runs use `moeforge.parallel.trainer.DistributedTrainer`, which overrides the hooks
-    `parallelize`, `build_optimizer` and `clip_gradients` and sets `is_main` (writes files) and `dp_group` (sums counts).
+    `parallelize`, `build_optimizer`, `forward_backward`, `clip_gradients` and `expert_counts` and sets `is_main` (writes files) and `dp_group` (sums counts).
     """
 
     is_main = True
@@ -182,18 +182,7 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         reset_counts(self.model)
-        sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
-        for micro in range(cfg.grad_accum):
-            x, y = self.train_batches.batch(self.step * cfg.grad_accum + micro)
-            with self.autocast():
-                out = self.forward(x.to(self.device), labels=y.to(self.device))
-            aux = self.router_probe.pop_loss()
-            loss = out.loss if aux is None else out.loss + aux
-            (loss / cfg.grad_accum).backward()
-            parts = {"loss": loss, "lm_loss": out.lm_loss, "mtp_loss": out.mtp_loss, "aux_loss": aux}
-            for key, value in parts.items():
-                if value is not None:
-                    sums[key] += value.item() / cfg.grad_accum
+        sums = self.forward_backward()
         switches = self.precision_policy.step(self.step + 1) if self.precision_policy else []
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = self.clip_gradients(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -209,7 +198,7 @@ class Trainer:
             self.bad_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {"step": self.step + 1, **sums, "lr": lr, "grad_norm": float(grad_norm), "skipped": not finite}
-        counts = gather_counts(self.model, group=self.dp_group)
+        counts = self.expert_counts()
         metrics.update(load_stats(counts))
         if cfg.log_expert_counts:
             metrics["expert_counts"] = counts.long().tolist()
@@ -217,11 +206,32 @@ class Trainer:
             metrics["fp8_layer_fraction"] = self.precision_policy.fp8_fraction()
             if switches:
                 metrics["precision_switches"] = switches
-        if not self.model.mtp:
+        if not self.run.model.num_nextn_predict_layers:
             metrics.pop("mtp_loss")
         if not self.router_probe.active:
             metrics.pop("aux_loss")
         return metrics
+
+    def forward_backward(self) -> dict:
+        """Forward and backward of this step's grad_accum micro-batches -> mean loss parts (floats)."""
+        cfg = self.cfg
+        sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
+        for micro in range(cfg.grad_accum):
+            x, y = self.train_batches.batch(self.step * cfg.grad_accum + micro)
+            with self.autocast():
+                out = self.forward(x.to(self.device), labels=y.to(self.device))
+            aux = self.router_probe.pop_loss()
+            loss = out.loss if aux is None else out.loss + aux
+            (loss / cfg.grad_accum).backward()
+            parts = {"loss": loss, "lm_loss": out.lm_loss, "mtp_loss": out.mtp_loss, "aux_loss": aux}
+            for key, value in parts.items():
+                if value is not None:
+                    sums[key] += value.item() / cfg.grad_accum
+        return sums
+
+    def expert_counts(self) -> torch.Tensor:
+        """[MoE layers, experts] tokens routed this step, summed over data-parallel ranks."""
+        return gather_counts(self.model, group=self.dp_group)
 
     @torch.no_grad()
     def evaluate(self) -> float:

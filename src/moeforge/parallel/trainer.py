@@ -27,7 +27,6 @@ import copy
 import dataclasses
 import json
 import logging
-import math
 import shutil
 from pathlib import Path
 
@@ -39,8 +38,7 @@ from .. import hardware
 from ..checkpoint import checkpoints_dir, latest_checkpoint, list_checkpoints
 from ..config import RunConfig
 from ..errors import CheckpointError, ConfigError
-from ..balance import load_stats, reset_counts
-from ..train import Trainer, decay_split, default_run_dir, lr_at
+from ..train import Trainer, decay_split, default_run_dir
 from . import dist_checkpoint, parallelize
 from .expert import pop_comm_bytes
 from .grads import clip_grad_norm
@@ -113,7 +111,6 @@ class DistributedTrainer(Trainer):
         loss of a micro-batch's routers joins that micro-batch's backward (see pipeline.attach_aux_loss)."""
         cfg = self.cfg
         self._moe_layer_ids = [i for i, _ in model.moe_layers()]
-        self._has_mtp = bool(model.mtp)
         self._full_optimizer_names = [n for names in decay_split(model) for n in names]  # a plain run's order
         total = model.num_parameters()
         rows = cfg.batch_size * cfg.grad_accum // self.layout.dp
@@ -133,12 +130,14 @@ class DistributedTrainer(Trainer):
         return optimizer
 
     def clip_gradients(self, params, max_norm):
+        if self.pipeline is not None:  # the norm over every stage (and the shared embedding once)
+            return self.pipeline.clip_grad_norm_(max_norm)
         return clip_grad_norm(params, max_norm)
 
     def train_step(self) -> dict:
         with collective_errors(f"step {self.step + 1}", self.cfg.dist_timeout):
             pop_comm_bytes(self.model)  # evaluation's exchanges are not this step's
-            m = super().train_step() if self.pipeline is None else self._pipeline_train_step()
+            m = super().train_step()
             if self.layout.ep > 1:
                 m.update(self._comm_bytes())
             return self._mean_over_dp(m, ("loss", "lm_loss", "mtp_loss", "aux_loss"))
@@ -157,44 +156,20 @@ class DistributedTrainer(Trainer):
             return self._mean_over_dp({"v": value}, ("v",))["v"]
 
     # --- pipeline parallelism -----------------------------------------------------------------------
-    def _pipeline_train_step(self) -> dict:
-        """Trainer.train_step with the pipeline: the grad_accum batches of this step, concatenated, run through
-        the schedule in micro-batches; the same metrics, for the whole model, on every rank."""
+    def forward_backward(self) -> dict:
+        """With the pipeline: the grad_accum batches of this step, concatenated, run through the schedule in
+        micro-batches; the loss parts of the whole model on every rank."""
+        if self.pipeline is None:
+            return super().forward_backward()
         cfg = self.cfg
-        self.model.train()
-        reset_counts(self.model)
         parts = [self.train_batches.batch(self.step * cfg.grad_accum + micro) for micro in range(cfg.grad_accum)]
         x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         with self.autocast():
             self.pipeline.step(x.to(self.device), y.to(self.device))
-        sums = dict(self.pipeline.metrics)
-        switches = self.precision_policy.step(self.step + 1) if self.precision_policy else []
-        grad_norm = self.pipeline.clip_grad_norm_(cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        lr = lr_at(self.step, cfg)
-        finite = math.isfinite(sums["loss"]) and bool(torch.isfinite(grad_norm))
-        if finite:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
-            self.balancer.update(self.model, self.step, group=self.dp_group)
-            self.bad_steps = 0
-        else:
-            self.bad_steps += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        metrics = {"step": self.step + 1, **sums, "lr": lr, "grad_norm": float(grad_norm), "skipped": not finite}
-        counts = self._pipeline_counts()
-        metrics.update(load_stats(counts))
-        if cfg.log_expert_counts:
-            metrics["expert_counts"] = counts.long().tolist()
-        if self.precision_policy:
-            metrics["fp8_layer_fraction"] = self.precision_policy.fp8_fraction()
-            if switches:
-                metrics["precision_switches"] = switches
-        if not self._has_mtp:
-            metrics.pop("mtp_loss")
-        if not self.router_probe.active:
-            metrics.pop("aux_loss")
-        return metrics
+        return dict(self.pipeline.metrics)
+
+    def expert_counts(self) -> torch.Tensor:
+        return super().expert_counts() if self.pipeline is None else self._pipeline_counts()
 
     def _pipeline_counts(self) -> torch.Tensor:
         """[moe layers of the whole model, experts] token counts: each stage fills its layers' rows."""
