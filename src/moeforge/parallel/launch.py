@@ -37,6 +37,8 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     from torch.distributed.run import main as torchrun
 
     env = dict(os.environ)
+    # Share this machine's cores between the ranks (torchrun would pick 1 thread each, with a banner).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     try:
         torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "moeforge", *argv])
     except Exception as e:  # torchrun raises ChildFailedError after printing each rank's error
