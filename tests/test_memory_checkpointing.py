@@ -11,18 +11,21 @@ from moeforge.config import preset
 from moeforge.errors import ConfigError
 from moeforge.memory import ActivationCheckpointing, ActivationRecorder, build_plan, fixed_plan
 from moeforge.memory.auto import Option, _knapsack
+from moeforge.memory.candidates import RECAST, find_candidates
 from moeforge.memory.setup import sample_batch
 from moeforge.model import Transformer
 from moeforge.train import Trainer
 
 
-def step(model, probe, batch, names):
-    """One fp32 forward/backward with `names` checkpointed: loss, aux loss, grads, token counts, kept bytes."""
+def step(model, probe, batch, names, dtype=None):
+    """One forward/backward (fp32, or under `dtype` autocast) with `names` checkpointed: loss, aux loss,
+    grads, token counts, kept bytes."""
     ac = ActivationCheckpointing(model, names)
     model.zero_grad(set_to_none=True)
     for moe in moe_modules(model):
         moe.tokens_per_expert.zero_()
-    with ActivationRecorder(model) as rec:
+    with ActivationRecorder(model) as rec, torch.autocast("cpu", dtype=dtype or torch.bfloat16,
+                                                          enabled=dtype is not None):
         out = model(batch[0], labels=batch[1])
     aux = probe.pop_loss()
     (out.loss + aux).backward()
@@ -45,7 +48,8 @@ def test_every_mode_is_bit_identical_to_no_checkpointing(debug_model):
     reproduces the forward, and it neither counts tokens twice nor feeds the balance loss twice."""
     model, probe, batch = debug_model
     ref = step(model, probe, batch, [])
-    nested = ["layers.1", "layers.1.mlp", "layers.1.mlp.experts", "layers.1.self_attn", "mtp.0.block.mlp"]
+    nested = ["layers.1", "layers.1.mlp", "layers.1.mlp.experts", "layers.1.self_attn", "mtp.0.block.mlp",
+              "layers.1.weight_casts", "layers.2.weight_casts"]
     for mode, budget in [("full", None), ("selective", None), ("auto", 0.5), ("nested", None)]:
         if mode == "nested":  # regions inside checkpointed regions, three deep
             plan = build_plan(model, "auto", 1.0, batch, repeats=1)
@@ -62,6 +66,50 @@ def test_every_mode_is_bit_identical_to_no_checkpointing(debug_model):
         for a, b in zip(got["counts"], ref["counts"]):
             assert torch.equal(a, b), mode
         assert got["kept"] == plan.held_bytes < ref["kept"]  # the plan's estimate is what a forward keeps
+
+
+def bf16_plans(model):
+    """weight_casts alone, inside a checkpointed block, and around checkpointed sub-regions."""
+    casts = [c.name for c in find_candidates(model) if c.kind == RECAST]
+    return {"casts": casts, "casts+full": fixed_plan(model, "full") + casts,
+            "casts+nested": casts + ["layers.1", "layers.1.mlp.experts", "layers.2.mlp", "mtp.0.block.self_attn"]}
+
+
+def test_weight_casts_are_bit_identical_under_bf16_autocast(debug_model):
+    """Recasting the bf16 weight copies in the backward gives the same bf16 values, so losses, gradients
+    and token counts equal `none` exactly; the profile predicts what the forward keeps to the byte."""
+    from moeforge.memory import profile_forward
+
+    model, probe, batch = debug_model
+    bf16 = torch.bfloat16
+    ref = step(model, probe, batch, [], bf16)
+    profile = profile_forward(model, *batch, candidates=True, autocast=torch.autocast("cpu", dtype=bf16))
+    probe.pop_loss()
+    for label, names in bf16_plans(model).items():
+        got = step(model, probe, batch, names, bf16)
+        assert torch.equal(got["loss"], ref["loss"]) and torch.equal(got["aux"], ref["aux"]), label
+        for name, g in ref["grads"].items():
+            assert torch.equal(got["grads"][name], g), (label, name)
+        for a, b in zip(got["counts"], ref["counts"]):
+            assert torch.equal(a, b), label
+        assert got["kept"] == profile.held(names) < ref["kept"], label
+    assert profile.held(bf16_plans(model)["casts"]) < 0.9 * profile.saved_bytes  # weights are >10% here
+
+
+def test_recast_refuses_a_weight_changed_between_forward_and_backward(debug_model):
+    model, probe, batch = debug_model
+    ac = ActivationCheckpointing(model, bf16_plans(model)["casts"])
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(batch[0], labels=batch[1])
+        probe.pop_loss()
+        with torch.no_grad():
+            model.layers[1].mlp.experts.gate_up_proj.mul_(1.0)
+        with pytest.raises(RuntimeError, match="modified in place"):
+            out.loss.backward()
+    finally:
+        ac.remove()
+        model.zero_grad(set_to_none=True)
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.75])

@@ -15,6 +15,9 @@ modules, so parameter names and checkpoints are unchanged). Kinds:
   routed_experts  the grouped SwiGLU experts of an MoE layer
   shared_experts  the always-on SwiGLU of an MoE layer
   dense_mlp       the SwiGLU of a dense layer
+  weight_casts    not a checkpoint: the low-precision weight copies (autocast) the Block saves for
+                  backward are recast from the parameters in the backward instead of kept
+                  (`recast.py`); named "<block>.weight_casts", it holds no inputs and reruns no forward
 
 A block contains all of its layer's candidates; `attention` contains q_proj, kv_proj and attention_core,
 `moe` contains routed_experts and shared_experts (CONTAINER). Nested regions are allowed: an inner
@@ -31,8 +34,9 @@ from ..model.moe import MoE
 from ..model.transformer import Block
 
 BLOCK = "block"
+RECAST = "weight_casts"
 SUB_KINDS = ("attn_norm", "mlp_norm", "attention", "q_proj", "kv_proj", "attention_core", "moe", "routed_experts",
-             "shared_experts", "dense_mlp")
+             "shared_experts", "dense_mlp", RECAST)
 CONTAINER = {"q_proj": "attention", "kv_proj": "attention", "attention_core": "attention", "routed_experts": "moe",
              "shared_experts": "moe"}
 KINDS = (BLOCK, *SUB_KINDS)
@@ -49,6 +53,11 @@ class Candidate:
     def original(self):
         """The callable as the class defines it (bound to the owner), ignoring instance overrides."""
         return getattr(type(self.owner), self.attr).__get__(self.owner)
+
+
+def is_recast(name: str) -> bool:
+    """Whether a candidate name is a `weight_casts` one (the profile knows names, not kinds)."""
+    return name.endswith("." + RECAST)
 
 
 def block_children(block: Block) -> list[tuple[str, nn.Module, str]]:
@@ -75,6 +84,7 @@ def find_candidates(model: nn.Module) -> list[Candidate]:
     out = []
     for layer_name, block in ((n, m) for n, m in model.named_modules() if isinstance(m, Block)):
         out.append(Candidate(layer_name, BLOCK, layer_name, block, "forward"))
+        out.append(Candidate(f"{layer_name}.{RECAST}", RECAST, layer_name, block, "forward"))
         for kind, owner, attr in block_children(block):
             path = names[id(owner)]
             out.append(Candidate(path if attr == "forward" else f"{path}.{attr}", kind, layer_name, owner, attr))

@@ -11,7 +11,9 @@ Modes:
   selective  a fixed, DeepSeek-V3-like list: the MLA up-projections (q and kv paths, with their norms)
              and every SwiGLU (routed experts, shared experts, dense MLP) are recomputed; the attention
              core, whose recompute is the most expensive per byte, is kept
-  auto       the cheapest set that fits a memory budget (see `moeforge.memory.auto`)
+  auto       the cheapest set that fits a memory budget (see `moeforge.memory.auto`); besides
+             checkpointed regions it may choose a Block's `weight_casts` (its bf16 weight copies recast
+             in the backward, `moeforge.memory.recast`)
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
-from .candidates import BLOCK, Candidate, find_candidates
+from .candidates import BLOCK, RECAST, Candidate, find_candidates
 from .instrument import Patch, remove_all
+from .recast import recasting
 from .recompute import RecomputeScope, recomputing
 
 MODES = ("none", "full", "selective", "auto")
@@ -68,7 +71,10 @@ class ActivationCheckpointing:
             raise ConfigError(f"unknown checkpointing candidate(s): {', '.join(unknown)}")
         chosen = [by_name[n] for n in names]  # nested regions are fine: non-reentrant checkpoints nest
         self.names = names
-        self._patches = [Patch(c, lambda fn, c=c: checkpointed(c, fn)) for c in chosen]
+        # Recasting goes innermost (patched first): a checkpointed Block then reruns it in its recompute
+        # too, so its saved-tensor hooks see the same saves in both passes.
+        self._patches = [Patch(c, recasting) for c in chosen if c.kind == RECAST]
+        self._patches += [Patch(c, lambda fn, c=c: checkpointed(c, fn)) for c in chosen if c.kind != RECAST]
 
     def remove(self) -> None:
         remove_all(self._patches)

@@ -24,9 +24,10 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
-from .candidates import Candidate, find_candidates
+from .candidates import Candidate, find_candidates, is_recast
 from .checkpointing import checkpoint_observers
 from .instrument import Patch, remove_all
+from .recast import cast_source
 from .recompute import recomputing
 
 
@@ -48,6 +49,7 @@ class SavedStorage:
     module_type: str  # innermost module that saved it first
     layer: str  # the Block it was saved in ("layers.3", "mtp.0.block"), or "-" outside blocks
     contexts: set = field(default_factory=set)  # frozensets of candidate names running at each save
+    cast_of: object = None  # (parameter, dtype) if it is a low-precision copy of a parameter (recastable)
 
 
 @dataclass
@@ -96,15 +98,21 @@ class ActivationProfile:
         plan = frozenset(plan)
         if not plan:
             return self.saved_bytes
-        kept = {k for k, s in self.saved.items() if any(not (c & plan) for c in s.contexts)}
-        return self._plus_region_inputs(kept, plan)
+        ckpt, recast = _split(plan)
+        kept = {k for k, s in self.saved.items() if any(not _dropped(s, c, ckpt, recast) for c in s.contexts)}
+        return self._plus_region_inputs(kept, ckpt)
 
     def rebuilt(self, name: str, inner=()) -> int:
         """Bytes a region's recompute rebuilds and keeps for its backward (a transient), when the regions
-        `inner` nested in it are checkpointed too (they keep only their inputs during that recompute)."""
-        inner = frozenset(inner)
-        kept = {k for k, s in self.saved.items() if any(name in c and not (c & inner) for c in s.contexts)}
-        return self._plus_region_inputs(kept, inner)
+        `inner` nested in it are checkpointed (or recast) too (they keep only their inputs during that
+        recompute). For a `weight_casts` candidate: the largest weight copy it recasts at once."""
+        if is_recast(name):
+            return max((s.nbytes for s in self.saved.values() if s.cast_of is not None
+                        and any(name in c for c in s.contexts)), default=0)
+        ckpt, recast = _split(frozenset(inner))
+        kept = {k for k, s in self.saved.items()
+                if any(name in c and not _dropped(s, c, ckpt, recast) for c in s.contexts)}
+        return self._plus_region_inputs(kept, ckpt)
 
     def _plus_region_inputs(self, kept: set, regions: frozenset) -> int:
         """Bytes of the storages `kept`, plus the inputs that each checkpointed region in `regions` (not
@@ -118,6 +126,18 @@ class ActivationProfile:
                 kept.add(k)
                 total += self.saved[k].nbytes if k in self.saved else self.input_bytes[k]
         return total
+
+
+def _split(plan: frozenset) -> tuple[frozenset, frozenset]:
+    """(checkpointed regions, weight_casts candidates) of a plan."""
+    recast = frozenset(n for n in plan if is_recast(n))
+    return plan - recast, recast
+
+
+def _dropped(s: SavedStorage, context: frozenset, ckpt: frozenset, recast: frozenset) -> bool:
+    """Whether a save made while `context` ran is not kept: inside a checkpointed region, or a weight copy
+    inside a recasting Block."""
+    return bool(context & ckpt) or (s.cast_of is not None and bool(context & recast))
 
 
 class ActivationRecorder:
@@ -163,6 +183,9 @@ class ActivationRecorder:
             module = self._modules[-1] if self._modules else None
             rec = self.saved[key] = SavedStorage(nbytes, type(module).__name__ if module is not None else "-",
                                                  self._layer())
+            p = cast_source(t)
+            if p is not None:
+                rec.cast_of = (p, t.dtype)
             self._keep.append(t)
         rec.contexts.add(frozenset(self._regions))
         return t
@@ -240,7 +263,28 @@ class ActivationRecorder:
         self._hooks.__exit__(*exc)
         return False
 
+    def _time_recasts(self) -> None:
+        """The cost of a `weight_casts` candidate is not its forward but casting its weights once more:
+        timed here (fastest of 3) for the weight copies saved inside it."""
+        for c in self.candidates:
+            if not is_recast(c.name):
+                continue
+            casts = {(id(s.cast_of[0]), s.cast_of[1]): s.cast_of for s in self.saved.values()
+                     if s.cast_of is not None and any(c.name in ctx for ctx in s.contexts)}
+            best = None
+            for _ in range(3):
+                t0 = time.perf_counter()
+                for p, dtype in casts.values():
+                    p.detach().to(dtype)
+                if casts and next(iter(casts.values()))[0].is_cuda:
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                best = dt if best is None else min(best, dt)
+            self.seconds[c.name] = best
+
     def profile(self, tokens: int = 0) -> ActivationProfile:
+        if self.saved:
+            self._time_recasts()
         prof = ActivationProfile(dict(self.saved), dict(self.inputs), dict(self.input_bytes),
                                  dict(self.checkpoint_inputs), dict(self.seconds), tokens)
         self._keep = []
