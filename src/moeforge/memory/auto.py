@@ -16,8 +16,9 @@ Constraint: held(P) + transient(P) <= budget.
 
 Algorithm (a multiple-choice knapsack, solved by dynamic programming):
 1. Each Block is one group. Its options are the subsets of its sub-block candidates that save memory
-   (attention, q/kv projections, attention core, moe, routed and shared experts, dense MLP; nested
-   pairs allowed), each alone or inside a checkpointed whole block (which keeps only the block input;
+   (attention, q/kv projections, attention core, moe, routed and shared experts, dense MLP, and
+   weight_casts -- the bf16 weight copies recast in the backward, priced at one cast per weight, which
+   also acts inside every checkpointed region of its block; nested pairs allowed), each alone or inside a checkpointed whole block (which keeps only the block input;
    the nested regions shrink what its recompute rebuilds at once -- the way to go below the budget a
    plain full checkpoint reaches). Each option's saving (held(nothing) - held(option)) and transient
    are computed exactly from the profile; its cost is the summed forward time of its regions (a region
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError
-from .candidates import BLOCK, CONTAINER, Candidate
+from .candidates import BLOCK, CONTAINER, RECAST, Candidate
 from .profiler import ActivationProfile
 
 UNITS = 2000
@@ -52,6 +53,8 @@ MAX_CAPS = 32
 def contains(outer: Candidate, inner: Candidate) -> bool:
     if outer is inner or outer.layer != inner.layer:
         return False
+    if inner.kind == RECAST:  # a Block's recasting also runs inside each of its checkpointed regions
+        return outer.kind != RECAST
     return outer.kind == BLOCK or CONTAINER.get(inner.kind) == outer.kind
 
 

@@ -71,10 +71,14 @@ class ActivationCheckpointing:
             raise ConfigError(f"unknown checkpointing candidate(s): {', '.join(unknown)}")
         chosen = [by_name[n] for n in names]  # nested regions are fine: non-reentrant checkpoints nest
         self.names = names
-        # Recasting goes innermost (patched first): a checkpointed Block then reruns it in its recompute
-        # too, so its saved-tensor hooks see the same saves in both passes.
+        # Recasting goes innermost (patched first, and inside each checkpointed region of its Block): the
+        # recompute then reruns it too, so the saved-tensor hooks see the same saves in both passes, and
+        # a region's recompute does not rebuild the weight copies (a smaller transient).
+        recast_layers = {c.layer for c in chosen if c.kind == RECAST}
         self._patches = [Patch(c, recasting) for c in chosen if c.kind == RECAST]
-        self._patches += [Patch(c, lambda fn, c=c: checkpointed(c, fn)) for c in chosen if c.kind != RECAST]
+        self._patches += [Patch(c, lambda fn, c=c: checkpointed(
+            c, recasting(fn) if c.layer in recast_layers and c.kind != BLOCK else fn))
+            for c in chosen if c.kind != RECAST]
 
     def remove(self) -> None:
         remove_all(self._patches)
