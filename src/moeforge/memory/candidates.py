@@ -17,7 +17,8 @@ modules, so parameter names and checkpoints are unchanged). Kinds:
   dense_mlp       the SwiGLU of a dense layer
   weight_casts    not a checkpoint: the low-precision weight copies (autocast) the Block saves for
                   backward are recast from the parameters in the backward instead of kept
-                  (`recast.py`); named "<block>.weight_casts", it holds no inputs and reruns no forward
+                  (`recast.py`); named "<block>.weight_casts", it holds no inputs and reruns no forward;
+                  not offered for blocks whose parameters are DTensors (FSDP/ZeRO-3, TP)
 
 A block contains all of its layer's candidates; `attention` contains q_proj, kv_proj and attention_core,
 `moe` contains routed_experts and shared_experts (CONTAINER). Nested regions are allowed: an inner
@@ -29,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..model.moe import MoE
 from ..model.transformer import Block
@@ -84,7 +86,10 @@ def find_candidates(model: nn.Module) -> list[Candidate]:
     out = []
     for layer_name, block in ((n, m) for n, m in model.named_modules() if isinstance(m, Block)):
         out.append(Candidate(layer_name, BLOCK, layer_name, block, "forward"))
-        out.append(Candidate(f"{layer_name}.{RECAST}", RECAST, layer_name, block, "forward"))
+        if not any(isinstance(p, DTensor) for p in block.parameters()):
+            # FSDP (ZeRO-3) frees the weights it gathered for the forward, so a backward recast would read
+            # freed storage (FSDP's own param_dtype is the way to bf16 copies there); TP shards are DTensors
+            out.append(Candidate(f"{layer_name}.{RECAST}", RECAST, layer_name, block, "forward"))
         for kind, owner, attr in block_children(block):
             path = names[id(owner)]
             out.append(Candidate(path if attr == "forward" else f"{path}.{attr}", kind, layer_name, owner, attr))
