@@ -74,7 +74,8 @@ class Trainer:
     """Owns the model, optimizer, data and run folder for one run.
 
     Distributed runs use `moeforge.parallel.trainer.DistributedTrainer`, which overrides the hooks
-    `parallelize`, `build_optimizer`, `forward_backward`, `clip_gradients` and `expert_counts` and sets `is_main` (writes files) and `dp_group` (sums counts).
+    `parallelize`, `build_optimizer`, `forward_backward`, `clip_gradients` and `expert_counts`, and sets
+    `is_main` (writes files) and `dp_group` (sums counts).
     """
 
     is_main = True
