@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from moeforge.balance import BiasBalancer, RouterProbe, gather_counts, moe_modules, reset_counts
 from moeforge.config import TrainConfig, preset
-from moeforge.model import Transformer
+from moeforge.model import Router, Transformer
 from moeforge.parallel import clip_grad_norm
 from moeforge.train import make_optimizer
 
@@ -111,3 +111,16 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def spread_router_model() -> Transformer:
+    """The debug preset with router weights x50. Routing is discrete: at init the expert scores of a token
+    differ by ~1e-3, so fp32 noise from summing in another order (heads split by TP, micro-batches in PP) can
+    flip a near-tie and the runs part ways by O(1e-4). Spread-out scores keep every choice far from a tie
+    (the layouts are compared, not the routing)."""
+    model = Transformer(preset("debug"))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, Router):
+                m.weight.mul_(50)
+    return model

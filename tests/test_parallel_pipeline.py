@@ -11,12 +11,12 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from moeforge.balance import BiasBalancer
 from moeforge.balance.losses import RouterProbe
-from moeforge.config import TrainConfig, preset
+from moeforge.config import TrainConfig
 from moeforge.errors import ConfigError
-from moeforge.model import Router, Transformer
 from moeforge.parallel.pipeline import (Pipeline, StageModule, attach_aux_loss, build_pipeline, layer_ranges,
                                        stage_ids)
 from moeforge.train import make_optimizer
+from parallel_helpers import spread_router_model
 
 STEPS, B, T, MICROBATCHES = 3, 4, 8, 4
 SCHEDULES = ("1f1b", "interleaved-1f1b", "dualpipev")
@@ -26,17 +26,6 @@ SEQ_ALPHA = 1e-2
 def batch(step):
     g = torch.Generator().manual_seed(step)
     return torch.randint(0, 256, (B, T), generator=g), torch.randint(0, 256, (B, T), generator=g)
-
-
-def debug_model():
-    """The debug preset with router weights x50, so that no expert choice is a near-tie that fp32
-    summation-order noise (micro-batches vs one batch) could flip (see test_parallel_tensor.py)."""
-    model = Transformer(preset("debug"))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, Router):
-                m.weight.mul_(50)
-    return model
 
 
 def optimizer(module):
@@ -78,7 +67,7 @@ def worker(rank, world, init_file, out_dir):
     results = {}
     for schedule in SCHEDULES:
         torch.manual_seed(0)
-        pipe = build_pipeline(debug_model(), mesh, (B, T), MICROBATCHES, schedule,
+        pipe = build_pipeline(spread_router_model(), mesh, (B, T), MICROBATCHES, schedule,
                               aux_loss_factory=lambda m: RouterProbe(m, seq_alpha=SEQ_ALPHA, seq_len=T).pop_loss)
         opt = optimizer(torch.nn.ModuleList(pipe.modules))
         losses = []
@@ -98,7 +87,7 @@ def worker(rank, world, init_file, out_dir):
 
 def test_pp2_schedules_match_single_process(tmp_path):
     torch.manual_seed(0)
-    single = debug_model()
+    single = spread_router_model()
     expected_losses = train_single(single)
     expected = state([single])
 
@@ -126,7 +115,7 @@ def dp_worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
-    model = debug_model()
+    model = spread_router_model()
     module = StageModule(model, 0, model.config.num_hidden_layers, True, True)
     pipe = Pipeline([module], schedule=None, group=None, shares_embedding=False, ends_on_one_rank=False,
                     n_microbatches=1, batch_shape=(1, 1), dp_group=dist.group.WORLD)
@@ -159,7 +148,7 @@ def test_stage_gradients_are_averaged_over_data_parallel_replicas(tmp_path):
 def test_stage_modules_chained_in_one_process_equal_the_model():
     """Cut into 3 stages and run back to back, the stages compute the model's loss and gradients (the
     last stage's embedding copy, read by MTP, holds the rest of the embedding gradient)."""
-    model = debug_model()
+    model = spread_router_model()
     x, y = batch(0)
     out = model(x, y)
     out.loss.backward()
@@ -201,4 +190,4 @@ def test_layer_split_and_stage_placement():
 
 def test_bad_pipeline_settings_name_the_problem():
     with pytest.raises(ConfigError, match="unknown pipeline schedule 'zb'"):
-        build_pipeline(debug_model(), None, (B, T), MICROBATCHES, "zb")
+        build_pipeline(spread_router_model(), None, (B, T), MICROBATCHES, "zb")

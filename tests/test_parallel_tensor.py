@@ -12,25 +12,13 @@ from moeforge.balance import BiasBalancer
 from moeforge.balance.losses import RouterProbe
 from moeforge.config import TrainConfig, preset
 from moeforge.errors import ConfigError
-from moeforge.model import Router, Transformer
+from moeforge.model import Transformer
 from moeforge.parallel.tensor import (apply_tensor_parallel, check_tensor_parallel, clip_grad_norm_,
                                       full_state_dict, split_param_groups)
 from moeforge.train import make_optimizer
+from parallel_helpers import spread_router_model
 
 STEPS, B, T = 3, 2, 8
-
-
-def debug_model():
-    """The debug preset with router weights x50. Routing is discrete: at init the expert scores of a token
-    differ by ~1e-3, so fp32 noise from summing heads in another order can flip a near-tie and the runs
-    part ways by O(1e-4). Spread-out scores keep every choice far from a tie (the layouts are compared,
-    not the routing)."""
-    model = Transformer(preset("debug"))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, Router):
-                m.weight.mul_(50)
-    return model
 
 
 def batch(step):
@@ -81,7 +69,7 @@ def worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
     torch.manual_seed(0)
-    model = apply_tensor_parallel(debug_model(), mesh)
+    model = apply_tensor_parallel(spread_router_model(), mesh)
     attn = model.layers[0].self_attn
     local = {"heads": attn.n_heads, "q_b_rows": attn.q_b_proj.weight.to_local().shape[0],
              "vocab_rows": model.embed_tokens.weight.to_local().shape[0]}
@@ -93,7 +81,7 @@ def worker(rank, world, init_file, out_dir):
 
 def test_tp2_matches_single_process(tmp_path):
     torch.manual_seed(0)
-    single = debug_model()
+    single = spread_router_model()
     expected_losses = train(single, clip=torch.nn.utils.clip_grad_norm_)
     expected = state(single)
 
@@ -146,7 +134,7 @@ def worker_2d(rank, world, init_file, out_dir):
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     dp = mesh["dp"]
     torch.manual_seed(0)
-    model = apply_tensor_parallel(debug_model(), mesh["tp"])
+    model = apply_tensor_parallel(spread_router_model(), mesh["tp"])
     for block in list(model.layers) + [m.block for m in model.mtp]:
         fully_shard(block, mesh=dp)
     fully_shard(model, mesh=dp)
@@ -175,7 +163,7 @@ def worker_2d(rank, world, init_file, out_dir):
                     reason="4 processes (~60 s on a loaded 2-core machine); set MOEFORGE_SLOW_TESTS=1")
 def test_fsdp2_x_tp2_matches_single_process(tmp_path):
     torch.manual_seed(0)
-    single = debug_model()
+    single = spread_router_model()
     expected_losses = train(single, clip=torch.nn.utils.clip_grad_norm_)
     expected = state(single)
     mp.spawn(worker_2d, args=(4, str(tmp_path / "init"), str(tmp_path)), nprocs=4, join=True)
