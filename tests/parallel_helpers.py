@@ -124,3 +124,21 @@ def spread_router_model() -> Transformer:
             if isinstance(m, Router):
                 m.weight.mul_(50)
     return model
+
+
+def reference_steps(model, opt, batch, steps: int, seq_len: int, clip=None, seq_alpha: float = 1e-2) -> list[float]:
+    """`steps` of the trainer's loop in one process: loss + sequence balance loss, clip to 1.0, AdamW, bias
+    update; the reference the TP and PP runs are compared with. batch(step) -> (input_ids, labels)."""
+    clip = clip or torch.nn.utils.clip_grad_norm_
+    probe = RouterProbe(model, seq_alpha=seq_alpha, seq_len=seq_len)
+    losses = []
+    for step in range(steps):
+        x, y = batch(step)
+        loss = model(x, y).loss + probe.pop_loss()
+        loss.backward()
+        clip(list(model.parameters()), 1.0)
+        opt.step()
+        opt.zero_grad()
+        BiasBalancer(0.01).update(model, step)
+        losses.append(loss.item())
+    return losses

@@ -16,7 +16,7 @@ from moeforge.errors import ConfigError
 from moeforge.parallel.pipeline import (Pipeline, StageModule, attach_aux_loss, build_pipeline, layer_ranges,
                                        stage_ids)
 from moeforge.train import make_optimizer
-from parallel_helpers import spread_router_model
+from parallel_helpers import reference_steps, spread_router_model
 
 STEPS, B, T, MICROBATCHES = 3, 4, 8, 4
 SCHEDULES = ("1f1b", "interleaved-1f1b", "dualpipev")
@@ -37,19 +37,7 @@ def optimizer(module):
 
 
 def train_single(model):
-    probe = RouterProbe(model, seq_alpha=SEQ_ALPHA, seq_len=T)
-    opt = optimizer(model)
-    losses = []
-    for step in range(STEPS):
-        x, y = batch(step)
-        loss = model(x, y).loss + probe.pop_loss()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-        BiasBalancer(0.01).update(model, step)
-        losses.append(loss.item())
-    return losses
+    return reference_steps(model, optimizer(model), batch, STEPS, T, seq_alpha=SEQ_ALPHA)
 
 
 def state(modules):

@@ -16,7 +16,7 @@ from moeforge.model import Transformer
 from moeforge.parallel.tensor import (apply_tensor_parallel, check_tensor_parallel, clip_grad_norm_,
                                       full_state_dict, split_param_groups)
 from moeforge.train import make_optimizer
-from parallel_helpers import spread_router_model
+from parallel_helpers import reference_steps, spread_router_model
 
 STEPS, B, T = 3, 2, 8
 
@@ -43,19 +43,7 @@ def optimizer(model):
 
 def train(model, clip=clip_grad_norm_):
     """3 steps of the trainer's loop: loss + sequence balance loss, clip, AdamW, balancing bias update."""
-    probe = RouterProbe(model, seq_alpha=1e-2, seq_len=T)
-    opt = optimizer(model)
-    losses = []
-    for step in range(STEPS):
-        x, y = batch(step)
-        loss = model(x, y).loss + probe.pop_loss()
-        loss.backward()
-        clip(list(model.parameters()), 1.0)
-        opt.step()
-        opt.zero_grad()
-        BiasBalancer(0.01).update(model, step)
-        losses.append(loss.item())
-    return losses
+    return reference_steps(model, optimizer(model), batch, STEPS, T, clip=clip)
 
 
 def state(model):

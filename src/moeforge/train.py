@@ -242,10 +242,13 @@ class Trainer:
         for i in range(self.cfg.eval_batches):
             x, y = self.val_batches.batch(i)
             with self.autocast():
-                out = self.model(x.to(self.device), labels=y.to(self.device))
-            losses.append(out.lm_loss.item())
+                losses.append(self.validation_loss(x.to(self.device), y.to(self.device)))
         self.model.train()
         return sum(losses) / len(losses)
+
+    def validation_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Next-token loss of one validation batch (MTP and balance losses left out)."""
+        return self.model(x, labels=y).lm_loss.item()
 
     # --- the run ------------------------------------------------------------------------------------
     def fit(self) -> dict:

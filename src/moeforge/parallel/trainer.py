@@ -152,7 +152,7 @@ class DistributedTrainer(Trainer):
     @torch.no_grad()
     def evaluate(self) -> float:
         with collective_errors(f"evaluation after step {self.step}", self.cfg.dist_timeout):
-            value = super().evaluate() if self.pipeline is None else self._pipeline_evaluate()
+            value = super().evaluate()
             return self._mean_over_dp({"v": value}, ("v",))["v"]
 
     # --- pipeline parallelism -----------------------------------------------------------------------
@@ -184,16 +184,10 @@ class DistributedTrainer(Trainer):
         dist.all_reduce(counts, group=self.pp_group)
         return counts.cpu()
 
-    def _pipeline_evaluate(self) -> float:
-        """Trainer.evaluate through the stages (forward only, each batch whole)."""
-        self.model.eval()
-        losses = []
-        for i in range(self.cfg.eval_batches):
-            x, y = self.val_batches.batch(i)
-            with self.autocast():
-                losses.append(self.pipeline.forward_loss(x.to(self.device), y.to(self.device)).item())
-        self.model.train()
-        return sum(losses) / len(losses)
+    def validation_loss(self, x, y) -> float:
+        if self.pipeline is None:
+            return super().validation_loss(x, y)
+        return self.pipeline.forward_loss(x, y).item()  # forward only through the stages, each batch whole
 
     def _gather_full_state(self) -> dict | None:
         """The whole model's state dict (CPU tensors) on rank 0, from every stage; None on other ranks."""
