@@ -1,75 +1,273 @@
 """An OpenAI-compatible HTTP server for one model (FastAPI + uvicorn): /v1/completions,
 /v1/chat/completions (both with `stream: true` as server-sent events), /v1/models and /health.
 
-Requests are validated by pydantic models; every client error is a 4xx with an OpenAI-style body
-{"error": {"message", "type"}}. Generation runs on the engine's worker thread (`moeforge.inference.engine`);
-the event loop only relays text, so /health answers while a long request decodes. Shutdown (Ctrl-C /
-SIGTERM): uvicorn stops accepting connections and lets running responses finish, then the engine fails
-whatever still waits and stops its worker.
+Every field of a request is either honoured or refused: requests are validated by pydantic models that
+forbid unknown fields, and fields that would change the result but that this server does not implement
+(n > 1, tools, penalties, logit_bias, JSON response formats, ...) are accepted only at their neutral
+value. Every client error is a 4xx whose OpenAI-style body {"error": {"message", "type", "param"}} names
+the field; nothing a client sends reaches the batch loop unchecked (see `moeforge.inference.engine` for
+how one request's failure stays its own). Generation runs on the engine's worker thread; the event loop
+only relays text, so /health answers while a long request decodes. Shutdown (Ctrl-C / SIGTERM): uvicorn
+stops accepting connections and lets running responses finish, then the engine fails whatever still waits
+and stops its worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..data import ByteTokenizer
 from ..errors import ConfigError
-from .engine import Engine, EngineBusy, Job
+from .engine import MAX_TOP_LOGPROBS, SEED_END, SEED_MIN, Engine, EngineBusy, Job, TokenLogprob
 from .sampling import SamplingParams
 
 MAX_STOP_STRINGS = 4
+log = logging.getLogger("moeforge.serve")
+
+
+def _unicode(s: str) -> str:
+    """JSON can carry lone surrogates ("\\ud800"), which no tokenizer can encode."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode: lone surrogate {s[e.start]!r} at character {e.start}") from None
+    return s
+
+
+def _neutral(name: str, value: Any, allowed: tuple) -> None:
+    if value is not None and value not in allowed:
+        raise ValueError(f"{name}: only {allowed[0]!r} is supported by this server, got {value!r}")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool | None = None
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
+    # Unknown fields are refused, not ignored: a client that sets one expects it to act.
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=0)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, le=2, description="default 1")
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, description="an extension (as vLLM's); 0 or absent = off")
     stop: str | list[str] | None = None
-    stream: bool = False
-    seed: int | None = None
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, lt=SEED_END)
+    # Accepted at their neutral value only: anything else would change the result.
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # Accepted and without effect on the output (bookkeeping on OpenAI's side).
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else list(v or ())
+        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
+            raise ValueError(f"at most {MAX_STOP_STRINGS} non-empty strings")
+        for s in stops:
+            _unicode(s)
+        return v
+
+    @model_validator(mode="after")
+    def _refuse_what_is_not_implemented(self):
+        _neutral("n", self.n, (1,))
+        _neutral("presence_penalty", self.presence_penalty, (0,))
+        _neutral("frequency_penalty", self.frequency_penalty, (0,))
+        if self.logit_bias:
+            raise ValueError("logit_bias: not supported by this server")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed with stream: true")
+        return self
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("empty list")
+        for s in [v] if isinstance(v, str) else v:
+            if isinstance(s, str):
+                _unicode(s)
+            elif isinstance(s, list) and not s:
+                raise ValueError("an empty list of token ids")
+        return v
+
+    @model_validator(mode="after")
+    def _refuse_completion_fields(self):
+        _neutral("best_of", self.best_of, (1,))
+        if self.suffix:
+            raise ValueError("suffix: not supported by this server")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """A string, a list of strings, a list of token ids, or a list of those -> a list of prompts."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["developer", "system", "user", "assistant"]
     content: str
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, v):
+        """OpenAI's list of content parts: text parts are concatenated; other kinds are refused."""
+        if not isinstance(v, list):
+            return v
+        texts = []
+        for i, part in enumerate(v):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"part {i}: only text parts {{'type': 'text', 'text': ...}} are supported, got {kind!r}")
+            if set(part) - {"type", "text"}:
+                raise ValueError(f"part {i}: unsupported keys {sorted(set(part) - {'type', 'text'})}")
+            texts.append(part["text"])
+        return "".join(texts)
+
+    @field_validator("content")
+    @classmethod
+    def _content_unicode(cls, v):
+        return _unicode(v)
 
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None  # no effect without tools
+    response_format: dict | None = None
+
+    @model_validator(mode="after")
+    def _refuse_chat_fields(self):
+        if self.tools:
+            raise ValueError("tools: not supported by this server")
+        _neutral("tool_choice", self.tool_choice, ("none", "auto"))
+        if self.response_format is not None and self.response_format != {"type": "text"}:
+            raise ValueError(f"response_format: only {{'type': 'text'}} is supported, got {self.response_format!r}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs: true")
+        if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("max_completion_tokens: differs from max_tokens (send one)")
+        return self
 
 
 def chat_prompt(messages: list[ChatMessage]) -> str:
     """A plain template (the byte-level and trained tokenizers have none): 'role: content' lines, then
-    'assistant:' for the model to continue."""
-    return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
+    'assistant:' for the model to continue. The developer role is OpenAI's new name for system and is
+    rendered as system, so both give the same text."""
+    role = {"developer": "system"}
+    return "".join(f"{role.get(m.role, m.role)}: {m.content}\n" for m in messages) + "assistant:"
 
 
-def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
+                        status_code=status)
 
 
 class _ClientError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, param: str | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.param = status, param
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """Pydantic's errors as 'field: problem' (one per field; union branches folded)."""
+    found: dict[str, str] = {}
+    for e in exc.errors():
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"
+               and not (isinstance(x, str) and (x in _TYPE_TAGS or "[" in x))]
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        if e.get("type") == "extra_forbidden":
+            msg = "not supported by this server"
+        if e.get("type") == "json_invalid":
+            loc = []
+        if ": " in msg and not loc:  # a model-level check names its own field
+            where, msg = msg.split(": ", 1)
+            loc = [where]
+        found.setdefault(".".join(loc), msg)
+    parts = [f"{where}: {msg}" if where else msg for where, msg in found.items()]
+    return "; ".join(parts) or "invalid request", next(iter(found), None) or None
+
+
+@dataclass
+class _Call:
+    """One decoded request: what every prompt's job shares."""
+
+    chat: bool
+    max_tokens_field: str
+    max_tokens: int | None
+    params: SamplingParams
+    seed: int
+    stops: tuple[str, ...]
+    logprobs: bool
+    top_logprobs: int
+    echo: bool
+    stream: bool
+    include_usage: bool
+
+
+class TokenText:
+    """A token's text and bytes for logprobs. A token that is not whole UTF-8 on its own (one byte of a
+    multi-byte character) is named 'bytes:\\xNN', as OpenAI does."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def __call__(self, token: int) -> tuple[str, list[int]]:
+        if token not in self.cache:
+            if isinstance(self.tokenizer, ByteTokenizer):
+                raw = bytes([token]) if 0 < token < 256 else b""
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            else:
+                text = self.tokenizer.decode([token])
+                raw = text.encode("utf-8")
+            self.cache[token] = (text, list(raw))
+        return self.cache[token]
 
 
 def create_app(engine: Engine, model_name: str = "moeforge", default_max_tokens: int = 16) -> FastAPI:
@@ -80,127 +278,233 @@ def create_app(engine: Engine, model_name: str = "moeforge", default_max_tokens:
         await asyncio.to_thread(engine.close)
 
     app = FastAPI(title="moeforge", lifespan=lifespan)
+    token_text = TokenText(engine.tokenizer)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        parts = []
-        for e in exc.errors():
-            where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-            parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
-        return error(400, "; ".join(parts) or "invalid request")
+        message, param = _validation_message(exc)
+        return error(400, message, param=param)
 
     @app.exception_handler(_ClientError)
     async def _client_error(request: Request, exc: _ClientError):
-        return error(exc.status, str(exc), "server_busy" if exc.status == 503 else "invalid_request_error")
+        return error(exc.status, str(exc), "server_busy" if exc.status == 503 else "invalid_request_error", exc.param)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):  # logged with its traceback; the client gets one line
+        log.exception("request failed")
+        return error(500, f"internal error: {type(exc).__name__}", "server_error")
 
     @app.get("/health")
     async def health():
         return {"status": "closing" if engine.closing else "ok", "model": model_name,
-                "waiting": engine.queue.qsize()}
+                "waiting": engine.queue.qsize(), "batch_sizes": {str(k): v for k, v in engine.batch_sizes.items()}}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "moeforge"}]}
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "moeforge", "max_model_len": engine.context}]}
 
-    def make_job(req: _Request, prompt: str, on_event) -> Job:
+    # --- requests -> jobs ---------------------------------------------------------------------
+    def decode_call(req: _Request, chat: bool) -> _Call:
         if req.model not in (None, model_name):
-            raise _ClientError(404, f"model {req.model!r} not found; this server has {model_name!r}")
-        ids = engine.tokenizer.encode(prompt) or list(engine.stop_ids[:1]) or [0]
-        max_tokens = default_max_tokens if req.max_tokens is None else req.max_tokens
-        if len(ids) + max_tokens > engine.context:
-            raise _ClientError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                                    f"model's context of {engine.context} tokens")
-        stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
-            raise _ClientError(400, f"stop: at most {MAX_STOP_STRINGS} non-empty strings")
+            raise _ClientError(404, f"model {req.model!r} not found; this server has {model_name!r}", "model")
+        temperature = 1.0 if req.temperature is None else req.temperature
+        top_p = None if req.top_p is None or req.top_p >= 1 else req.top_p
         try:
-            params = SamplingParams(req.temperature, req.top_k, None if req.top_p >= 1 else req.top_p)
+            params = SamplingParams(temperature, req.top_k or None, top_p)
         except ConfigError as e:
             raise _ClientError(400, str(e)) from None
         seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
-        return Job(ids, max_tokens, params, seed, stops, on_event)
+        if chat:
+            field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+            max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            logprobs, top, echo = bool(req.logprobs), req.top_logprobs or 0, False
+        else:
+            field, max_tokens = "max_tokens", req.max_tokens
+            logprobs, top, echo = req.logprobs is not None, req.logprobs or 0, bool(req.echo)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _Call(chat, field, max_tokens, params, seed, req.stop_strings(), logprobs, top, echo,
+                     bool(req.stream), include_usage)
 
-    async def run(req: _Request, prompt: str, chat: bool):
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        job = make_job(req, prompt, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+    def encode(prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            return list(prompt)
         try:
-            engine.submit(job)
-        except EngineBusy as e:
-            raise _ClientError(503, str(e)) from None
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        usage = lambda n: {"prompt_tokens": len(job.prompt_ids), "completion_tokens": n,  # noqa: E731
-                           "total_tokens": len(job.prompt_ids) + n}
+            ids = engine.tokenizer.encode(prompt)
+        except Exception as e:  # a tokenizer's own failure is this request's problem only
+            raise _ClientError(400, f"prompt: cannot be tokenized ({e})", "prompt") from None
+        return ids or list(engine.stop_ids[:1]) or [0]
 
-        def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
-            if chat:
-                delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish}
-                body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                        "choices": [choice]}
-            else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-                body = {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                        "choices": [choice]}
-            return f"data: {json.dumps(body)}\n\n"
-
-        if req.stream:
-            async def sse():
-                try:
-                    if chat:
-                        yield chunk(None, None, first=True)
-                    while True:
-                        ev = await events.get()
-                        if ev[0] == "text":
-                            yield chunk(ev[1], None)
-                        elif ev[0] == "done":
-                            yield chunk(None, ev[1])
-                            break
-                        else:
-                            yield f"data: {json.dumps({'error': {'message': ev[1], 'type': 'server_error'}})}\n\n"
-                            break
-                    yield "data: [DONE]\n\n"
-                finally:  # the client went away (or we are done): stop decoding for it
-                    job.cancelled.set()
-
-            return StreamingResponse(sse(), media_type="text/event-stream")
-
-        parts = []
+    def make_job(call: _Call, ids: list[int], on_event) -> Job:
+        room = engine.context - len(ids)
+        if call.max_tokens is None:  # the default shrinks to what the context leaves
+            if room < 1 and not call.echo:
+                raise _ClientError(400, f"prompt: {len(ids)} tokens leave no room in the model's context of "
+                                        f"{engine.context} tokens", "prompt")
+            max_tokens = max(min(default_max_tokens, room), 0)
+        elif call.max_tokens > room:
+            raise _ClientError(400, f"{call.max_tokens_field}: prompt ({len(ids)} tokens) + {call.max_tokens_field} "
+                                    f"({call.max_tokens}) exceeds the model's context of {engine.context} tokens",
+                               call.max_tokens_field)
+        else:
+            max_tokens = call.max_tokens
+        job = Job(ids, max_tokens, call.params, call.seed, call.stops, on_event, logprobs=call.logprobs,
+                  top_logprobs=call.top_logprobs, prompt_logprobs=call.echo and call.logprobs)
         try:
+            engine.check(job)
+        except ConfigError as e:
+            field = str(e).split(":", 1)[0]
+            raise _ClientError(400, str(e), field) from None
+        return job
+
+    class _Running:
+        """One prompt's job and the events the worker sends back to the event loop."""
+
+        def __init__(self, call: _Call, prompt: str | list[int]):
+            loop = asyncio.get_running_loop()
+            self.events: asyncio.Queue = asyncio.Queue()
+            ids = encode(prompt)
+            self.prompt_text = prompt if isinstance(prompt, str) else engine.tokenizer.decode(ids)
+            self.job = make_job(call, ids, lambda ev: loop.call_soon_threadsafe(self.events.put_nowait, ev))
+
+        async def collect(self) -> dict:
+            """-> text, logprobs entries (prompt's first when echo), finish reason, completion tokens."""
+            text, prompt_entries, entries = [], [], []
             while True:
-                ev = await events.get()
-                if ev[0] == "text":
-                    parts.append(ev[1])
+                ev = await self.events.get()
+                if ev[0] == "prompt":
+                    prompt_entries = ev[1]
+                elif ev[0] == "text":
+                    text.append(ev[1])
+                    entries += ev[2]
                 elif ev[0] == "done":
-                    reason, n = ev[1], ev[2]
+                    return {"text": "".join(text), "prompt_entries": prompt_entries, "entries": entries,
+                            "reason": ev[1], "n": ev[2]}
+                else:
+                    raise _ClientError(503 if "shutting down" in ev[1] else 500, ev[1])
+
+    def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    # --- logprobs in OpenAI's two shapes ----------------------------------------------------------
+    def chat_logprobs(entries: list[TokenLogprob]) -> dict:
+        def item(t: int, lp: float) -> dict:
+            text, raw = token_text(t)
+            return {"token": text, "logprob": lp, "bytes": raw}
+
+        return {"content": [item(e.token, e.logprob) | {"top_logprobs": [item(t, v) for t, v in e.top]}
+                            for e in entries], "refusal": None}
+
+    def completion_logprobs(entries: list[TokenLogprob], base: int, k: int) -> dict:
+        """Legacy shape: parallel lists; each top_logprobs dict holds the top k and the sampled token
+        (up to k + 1 entries, as OpenAI documents). `base` is added to the offsets of new tokens."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in entries:
+            out["tokens"].append(token_text(e.token)[0])
+            out["token_logprobs"].append(e.logprob)
+            if e.logprob is None:
+                out["top_logprobs"].append(None)
+            else:
+                top = {token_text(t)[0]: v for t, v in e.top[:k]}
+                top.setdefault(token_text(e.token)[0], e.logprob)
+                out["top_logprobs"].append(top)
+            out["text_offset"].append(base + e.offset)
+        return out
+
+    # --- responses ----------------------------------------------------------------------------
+    async def respond(call: _Call, prompts: list[str | list[int]]):
+        if call.stream and len(prompts) > 1:
+            raise _ClientError(400, "prompt: streaming takes one prompt per request", "prompt")
+        if len(prompts) > engine.queue.maxsize:
+            raise _ClientError(400, f"prompt: at most {engine.queue.maxsize} prompts per request", "prompt")
+        running = [_Running(call, p) for p in prompts]  # every prompt checked before any is queued
+        try:
+            for r in running:
+                engine.submit(r.job)
+        except EngineBusy as e:
+            for r in running:
+                r.job.cancelled.set()
+            raise _ClientError(503, str(e)) from None
+        except ConfigError as e:
+            for r in running:
+                r.job.cancelled.set()
+            raise _ClientError(400, str(e)) from None
+        rid = ("chatcmpl-" if call.chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        head = {"id": rid, "object": ("chat.completion" if call.chat else "text_completion"), "created": created,
+                "model": model_name}
+        if call.stream:
+            return StreamingResponse(stream(call, running[0], head), media_type="text/event-stream")
+        try:
+            results = await asyncio.gather(*(r.collect() for r in running))
+        finally:
+            for r in running:
+                r.job.cancelled.set()
+        choices = []
+        for i, (r, res) in enumerate(zip(running, results)):
+            if call.chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": res["text"]},
+                                "logprobs": chat_logprobs(res["entries"]) if call.logprobs else None,
+                                "finish_reason": res["reason"]})
+            else:
+                text = (r.prompt_text if call.echo else "") + res["text"]
+                logprobs = None
+                if call.logprobs:
+                    logprobs = completion_logprobs(res["prompt_entries"], 0, call.top_logprobs)
+                    for key, values in completion_logprobs(res["entries"], len(r.prompt_text),
+                                                           call.top_logprobs).items():
+                        logprobs[key] += values
+                choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": res["reason"]})
+        n_prompt = sum(len(r.job.prompt_ids) for r in running)
+        return head | {"choices": choices, "usage": usage(n_prompt, sum(res["n"] for res in results))}
+
+    async def stream(call: _Call, r: _Running, head: dict):
+        head = head | {"object": "chat.completion.chunk" if call.chat else "text_completion"}
+        extra = {"usage": None} if call.include_usage else {}
+
+        def chunk(text: str | None, entries: list, finish: str | None = None, first: bool = False, base: int = 0):
+            if call.chat:
+                delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text else {})
+                choice = {"index": 0, "delta": delta,
+                          "logprobs": chat_logprobs(entries) if call.logprobs and entries else None,
+                          "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "",
+                          "logprobs": (completion_logprobs(entries, base, call.top_logprobs)
+                                       if call.logprobs and entries else None), "finish_reason": finish}
+            return f"data: {json.dumps(head | {'choices': [choice]} | extra)}\n\n"
+
+        try:
+            if call.chat:
+                yield chunk(None, [], first=True)
+            elif call.echo and not call.logprobs:
+                yield chunk(r.prompt_text, [])
+            while True:
+                ev = await r.events.get()
+                if ev[0] == "prompt":
+                    yield chunk(r.prompt_text, ev[1])
+                elif ev[0] == "text":
+                    yield chunk(ev[1], ev[2], base=len(r.prompt_text))
+                elif ev[0] == "done":
+                    yield chunk(None, [], ev[1])
+                    if call.include_usage:
+                        yield f"data: {json.dumps(head | {'choices': [], 'usage': usage(len(r.job.prompt_ids), ev[2])})}\n\n"
                     break
                 else:
-                    return error(503 if "shutting down" in ev[1] else 500, ev[1], "server_error")
-        finally:
-            job.cancelled.set()
-        text = "".join(parts)
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-            obj = "text_completion"
-        return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice],
-                "usage": usage(n)}
+                    yield f"data: {json.dumps({'error': {'message': ev[1], 'type': 'server_error'}})}\n\n"
+                    break
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away (or we are done): stop decoding for it
+            r.job.cancelled.set()
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        prompt = req.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise _ClientError(400, "prompt: send one prompt per request (a string or a list of one)")
-            prompt = prompt[0]
-        return await run(req, prompt, chat=False)
+        return await respond(decode_call(req, chat=False), req.prompts())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
-        return await run(req, chat_prompt(req.messages), chat=True)
+        return await respond(decode_call(req, chat=True), [chat_prompt(req.messages)])
 
     return app
 
