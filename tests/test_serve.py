@@ -123,6 +123,18 @@ def test_bad_requests_are_4xx_with_a_message(server, payload, status, message):
     assert r.status_code == 400 and "role" in r.json()["error"]["message"]
 
 
+def test_tokenizer_routes_round_trip(server):
+    client, _ = server
+    assert client.get("/tokenizer_info").json()["eos_token"] == "\x00"  # the byte tokenizer's eos
+    ids = client.post("/tokenize", json={"prompt": "héllo", "add_special_tokens": False}).json()["tokens"]
+    assert ids == list("héllo".encode())
+    assert client.post("/detokenize", json={"tokens": ids}).json()["prompt"] == "héllo"
+    r = client.post("/tokenize", json={"prompt": "x", "add_special_tokens": True})
+    assert r.status_code == 400 and "add_special_tokens" in r.json()["error"]["message"]
+    r = client.post("/detokenize", json={"tokens": [300]})
+    assert r.status_code == 400 and "tokens" in r.json()["error"]["message"]
+
+
 def test_several_prompts_in_one_request_are_several_choices(server):
     client, model = server
     r = client.post("/v1/completions", json={"prompt": ["a", "hello"], "max_tokens": 4, "temperature": 0})

@@ -312,3 +312,27 @@ def test_a_failing_request_fails_alone_in_the_batch_loop(monkeypatch):
         assert engine.batch_sizes[3] == 2 and engine.batch_sizes[1] >= 3, dict(engine.batch_sizes)  # then one by one
     finally:
         engine.close()
+
+
+def test_lm_eval_local_completions_loglikelihoods_equal_the_models(served):
+    """lm-evaluation-harness's own `local-completions` model against the server: it detects the server's
+    tokenizer routes (remote backend), sends token ids with echo + logprobs, and its loglikelihoods and
+    is-greedy flags must be the model's own."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api]")
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    client, raw, _, model = served
+    lm = get_model("local-completions")(base_url=str(raw.base_url) + "/v1/completions", model="debug",
+                                        max_retries=1, max_length=256)
+    assert lm.tokenizer_backend == "remote"
+    pairs = [("The cat", " sat on the mat."), ("def f(x):", " return x")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    got = lm.loglikelihood(requests, disable_tqdm=True)
+    for (context, continuation), (logprob, greedy) in zip(pairs, got):
+        ctx, cont = list(context.encode()), list(continuation.encode())
+        ref = reference_logprobs(model, ctx + cont)
+        rows = ref[len(ctx) - 1:-1]
+        assert logprob == pytest.approx(rows.gather(-1, torch.tensor(cont)[:, None]).sum().item(), abs=1e-3)
+        assert greedy == bool((rows.argmax(-1) == torch.tensor(cont)).all())

@@ -1,5 +1,6 @@
 """An OpenAI-compatible HTTP server for one model (FastAPI + uvicorn): /v1/completions,
-/v1/chat/completions (both with `stream: true` as server-sent events), /v1/models and /health.
+/v1/chat/completions (both with `stream: true` as server-sent events), /v1/models and /health, plus
+vLLM's /tokenize, /detokenize and /tokenizer_info (lm-evaluation-harness's `remote` tokenizer backend).
 
 Every field of a request is either honoured or refused: requests are validated by pydantic models that
 forbid unknown fields, and fields that would change the result but that this server does not implement
@@ -190,6 +191,33 @@ class ChatRequest(_Request):
         return self
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize (lm-evaluation-harness's `remote` tokenizer backend uses it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_unicode(cls, v):
+        return _unicode(v)
+
+    @field_validator("add_special_tokens")
+    @classmethod
+    def _no_special(cls, v):
+        if v:
+            raise ValueError("this server's tokenizers add no special tokens; send false")
+        return v
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int]
+
+
 def chat_prompt(messages: list[ChatMessage]) -> str:
     """A plain template (the byte-level and trained tokenizers have none): 'role: content' lines, then
     'assistant:' for the model to continue. The developer role is OpenAI's new name for system and is
@@ -303,6 +331,39 @@ def create_app(engine: Engine, model_name: str = "moeforge", default_max_tokens:
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                             "owned_by": "moeforge", "max_model_len": engine.context}]}
+
+    # --- vLLM's tokenizer routes, for clients that tokenize with the server's tokenizer ---------
+    def eos_text() -> str | None:
+        tok = engine.tokenizer
+        if tok.eos_id is None:
+            return None
+        if isinstance(tok, ByteTokenizer):
+            return chr(tok.eos_id)  # byte 0: encode("\x00") == [0]
+        inner = getattr(tok, "tok", None)
+        return inner.id_to_token(tok.eos_id) if inner is not None else tok.decode([tok.eos_id])
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return {"tokenizer_class": type(engine.tokenizer).__name__, "eos_token": eos_text(), "bos_token": None,
+                "pad_token": None, "model_max_length": engine.context, "vocab_size": engine.tokenizer.vocab_size}
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        if req.model not in (None, model_name):
+            raise _ClientError(404, f"model {req.model!r} not found; this server has {model_name!r}", "model")
+        try:
+            ids = engine.tokenizer.encode(req.prompt)
+        except Exception as e:
+            raise _ClientError(400, f"prompt: cannot be tokenized ({e})", "prompt") from None
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.context}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        bad = next((t for t in req.tokens if not 0 <= t < engine.vocab_size), None)
+        if bad is not None:
+            raise _ClientError(400, f"tokens: token id {bad} is outside the vocabulary (0..{engine.vocab_size - 1})",
+                               "tokens")
+        return {"prompt": engine.tokenizer.decode(req.tokens)}
 
     # --- requests -> jobs ---------------------------------------------------------------------
     def decode_call(req: _Request, chat: bool) -> _Call:
