@@ -87,7 +87,7 @@ def test_models_lists_the_served_id(served):
 
 
 BAD = [  # (route, request, field named in the 4xx)
-    ("completions", {"prompt": "x", "seed": 2**64}, "seed"),
+    ("completions", {"prompt": "x", "seed": 2**64, "temperature": 0}, "seed"),  # greedy: batched with the good
     ("completions", {"prompt": "x", "n": 2}, "n"),
     ("completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
     ("completions", {"prompt": [[1, 2, 300]]}, "prompt"),
@@ -247,7 +247,8 @@ def test_developer_role_and_text_parts_are_honoured(served):
 
     as_system = chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}])
     as_developer = chat([{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi there"}])
-    as_parts = chat([{"role": "developer", "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]},
+    parts = [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]
+    as_parts = chat([{"role": "developer", "content": parts},
                      {"role": "user", "content": [{"type": "text", "text": "hi there"}]}])
     prompt = "system: be brief\nuser: hi there\nassistant:"
     assert as_system == as_developer == as_parts == (text(model, prompt, 6), len(prompt))
