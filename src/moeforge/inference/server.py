@@ -4,11 +4,11 @@ vLLM's /tokenize, /detokenize and /tokenizer_info (lm-evaluation-harness's `remo
 
 Every field of a request is either honoured or refused (the pydantic models of
 `moeforge.inference.openai_api`). Every client error is a 4xx whose OpenAI-style body
-{"error": {"message", "type", "param"}} names the field; nothing a client sends reaches the batch loop unchecked (see `moeforge.inference.engine` for
-how one request's failure stays its own). Generation runs on the engine's worker thread; the event loop
-only relays text, so /health answers while a long request decodes. Shutdown (Ctrl-C / SIGTERM): uvicorn
-stops accepting connections and lets running responses finish, then the engine fails whatever still waits
-and stops its worker.
+{"error": {"message", "type", "param"}} names the field; nothing a client sends reaches the batch loop
+unchecked (see `moeforge.inference.engine` for how one request's failure stays its own). Generation runs
+on the engine's worker thread; the event loop only relays text, so /health answers while a long request
+decodes. Shutdown (Ctrl-C / SIGTERM): uvicorn stops accepting connections and lets running responses
+finish, then the engine fails whatever still waits and stops its worker.
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def create_app(engine: Engine, model_name: str = "moeforge", default_max_tokens:
 
     @app.exception_handler(_ClientError)
     async def _client_error(request: Request, exc: _ClientError):
-        return error(exc.status, str(exc), "server_busy" if exc.status == 503 else "invalid_request_error", exc.param)
+        kind = "server_busy" if exc.status == 503 else "server_error" if exc.status >= 500 else "invalid_request_error"
+        return error(exc.status, str(exc), kind, exc.param)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):  # logged with its traceback; the client gets one line
@@ -211,9 +212,8 @@ def create_app(engine: Engine, model_name: str = "moeforge", default_max_tokens:
         def __init__(self, call: _Call, prompt: str | list[int]):
             loop = asyncio.get_running_loop()
             self.events: asyncio.Queue = asyncio.Queue()
-            ids = encode(prompt)
-            self.prompt_text = prompt if isinstance(prompt, str) else engine.tokenizer.decode(ids)
-            self.job = make_job(call, ids, lambda ev: loop.call_soon_threadsafe(self.events.put_nowait, ev))
+            self.job = make_job(call, encode(prompt), lambda ev: loop.call_soon_threadsafe(self.events.put_nowait, ev))
+            self.prompt_text = prompt if isinstance(prompt, str) else engine.tokenizer.decode(self.job.prompt_ids)
 
         async def collect(self) -> dict:
             """-> text, logprobs entries (prompt's first when echo), finish reason, completion tokens."""
