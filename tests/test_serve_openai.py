@@ -89,6 +89,7 @@ def test_models_lists_the_served_id(served):
 BAD = [  # (route, request, field named in the 4xx)
     ("completions", {"prompt": "x", "seed": 2**64, "temperature": 0}, "seed"),  # greedy: batched with the good
     ("completions", {"prompt": "x", "n": 2}, "n"),
+    ("completions", {"prompt": "x", "temperature": 1e-40}, "temperature"),  # would be NaN probabilities
     ("completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
     ("completions", {"prompt": [[1, 2, 300]]}, "prompt"),
     ("completions", {"prompt": "x", "extra_body": {"repetition_penalty": 1.2}}, "repetition_penalty"),

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .engine import MAX_TOP_LOGPROBS, SEED_END, SEED_MIN
 
 MAX_STOP_STRINGS = 4
+MIN_TEMPERATURE = 1e-6
 
 
 def _unicode(s: str) -> str:
@@ -62,6 +63,13 @@ class RequestBase(BaseModel):
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v):
+        if v is not None and 0 < v < MIN_TEMPERATURE:  # logits / T overflows float32 long before 1e-37
+            raise ValueError(f"0 (greedy) or at least {MIN_TEMPERATURE}, got {v}")
+        return v
 
     @field_validator("stop")
     @classmethod
