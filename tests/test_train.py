@@ -1,6 +1,7 @@
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -336,3 +337,42 @@ def test_precision_auto_is_resolved_once_written_to_config_and_kept_on_resume(tm
     assert again.cfg.precision == "fp32" and again.amp_dtype is None
     explicit_auto = Trainer(small_run(tmp_path, precision="auto", steps=2, eval_every=0), resume=True)
     assert explicit_auto.cfg.precision == "fp32"
+
+
+def _two_ranks(rank, world, init_file, out_dir):
+    """One rank: `--precision auto` with the ranks' devices disagreeing about bf16, then 3 steps of an FP8
+    run with the policy whose statistics differ per rank (each sees its half of the batch)."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from moeforge import hardware
+    from moeforge.parallel.trainer import DistributedTrainer
+    from parallel_helpers import init_gloo
+
+    init_gloo(rank, world, init_file)
+    real = hardware.probe
+    hardware.probe = lambda device="auto": dataclasses.replace(real(device), bf16=rank == 1)
+    out = Path(out_dir)
+    auto = DistributedTrainer(small_run(out / "auto", precision="auto", steps=1))
+    trainer = strict_policy(DistributedTrainer(fp8_run(out / "fp8", steps=3, eval_every=0)))
+    switches = []
+    for _ in range(3):
+        switches += trainer.train_step().get("precision_switches", [])
+        trainer.step += 1
+    torch.save({"precision": auto.cfg.precision, "amp": str(auto.amp_dtype), "switches": switches,
+                "policy": trainer.precision_policy.state_dict()}, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_ranks_agree_on_precision_auto_and_on_every_fp8_policy_decision(tmp_path):
+    import torch.multiprocessing as mp
+
+    from moeforge.config import load_toml
+
+    mp.spawn(_two_ranks, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["precision"] == r1["precision"] == "fp32" and r0["amp"] == r1["amp"] == "None"  # rank 0's device
+    assert load_toml(tmp_path / "auto" / "run" / "config.toml")["train"]["precision"] == "fp32"
+    assert r0["switches"] and r0["switches"] == r1["switches"]
+    assert r0["policy"] == r1["policy"]

@@ -401,14 +401,15 @@ class RunConfig:
 # --- resuming a run --------------------------------------------------------------------------------
 # Training fields a resume may change freely: bookkeeping, and where and how the same computation runs
 # (layout, memory, device, compile; a new layout can differ from the old one in the last bits of fp32
-# sums, as it does in a fresh run). Every other field (seed, batch, data, optimizer, precision, all model
-# fields, ...) changes what is computed, so a resume refuses it unless --allow-config-change names it.
-# `steps` may change too: the schedules are functions of (step, steps), see docs/training.md.
+# sums, as it does in a fresh run; ep_dispatch is the layout's codec, and fp8/logfmt need ep > 1, so it
+# has to change with --ep). Every other field (seed, batch, data, optimizer, precision, all model fields,
+# ...) changes what is computed, so a resume refuses it unless --allow-config-change names it. `steps` may
+# change too: the schedules are functions of (step, steps), see docs/training.md.
 RESUME_FREE_FIELDS = frozenset({
     "steps", "run_dir", "eval_every", "eval_batches", "log_every", "log_expert_counts", "save_every",
     "keep_checkpoints", "max_bad_steps", "sample_tokens", "sample_prompt", "compile", "device",
-    "nproc", "dp", "ep", "tp", "pp", "pp_schedule", "pp_microbatches", "zero", "ep_overlap_shared",
-    "dist_timeout", "activation_checkpointing", "memory_budget", "offload"})
+    "nproc", "dp", "ep", "tp", "pp", "pp_schedule", "pp_microbatches", "zero", "ep_dispatch",
+    "ep_overlap_shared", "dist_timeout", "activation_checkpointing", "memory_budget", "offload"})
 
 
 def config_changes(saved: dict, run: RunConfig) -> list[tuple[str, Any, Any]]:

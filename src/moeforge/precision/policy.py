@@ -122,9 +122,9 @@ class DynamicPrecisionPolicy:
                 for name, module in self.modules.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        if set(state) != set(self.modules):
-            raise ValueError(f"precision policy state is for layers {sorted(set(state) ^ set(self.modules))[:3]}... "
-                             "that this model does not have (or the reverse)")
+        differ = sorted(set(state) ^ set(self.modules))
+        if differ:
+            raise ValueError(f"its FP8 layers are not this model's ({len(differ)} differ, e.g. {differ[0]})")
         for name, s in state.items():
             module = self.modules[name]
             module.fp8, self.bad[name], self.good[name] = bool(s["fp8"]), int(s["bad"]), int(s["good"])
