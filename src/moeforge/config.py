@@ -279,9 +279,10 @@ class TrainConfig:
                                  default=0.0)
     routing: str = doc("learned, or balanced: force a perfectly even expert assignment (a diagnostic).",
                        default="learned")
-    precision: str = doc("fp32, bf16 (autocast; weights and optimizer stay fp32), fp8 (DeepSeek-V3's fine-grained "
-                         "FP8 linears and experts, the rest bf16; docs/precision.md) or fp8-tensorwise.",
-                         default="auto")
+    precision: str = doc("auto (bf16 where bf16 matmuls are fast: CUDA, AMX or AVX512-BF16 CPUs; else fp32; resolved "
+                         "once and saved in config.toml), fp32, bf16 (autocast; weights and optimizer stay fp32), fp8 "
+                         "(DeepSeek-V3's fine-grained FP8 linears and experts, the rest bf16; docs/precision.md) or "
+                         "fp8-tensorwise.", default="auto")
     fp8_policy: bool = doc("With fp8: switch layers between FP8 and BF16 from their gradient and activation "
                            "statistics (logged as precision_switches).", default=False)
     optimizer_state_dtype: str = doc("AdamW moment dtype: fp32, or bf16 (master weights stay fp32; half the "
