@@ -229,6 +229,12 @@ def test_growing_steps_on_resume_under_wsd_equals_a_straight_longer_run(tmp_path
     assert [m["step"] for m in got] == list(range(1, 9))
     for a, b in zip(want, got):
         assert (a["loss"], a["lr"]) == (b["loss"], b["lr"]), a["step"]
+    # Under the cosine the decay is stretched to the new end: the learning rate jumps up at the resume step.
+    Trainer(small_run(tmp_path / "c", steps=4, eval_every=0)).fit()
+    longer = small_run(tmp_path / "c", steps=8, eval_every=0)
+    Trainer(longer, resume=True).fit()
+    lrs = [m["lr"] for m in read_metrics(tmp_path / "c" / "run")]
+    assert lrs[4:] == [lr_at(s, longer.train) for s in range(4, 8)] and lrs[4] > lrs[3]
 
 
 def test_torn_last_metrics_line_does_not_break_resume_or_report(tmp_path, capsys):
