@@ -1,8 +1,11 @@
 """Training checkpoints: a Hugging Face layout folder (loadable by `from_pretrained` and `transformers`)
 plus `trainer_state.pt` (optimizer, step, RNG), written atomically.
 
-A checkpoint is first written to a hidden temporary folder and then renamed into place; a crash
-mid-write leaves at worst a stray temporary folder, never a half-written `step-N`.
+A checkpoint is first written to a hidden temporary folder, fsynced, and then renamed into place; a
+crash mid-write leaves at worst a stray temporary folder, never a half-written `step-N`, and older
+checkpoints are pruned only after the new one is in place. `remove_stale_temporaries` (called when a run
+starts or resumes) deletes those strays, and puts back a checkpoint that a crash caught while re-saving
+the same step (moved aside to `.old-step-N-PID`, its replacement not yet renamed in).
 """
 
 from __future__ import annotations
@@ -38,6 +41,33 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
+
+
+TEMPORARY = re.compile(r"^\.(tmp|old)-(step-\d+)(-\d+)?$")
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[str]:
+    """Delete the temporary folders of crashed single-process saves; -> the names removed or restored.
+    Only one process writes a run's checkpoints (rank 0 in a distributed run), and it calls this before
+    its first save, so no temporary folder here can belong to a save in progress."""
+    base = checkpoints_dir(run_dir)
+    if not base.is_dir():
+        return []
+    done = []
+    for path in sorted(base.iterdir()):
+        m = TEMPORARY.match(path.name)
+        if not m or not path.is_dir():
+            continue
+        final = base / m[2]
+        if m[1] == "old" and not final.exists():  # the swap in save_checkpoint was cut short: undo it
+            path.rename(final)
+            done.append(f"{path.name} -> {final.name}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(path.name)
+    if done:
+        _fsync_dir(base)
+    return done
 
 
 def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, keep: int = 2) -> Path:

@@ -94,9 +94,17 @@ def configure(model: torch.nn.Module, caps: Capabilities, seq_len: int | None = 
     return model
 
 
+def resolve_precision(precision: str, caps: Capabilities) -> str:
+    """`auto` -> bf16 where bf16 matmuls are fast here (caps.bf16), else fp32; other values unchanged.
+    A training run resolves it once and writes the result to its config.toml (docs/training.md)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if caps.bf16 else "fp32"
+
+
 def autocast_dtype(precision: str, caps: Capabilities) -> torch.dtype | None:
-    """None = plain fp32; else the autocast dtype for `precision` in auto | fp32 | bf16."""
-    if precision == "fp32" or (precision == "auto" and not caps.bf16):
+    """None = plain fp32; else the autocast dtype for `precision` in auto | fp32 | bf16 | fp8*."""
+    if resolve_precision(precision, caps) == "fp32":
         return None
     return torch.bfloat16
 
@@ -109,21 +117,14 @@ def _runs(fn) -> bool:
         return False
 
 
-def _bf16_matmul_is_faster_on_cpu(n: int = 768, repeats: int = 7) -> bool:
-    """Measure rather than guess: AMX and AVX512-BF16 make bf16 matmuls faster than fp32, older CPUs
-    emulate bf16 and make them slower. Interleaved timings, best of each, so a busy machine affects
-    both alike. About 0.1 s, once per process."""
-    import time
-
-    pairs = {dt: (torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)) for dt in (torch.float32, torch.bfloat16)}
-    best = dict.fromkeys(pairs, float("inf"))
-    for i in range(repeats + 2):  # the first two rounds warm up (oneDNN picks and JITs kernels)
-        for dt, (a, b) in pairs.items():
-            t0 = time.perf_counter()
-            a @ b
-            if i >= 2:
-                best[dt] = min(best[dt], time.perf_counter() - t0)
-    return best[torch.bfloat16] < 0.8 * best[torch.float32]
+def _bf16_matmul_is_faster_on_cpu() -> bool:
+    """From the CPU's instruction set, not a timing: AMX and AVX512-BF16 make bf16 matmuls faster than
+    fp32; without them oneDNN emulates bf16 (measured 30-45x slower than fp32 on an AVX2 EPYC). A timing
+    (what this used to do) differs from process to process on a busy machine, so ranks of one job or a
+    resumed run could pick different precisions."""
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+                or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
 def _try_grouped_mm(dev: str) -> None:

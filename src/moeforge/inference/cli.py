@@ -64,7 +64,7 @@ def load_for_inference(checkpoint: str, tokenizer_path: str | None, device: str)
     from pathlib import Path
 
     from .. import hardware
-    from ..config import load_toml
+    from ..config import decode_none, load_toml
     from ..data import load_tokenizer
     from ..errors import ConfigError
     from ..hf import from_pretrained, resolve_checkpoint_dir
@@ -75,7 +75,7 @@ def load_for_inference(checkpoint: str, tokenizer_path: str | None, device: str)
     if tokenizer_path is None:
         for run_config in (folder.parent.parent / "config.toml", Path(checkpoint) / "config.toml"):
             if run_config.is_file():
-                tokenizer_path = load_toml(run_config).get("train", {}).get("tokenizer")
+                tokenizer_path = decode_none(load_toml(run_config).get("train", {}).get("tokenizer"))
                 break
     tokenizer = load_tokenizer(tokenizer_path)
     caps = hardware.probe(device)
