@@ -150,6 +150,9 @@ def cmd_generate(args) -> int:
     from .generate import generate
     from .hf import from_pretrained, resolve_checkpoint_dir
 
+    if args.no_cache and (args.mtp or args.expert_budget is not None):
+        flag = "--mtp" if args.mtp else "--expert-budget"
+        raise ConfigError(f"--no-cache runs the cache-free reference path, which has no {flag}; drop one of them")
     folder = resolve_checkpoint_dir(args.checkpoint)
     tokenizer_path = args.tokenizer
     if tokenizer_path is None and (folder / "tokenizer.json").is_file():

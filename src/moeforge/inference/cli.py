@@ -52,7 +52,7 @@ def add_serve_command(sub) -> None:
     s.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's, else bytes)")
     s.add_argument("--device", default="auto")
     s.add_argument("--max-queue", type=int, default=16, help="requests allowed to wait; more get HTTP 503")
-    s.add_argument("--max-batch", type=int, default=4, help="greedy requests decoded together")
+    s.add_argument("--max-batch", type=int, default=4, help="requests decoded together as one batch (any sampling)")
     s.add_argument("--max-tokens", type=int, default=16, help="default max_tokens of a request")
     s.add_argument("--expert-budget", type=int, default=None, metavar="N",
                    help="keep only N routed experts resident (LFU), the rest memory-mapped from the checkpoint")
@@ -103,7 +103,7 @@ def cmd_serve(args) -> int:
         apply_expert_cache(model, args.expert_budget, "lfu", None if next(model.parameters()).is_cuda else folder)
     name = folder.parent.parent.name if folder.name.startswith("step-") else folder.name  # run name
     engine = Engine(model, tokenizer, autocast, max_queue=args.max_queue, max_batch=args.max_batch)
-    print(f"moeforge serve: {folder} on http://{args.host}:{args.port} (model name {name!r})", file=sys.stderr)
+    print(f"moeforge serve: {folder} on http://{args.host}:{args.port} (model id {name!r})", file=sys.stderr)
     serve(engine, name, args.host, args.port, default_max_tokens=args.max_tokens)
     return 0
 
