@@ -140,7 +140,8 @@ def cmd_generate(args) -> int:
     from . import hardware
     from .data import load_tokenizer
     from .generate import generate
-    from .hf import from_pretrained, resolve_checkpoint_dir
+    from .checkpoint import resolve_checkpoint_dir
+    from .hf import from_pretrained
 
     folder = resolve_checkpoint_dir(args.checkpoint)
     tokenizer_path = args.tokenizer

@@ -18,7 +18,7 @@ def generate_cached(model, prompt: list[int], args, stop: tuple[int, ...], autoc
     params = SamplingParams(args.temperature, args.top_k, args.top_p)
     cache = None
     if getattr(args, "expert_budget", None) is not None:
-        from ..hf import resolve_checkpoint_dir
+        from ..checkpoint import resolve_checkpoint_dir
         from .expert_cache import apply_expert_cache
 
         store = None if next(model.parameters()).is_cuda else resolve_checkpoint_dir(args.checkpoint)
@@ -67,7 +67,8 @@ def load_for_inference(checkpoint: str, tokenizer_path: str | None, device: str)
     from ..config import load_toml
     from ..data import load_tokenizer
     from ..errors import ConfigError
-    from ..hf import from_pretrained, resolve_checkpoint_dir
+    from ..checkpoint import resolve_checkpoint_dir
+    from ..hf import from_pretrained
 
     folder = resolve_checkpoint_dir(checkpoint)
     if tokenizer_path is None and (folder / "tokenizer.json").is_file():

@@ -334,9 +334,10 @@ def saved_name(name: str) -> str:
 
 def export_hf(state: dict, config, folder: Path) -> None:
     """Write the gathered full weights as a Hugging Face folder (what `moeforge generate` reads)."""
+    from ..hf import save_pretrained
     from ..model import Transformer
 
     with torch.device("meta"):
         plain = Transformer(config)
     plain.load_state_dict(state, strict=True, assign=True)
-    plain.save_pretrained(folder)
+    save_pretrained(plain, folder)
