@@ -41,13 +41,20 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest intact checkpoint of a run; newer corrupt ones are skipped with a warning each (a crash
-    or a full disk can leave one behind that the atomic rename did not catch, e.g. a later truncation)."""
-    for ckpt in reversed(list_checkpoints(run_dir)):
+    """The newest intact checkpoint of a run (None if it has none at all); newer corrupt ones are skipped
+    with a warning each (e.g. truncated by a full disk or a copy after the atomic rename). If every one
+    is corrupt, CheckpointError names the newest one's problem."""
+    ckpts = list_checkpoints(run_dir)
+    problems = []
+    for ckpt in reversed(ckpts):
         problem = checkpoint_problem(ckpt)
         if problem is None:
+            for p in problems:
+                log.warning(f"skipping corrupt checkpoint: {p}; using {ckpt.name}")
             return ckpt
-        log.warning(f"skipping corrupt checkpoint {ckpt.name}: {problem}")
+        problems.append(problem)
+    if problems:
+        raise CheckpointError(f"{run_dir}: all {len(ckpts)} checkpoint(s) are corrupt, newest: {problems[0]}")
     return None
 
 
@@ -76,9 +83,7 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
         return path
     latest = latest_checkpoint(path)
     if latest is None:
-        found = list_checkpoints(path)
-        raise CheckpointError(f"{path}: no config.json and no intact checkpoint in it" +
-                              (f" ({len(found)} corrupt)" if found else ""))
+        raise CheckpointError(f"{path}: no config.json and no checkpoints in it")
     return latest
 
 

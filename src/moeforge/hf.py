@@ -308,7 +308,7 @@ class SafetensorsFolder(Mapping):
             try:
                 self._files[path] = safe_open(str(path), framework="pt")
             except (SafetensorError, OSError, RuntimeError) as e:
-                raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from None
+                raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupt ({e})") from None
         return self._files[path]
 
     def _read(self, key: str) -> torch.Tensor:
@@ -417,13 +417,17 @@ def materialize(model: Transformer, device) -> Transformer:
 
 
 # --- saving ------------------------------------------------------------------------------------------
-def moeforge_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+def moeforge_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig,
+                   layout: str = "deepseek_v3") -> dict[str, torch.Tensor]:
     """The inverse of `hf_to_moeforge`, as views (no copies): per-expert tensors, `model.` prefix, MTP at
-    layer ids >= num_hidden_layers with the released layout's copies of the embedding and head."""
+    layer ids >= num_hidden_layers with the released layout's copies of the embedding and head; the
+    DeepseekV2 layout has no correction bias (`export_layout` picks it only when the bias is zero)."""
     out: dict[str, torch.Tensor] = {}
     head = state["lm_head.weight"] if "lm_head.weight" in state else state["embed_tokens.weight"]
     for name, t in state.items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if layout == "deepseek_v2" and name.endswith("e_score_correction_bias"):
             continue
         parts = expert_parts(name, config)
         if parts is None:
@@ -449,7 +453,8 @@ def save_pretrained(model: Transformer, path: str | Path, dtype: torch.dtype | N
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    hf_state = moeforge_to_hf(state, model.config)
+    layout = export_layout(model.config, state)
+    hf_state = moeforge_to_hf(state, model.config, layout)
 
     def target_dtype(key: str, t: torch.Tensor) -> torch.dtype:
         keep = dtype is None or not t.is_floating_point() or key.endswith(KEEP_FP32)
@@ -462,7 +467,7 @@ def save_pretrained(model: Transformer, path: str | Path, dtype: torch.dtype | N
 
     out_dtype = dtype or next(model.parameters()).dtype
     base = getattr(model, "hf_config", None)
-    config = config_to_hf(model.config, out_dtype, export_layout(model.config, state), base)
+    config = config_to_hf(model.config, out_dtype, layout, base)
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     itemsize = {k: torch.empty((), dtype=target_dtype(k, t)).element_size() for k, t in hf_state.items()}
     shards, current, size = [], [], 0
