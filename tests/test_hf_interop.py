@@ -38,7 +38,7 @@ V3_CASES = {
 }
 V2_CASES = {
     "greedy-groups-ignored": dict(topk_method="greedy", n_group=4, topk_group=1, routed_scaling_factor=2.0,
-                                  rms_norm_eps=1e-5, q_lora_rank=16),
+                                  rms_norm_eps=1e-5, q_lora_rank=16, n_shared_experts=0),
     "group-limited-yarn": dict(topk_method="group_limited_greedy", n_group=4, topk_group=2,
                                rope_parameters=YARN, first_k_dense_replace=2),
 }

@@ -222,9 +222,10 @@ def _check_shape(t: torch.Tensor, target: torch.Tensor, key: str) -> torch.Tenso
 
 
 def _ignorable(key: str, config: ModelConfig, mtp_layers: set[int]) -> bool:
-    """File tensors that are not read: rotary tables, MTP copies of the embedding and head, MTP layers
-    (those with an eh_proj) beyond the configured depth."""
-    if key.endswith("rotary_emb.inv_freq"):
+    """File tensors that are not read: rotary tables, transformers' empty shared experts when there are
+    none, MTP copies of the embedding and head, MTP layers (those with an eh_proj) beyond the configured
+    depth."""
+    if key.endswith("rotary_emb.inv_freq") or (config.n_shared_experts == 0 and ".mlp.shared_experts." in key):
         return True
     m = _LAYER.match(key)
     if m and int(m[1]) in mtp_layers:
@@ -437,6 +438,11 @@ def moeforge_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig,
             for p, part in enumerate(parts):
                 for e, key in enumerate(part):
                     out[key] = t[e, p * width:(p + 1) * width]
+        if name.endswith("mlp.gate.weight") and config.n_shared_experts == 0:  # transformers' empty MLP
+            D, prefix = t.shape[1], hf_name(name, config).removesuffix("gate.weight") + "shared_experts."
+            empty = state["embed_tokens.weight"].new_empty
+            out.update({f"{prefix}gate_proj.weight": empty(0, D), f"{prefix}up_proj.weight": empty(0, D),
+                        f"{prefix}down_proj.weight": empty(D, 0)})
         m = _MTP.match(name)
         if m and m[2] == "norm.weight":
             layer = config.num_hidden_layers + int(m[1])
