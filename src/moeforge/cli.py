@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="sample text from a checkpoint")
     g.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="a run folder, a checkpoint in it, or a Hugging Face DeepseekV3 folder")
+                   help="a run folder (its newest intact checkpoint), a checkpoint in it, or a Hugging Face "
+                        "DeepseekV3/V2 folder")
     g.add_argument("--prompt", default="", help="text to continue")
     g.add_argument("--max-new-tokens", type=int, default=200)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")

@@ -174,34 +174,18 @@ def hf_to_moeforge(tensors: Mapping[str, torch.Tensor], config: ModelConfig,
     one tensor at a time; routed experts are copied into one preallocated stack per layer."""
     like = like if like is not None else _shell(config).state_dict()
     available = set(tensors.keys())
-    used: set[str] = set()
-    out: dict[str, torch.Tensor] = {}
+    # Names first (cheap), so that a mismatched folder fails before any tensor is read.
+    sources: dict[str, list[str]] = {}
     missing: list[str] = []
-    for name, target in like.items():
+    for name in like:
         if name == "lm_head.weight" and config.tie_word_embeddings and "lm_head.weight" not in available:
             continue  # tied: the embedding (load_into re-ties)
-        key, parts = hf_name(name, config), expert_parts(name, config)
-        if key in available or parts is None:
-            if key not in available:
-                if name.endswith("e_score_correction_bias") and config.scoring_func == "softmax":
-                    out[name] = torch.zeros(target.shape, dtype=target.dtype)  # DeepseekV2 has no bias
-                else:
-                    missing.append(key)
-                continue
-            out[name] = _check_shape(tensors[key], target, key).to(target.dtype)
-            used.add(key)
-            continue
-        absent = [k for part in parts for k in part if k not in available]
-        if absent:
-            missing.extend(absent)
-            continue
-        stack = torch.empty(target.shape, dtype=target.dtype)
-        width = target.shape[1] // len(parts)
-        for p, part in enumerate(parts):
-            for e, key in enumerate(part):
-                stack[e, p * width:(p + 1) * width].copy_(_check_shape(tensors[key], stack[e, :width], key))
-                used.add(key)
-        out[name] = stack
+        keys = hf_keys(name, config, available)
+        if name.endswith("e_score_correction_bias") and config.scoring_func == "softmax" and keys[0] not in available:
+            keys = []  # DeepseekV2 has no correction bias: zeros
+        missing.extend(k for k in keys if k not in available)
+        sources[name] = keys
+    used = {k for keys in sources.values() for k in keys}
     mtp_layers = {int(m[1]) for k in available if (m := _LAYER.match(k)) and m[2] == "eh_proj.weight"}
     unexpected = sorted(k for k in available - used if not _ignorable(k, config, mtp_layers))
     if missing or unexpected:
@@ -212,6 +196,22 @@ def hf_to_moeforge(tensors: Mapping[str, torch.Tensor], config: ModelConfig,
             parts.append(f"unexpected {len(unexpected)}, e.g. {unexpected[:3]}")
         raise CheckpointError(f"{getattr(tensors, 'folder', 'checkpoint')} does not match the model config: "
                               + "; ".join(parts))
+    out: dict[str, torch.Tensor] = {}
+    for name, keys in sources.items():
+        target = like[name]
+        if keys == [hf_name(name, config)]:  # one tensor (also a fused expert stack)
+            out[name] = _check_shape(tensors[keys[0]], target, keys[0]).to(target.dtype)
+            continue
+        stack = torch.empty(target.shape, dtype=target.dtype)  # [E, parts x width, ...], expert by expert
+        if keys:
+            n_parts = len(keys) // config.n_routed_experts
+            width = target.shape[1] // n_parts
+            for i, key in enumerate(keys):
+                p, e = divmod(i, config.n_routed_experts)
+                stack[e, p * width:(p + 1) * width].copy_(_check_shape(tensors[key], stack[e, :width], key))
+        else:
+            stack.zero_()
+        out[name] = stack
     return out
 
 

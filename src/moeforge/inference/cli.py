@@ -46,7 +46,8 @@ def add_serve_command(sub) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server for one checkpoint (needs moeforge[serve])",
                        description="Serve /v1/completions, /v1/chat/completions (streaming), /v1/models, /health.")
     s.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="a run folder, a checkpoint in it, or a Hugging Face DeepseekV3 folder")
+                   help="a run folder (its newest intact checkpoint), a checkpoint in it, or a Hugging Face "
+                        "DeepseekV3/V2 folder")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's, else bytes)")

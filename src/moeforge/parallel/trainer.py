@@ -235,7 +235,7 @@ class DistributedTrainer(Trainer):
         if self.is_main:
             try:
                 super()._start_run_dir()
-            except ConfigError as e:
+            except (ConfigError, CheckpointError) as e:  # e.g. a folder whose checkpoints are all corrupt
                 error = str(e)
         flag = [error]
         dist.broadcast_object_list(flag, src=0)
