@@ -5,6 +5,7 @@ that transformers reads back, tensor-for-tensor round trips, and corrupt checkpo
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -322,3 +323,35 @@ def test_resume_falls_back_and_all_corrupt_is_one_clear_error(corrupt_run):
     truncate(zipped)
     with pytest.raises(CheckpointError, match=r"all 2 checkpoint\(s\) are corrupt"):
         Trainer(small_run(run.parent, steps=6, eval_every=0), resume=True)
+
+
+# --- one direction of dependency ---------------------------------------------------------------------
+SRC_ROOT = Path(moeforge.__file__).parent.parent
+
+
+def imported_modules(path):
+    """Every module a file imports, function-local imports included, as absolute `moeforge.` names."""
+    import ast
+
+    package = ".".join(path.relative_to(SRC_ROOT).with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = f"{base}.{node.module}" if node.level and node.module else (node.module or base)
+            found.add(module)
+            found.update(f"{module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return found
+
+
+def test_the_hf_layer_depends_on_the_model_never_the_reverse(tmp_path):
+    for path in (SRC_ROOT / "moeforge" / "model").glob("*.py"):
+        bad = {m for m in imported_modules(path) if m.startswith(("moeforge.hf", "moeforge.checkpoint"))}
+        assert not bad, f"{path.name} imports {bad}"
+    assert not {m for m in imported_modules(SRC_ROOT / "moeforge" / "hf.py") if m.startswith("moeforge.checkpoint")}
+    assert not hasattr(moeforge.model.Transformer, "save_pretrained")
+    model = moeforge.Transformer(moeforge.preset("debug"))  # the public class keeps save/from_pretrained
+    model.save_pretrained(tmp_path)
+    assert isinstance(moeforge.Transformer.from_pretrained(tmp_path), moeforge.model.Transformer)
