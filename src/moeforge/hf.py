@@ -458,6 +458,9 @@ def save_pretrained(model: Transformer, path: str | Path, dtype: torch.dtype | N
     transformers' own files); None keeps each tensor's dtype. One shard is materialised at a time."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    for stale in [*path.glob("model-*-of-*.safetensors"), path / "model.safetensors",
+                  path / "model.safetensors.index.json"]:  # an earlier export's shards would be read too
+        stale.unlink(missing_ok=True)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     layout = export_layout(model.config, state)
     hf_state = moeforge_to_hf(state, model.config, layout)
