@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="sample text from a checkpoint")
     g.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="a run folder, a checkpoint in it, or a Hugging Face DeepseekV3 folder")
+                   help="a run folder (its newest intact checkpoint), a checkpoint in it, or a Hugging Face "
+                        "DeepseekV3/V2 folder")
     g.add_argument("--prompt", default="", help="text to continue")
     g.add_argument("--max-new-tokens", type=int, default=200)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -148,7 +149,8 @@ def cmd_generate(args) -> int:
     from . import hardware
     from .data import load_tokenizer
     from .generate import generate
-    from .hf import from_pretrained, resolve_checkpoint_dir
+    from .checkpoint import resolve_checkpoint_dir
+    from .hf import from_pretrained
 
     if args.no_cache and (args.mtp or args.expert_budget is not None):
         flag = "--mtp" if args.mtp else "--expert-budget"

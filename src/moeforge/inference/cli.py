@@ -18,7 +18,7 @@ def generate_cached(model, prompt: list[int], args, stop: tuple[int, ...], autoc
     params = SamplingParams(args.temperature, args.top_k, args.top_p)
     cache = None
     if getattr(args, "expert_budget", None) is not None:
-        from ..hf import resolve_checkpoint_dir
+        from ..checkpoint import resolve_checkpoint_dir
         from .expert_cache import apply_expert_cache
 
         store = None if next(model.parameters()).is_cuda else resolve_checkpoint_dir(args.checkpoint)
@@ -46,7 +46,8 @@ def add_serve_command(sub) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server for one checkpoint (needs moeforge[serve])",
                        description="Serve /v1/completions, /v1/chat/completions (streaming), /v1/models, /health.")
     s.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="a run folder, a checkpoint in it, or a Hugging Face DeepseekV3 folder")
+                   help="a run folder (its newest intact checkpoint), a checkpoint in it, or a Hugging Face "
+                        "DeepseekV3/V2 folder")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's, else bytes)")
@@ -67,7 +68,8 @@ def load_for_inference(checkpoint: str, tokenizer_path: str | None, device: str)
     from ..config import decode_none, load_toml
     from ..data import load_tokenizer
     from ..errors import ConfigError
-    from ..hf import from_pretrained, resolve_checkpoint_dir
+    from ..checkpoint import resolve_checkpoint_dir
+    from ..hf import from_pretrained
 
     folder = resolve_checkpoint_dir(checkpoint)
     if tokenizer_path is None and (folder / "tokenizer.json").is_file():

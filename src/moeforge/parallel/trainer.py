@@ -253,7 +253,7 @@ class DistributedTrainer(Trainer):
         if self.is_main:
             try:
                 super()._start_run_dir()
-            except ConfigError as e:
+            except (ConfigError, CheckpointError) as e:  # e.g. a folder whose checkpoints are all corrupt
                 error = str(e)
         flag = [error]
         dist.broadcast_object_list(flag, src=0)
@@ -344,9 +344,10 @@ def saved_name(name: str) -> str:
 
 def export_hf(state: dict, config, folder: Path) -> None:
     """Write the gathered full weights as a Hugging Face folder (what `moeforge generate` reads)."""
+    from ..hf import save_pretrained
     from ..model import Transformer
 
     with torch.device("meta"):
         plain = Transformer(config)
     plain.load_state_dict(state, strict=True, assign=True)
-    plain.save_pretrained(folder)
+    save_pretrained(plain, folder)
