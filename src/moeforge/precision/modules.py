@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..model.moe import GroupedExperts, compute_dtype, swiglu
-from .gemm import EMULATED, fp8_mm, grouped_mm, grouped_wgrad
+from .gemm import EMULATED, fp8_mm, fp8_wgrad, grouped_mm, grouped_wgrad
 from .quant import BLOCK, E4M3, TENSOR, TILE, Fp8Format, Quantized, quantize, quantize_row_tiles
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -124,7 +124,7 @@ class _Fp8GroupedLinear(torch.autograd.Function):
                     else:
                         dyt = dyq
                         xt = quantize(x, TENSOR, spec.forward_format, spec.pow2_scales, check_finite=False)
-                    dw = grouped_wgrad(dyt.dequantize(), xt.dequantize(), counts, ctx.n_groups)
+                    dw = fp8_wgrad(dyt, xt, counts, ctx.n_groups, spec.backend)
             else:
                 dyq = None
                 w = w_saved[0]
