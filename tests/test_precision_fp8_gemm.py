@@ -160,3 +160,24 @@ def test_training_on_scaled_mm_tracks_the_emulation(tmp_path, monkeypatch):
             trainer.step += 1
     assert losses[ROWWISE] == pytest.approx(losses[EMULATED], rel=1e-3)
     assert losses[ROWWISE][-1] < losses[ROWWISE][0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp8_paths_on_cuda_match_the_emulation():
+    """Run by benchmarks/gpu_check.sh: the probed path on the GPU, GEMM by GEMM and through Fp8Linear."""
+    path = hardware.probe("cuda").fp8_gemm
+    if path == EMULATED:
+        pytest.skip("no FP8 scaled GEMM on this GPU")
+    check_backend(path, "cuda")
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 384, bias=False).cuda()
+    x = torch.randn(512, 256, device="cuda")
+    grads = {}
+    for backend in (path, EMULATED):
+        lin.weight.grad = None
+        xi = x.clone().requires_grad_()
+        y = Fp8Linear.from_linear(lin, Fp8Spec(backend=backend))(xi)
+        y.square().sum().backward()
+        grads[backend] = (y.detach(), xi.grad, lin.weight.grad.clone())
+    for g, r in zip(grads[path], grads[EMULATED]):
+        assert float((g - r).norm() / r.norm()) < 1e-3
