@@ -34,7 +34,7 @@ from moeforge.config import ModelConfig
 from moeforge.costs import training_flops_per_token
 from moeforge.model import Transformer
 from moeforge.precision import apply_fp8
-from moeforge.precision.gemm import BLOCKWISE, EMULATED, ROWWISE, fp8_mm, fp8_wgrad
+from moeforge.precision.gemm import BLOCKWISE, EMULATED, ROWWISE, check_backend, fp8_mm, fp8_wgrad
 from moeforge.precision.quant import BLOCK, TILE, quantize, quantize_row_tiles
 
 
@@ -44,10 +44,16 @@ def sync(device: str) -> None:
 
 
 def fp8_backends(device: str) -> list[str]:
-    """The emulation, plus every faster path that runs here (the probe's choice and those below it)."""
-    best = hardware.probe(device).fp8_gemm
-    order = [BLOCKWISE, ROWWISE]
-    return [EMULATED] + (order[order.index(best):] if best in order else [])
+    """The emulation, plus every scaled-GEMM path that runs here and agrees with it (not only the one
+    `hardware.probe` picks for training)."""
+    def runs(backend):
+        try:
+            check_backend(backend, device)
+            return True
+        except Exception:
+            return False
+
+    return [EMULATED] + [b for b in (BLOCKWISE, ROWWISE) if runs(b)]
 
 
 def interleaved(fns: dict, repeats: int, device: str, warmup: int = 1) -> dict[str, float]:

@@ -130,10 +130,16 @@ def test_blockwise_call_layouts_pass_torchs_own_scaled_mm_checks(m, k, n):
                     output_dtype=torch.float32)
 
 
-def test_probe_picks_rowwise_on_this_cpu():
-    with pytest.raises(Exception):  # torch 2.13 has no blockwise scaled GEMM on CPU
+def test_probe_keeps_this_cpu_on_the_emulation_while_rowwise_runs_there():
+    """torch 2.13 has no blockwise scaled GEMM on CPU, and its CPU _scaled_mm is a dequantise + fp32
+    matmul (bitwise the emulation's single-slice product), so the probe keeps the emulation here."""
+    with pytest.raises(Exception):
         check_backend(BLOCKWISE, "cpu")
-    assert hardware._fp8_gemm_path("cpu") == ROWWISE
+    check_backend(ROWWISE, "cpu")  # runs and agrees
+    g = torch.Generator().manual_seed(0)
+    xq, wq = quantize(torch.randn(64, 128, generator=g)), quantize(torch.randn(1, 96, 128, generator=g), BLOCK)
+    assert torch.equal(fp8_mm(xq, wq, None, True, ROWWISE), fp8_mm(xq, wq, None, True, EMULATED))
+    assert hardware._fp8_gemm_path("cpu") == EMULATED
 
 
 def fp8_run(tmp_path, name):

@@ -19,7 +19,7 @@ import gpu_check  # noqa: E402
 
 # The real probe times bf16 matmuls (seconds on a busy CPU); the driver only needs its answers.
 CAPS = hardware.Capabilities(device="cpu", bf16=True, grouped_mm=True, fp8_matmul=True, fused_attention=True,
-                             dist_backend="gloo", expert_impl="grouped_mm", attn_impl="eager", fp8_gemm="rowwise")
+                             dist_backend="gloo", expert_impl="grouped_mm", attn_impl="eager")
 
 
 @pytest.fixture

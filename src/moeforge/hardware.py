@@ -138,11 +138,14 @@ def _try_grouped_mm(dev: str) -> None:
 
 
 def _fp8_gemm_path(dev: str) -> str:
-    """torch's native 1x128 x 128x128 scaled GEMM where it runs and matches the emulation, else row-wise
-    scaled GEMMs over 128-wide K slices, else the emulation (precision/gemm.py)."""
+    """torch's native 1x128 x 128x128 scaled GEMM where it runs and matches the emulation; else, on CUDA,
+    row-wise scaled GEMMs over 128-wide K slices; else the emulation (precision/gemm.py). Not row-wise on
+    CPU: torch's CPU `_scaled_mm` dequantises to fp32 and runs an fp32 matmul, the emulation's own
+    arithmetic, so slicing K only adds calls (measured slower, benchmarks/fp8_step.py)."""
     from .precision.gemm import BLOCKWISE, EMULATED, ROWWISE, check_backend
 
-    return next((b for b in (BLOCKWISE, ROWWISE) if _runs(lambda: check_backend(b, dev))), EMULATED)
+    paths = (BLOCKWISE, ROWWISE) if dev.startswith("cuda") else (BLOCKWISE,)
+    return next((b for b in paths if _runs(lambda: check_backend(b, dev))), EMULATED)
 
 
 def _try_scaled_mm(dev: str) -> None:
