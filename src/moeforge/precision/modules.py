@@ -7,7 +7,8 @@ All three GEMMs take FP8 operands (DeepSeek-V3 fig. 6):
   Wgrad  dW = dy^T @ x     dy and x in 128x1 tiles along the tokens (this GEMM's K), per expert group.
 The high-precision input x is kept for Wgrad and re-quantised along tokens there (DeepSeek caches an
 FP8 copy instead; that saves memory, not accuracy). Accumulation and outputs: fp32, then cast to the
-compute dtype (bf16 under autocast). Master weights and their gradients stay fp32.
+compute dtype (bf16 under autocast). Master weights and their gradients stay fp32. The GEMMs run on
+`Fp8Spec.backend` (precision/gemm.py: torch's blockwise or row-wise scaled matmul, or the emulation).
 
 A module switched off FP8 (`module.fp8 = False`, by the dynamic policy) runs the same GEMMs in the
 compute dtype; with `stats` attached it still measures what FP8 would have done, so the policy can
