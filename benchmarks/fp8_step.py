@@ -157,8 +157,9 @@ def step_variant_names(device: str) -> list[str]:
 def build_variant(args, device: str, name: str) -> tuple[torch.nn.Module, torch.dtype | None]:
     """One variant's model (the same initialisation for every name) and its autocast dtype."""
     torch.manual_seed(args.seed)
-    model = hardware.configure(Transformer(model_config(args)), hardware.probe(device), seq_len=args.seq)
-    model = model.to(device).train()
+    with torch.device(device):  # initialise in place: a 16B-width model takes long to fill on a host CPU
+        model = Transformer(model_config(args))
+    model = hardware.configure(model, hardware.probe(device), seq_len=args.seq).train()
     if name.startswith("fp8 "):
         apply_fp8(model, "fp8", backend=name.split()[1])
     return model, (None if name == "fp32" else torch.bfloat16)

@@ -179,7 +179,9 @@ def check_decode(device: str, dry: bool) -> list[dict]:
 
     args = model_args(dry)
     torch.manual_seed(0)
-    model = hardware.configure(Transformer(fp8_step.model_config(args)), hardware.probe(device)).to(device).eval()
+    with torch.device(device):
+        model = Transformer(fp8_step.model_config(args))
+    model = hardware.configure(model, hardware.probe(device)).eval()
     prompt = torch.randint(0, args.vocab, (32 if dry else 128,)).tolist()
     new = 8 if dry else 64
     seconds = {}
