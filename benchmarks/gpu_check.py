@@ -229,6 +229,9 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             got = SECTIONS[s](device, args.dry_run)
+        except KeyboardInterrupt:  # gpu_check.sh's time limit (SIGINT): report what finished
+            rows.append(row(s, "section", "interrupted: over the time limit", "FAIL"))
+            break
         except Exception as e:  # a section that breaks is a result too; the others still run
             got = [row(s, "section", f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}", "FAIL")]
         rows += got

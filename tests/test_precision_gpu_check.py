@@ -59,3 +59,13 @@ def test_without_cuda_the_script_and_the_driver_stop_with_one_line(capsys):
     assert gpu_check.main(["--device", "cuda"]) == 2  # a machine with nvidia-smi but no CUDA torch
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and "no CUDA GPU" in err
+
+
+def test_the_time_limit_still_prints_the_finished_sections(cpu_caps, capsys, monkeypatch):
+    def over_time(device, dry):
+        raise KeyboardInterrupt  # what gpu_check.sh's `timeout --signal=INT` delivers
+
+    monkeypatch.setitem(gpu_check.SECTIONS, "experts", over_time)
+    assert gpu_check.main(["--device", "cpu", "--dry-run", "--sections", "fp8,experts,decode"]) == 1
+    out = capsys.readouterr().out
+    assert "rowwise wgrad" in out and "interrupted: over the time limit" in out and "decode " not in out
