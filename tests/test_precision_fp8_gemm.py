@@ -130,6 +130,18 @@ def test_blockwise_call_layouts_pass_torchs_own_scaled_mm_checks(m, k, n):
                     output_dtype=torch.float32)
 
 
+def test_rowwise_pads_ragged_slices_for_cublas_off_cpu():
+    """Off the CPU, a slice with K or N not a multiple of 16 (or an unaligned start, as at a group
+    boundary in Wgrad) is zero-padded for cuBLASLt; on meta tensors torch's own checks see the call."""
+    from moeforge.precision.gemm import _scaled
+
+    meta = dict(device="meta")
+    a = torch.empty(70, 300, dtype=torch.float8_e4m3fn, **meta)[:, 128:200]  # K 72, unaligned view
+    bt = torch.empty(150, 300, dtype=torch.float8_e4m3fn, **meta)[:, 128:200]
+    assert _scaled(a, bt, torch.empty(70, **meta), torch.empty(150, **meta)).shape == (70, 150)
+    assert _scaled(a, bt, torch.empty((), **meta), torch.empty((), **meta)).shape == (70, 150)
+
+
 def test_probe_keeps_this_cpu_on_the_emulation_while_rowwise_runs_there():
     """torch 2.13 has no blockwise scaled GEMM on CPU, and its CPU _scaled_mm is a dequantise + fp32
     matmul (bitwise the emulation's single-slice product), so the probe keeps the emulation here."""

@@ -96,8 +96,18 @@ def fp8_wgrad(dy: Quantized, x: Quantized, counts: torch.Tensor | None, n_groups
 # --- ROWWISE: 128-wide slices of K, one row-wise scaled GEMM each, summed in fp32 -------------------
 
 def _scaled(a: torch.Tensor, bt: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
-    """(sa[i] a[i, :]) . (sb[j] bt[j, :]) for all i, j: a [m, k], bt [n, k] FP8, sa [m], sb [n] fp32."""
-    return torch._scaled_mm(a, bt.t(), scale_a=sa[:, None], scale_b=sb[None], out_dtype=torch.float32)
+    """(sa[i] a[i, :]) . (sb[j] bt[j, :]) for all i, j -> fp32 [m, n]: a [m, k], bt [n, k] FP8; sa [m]
+    and sb [n] fp32 (row-wise), or both 0-dim (tensor-wise)."""
+    n = bt.shape[0]
+    gpu = a.device.type != "cpu"  # CPU takes any layout
+    if gpu and (n % 16 or not all(t.shape[1] % 16 == 0 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0
+                                  for t in (a, bt))):
+        k16 = _round_up(a.shape[1], 16)  # cuBLASLt: K and N multiples of 16, 16-byte rows and starts
+        a, bt = _padded(a, a.shape[0], k16), _padded(bt, _round_up(n, 16), k16)
+        sb = _padded(sb[None], 1, bt.shape[0], 1.0)[0] if sb.dim() else sb
+    out = torch._scaled_mm(a, bt.t(), scale_a=sa[:, None] if sa.dim() else sa,
+                           scale_b=sb[None] if sb.dim() else sb, out_dtype=torch.float32)
+    return out[:, :n] if out.shape[1] != n else out
 
 
 def _rowwise_group_mm(a: Quantized, rows: slice, w: Quantized, trans_b: bool) -> torch.Tensor:
@@ -105,9 +115,7 @@ def _rowwise_group_mm(a: Quantized, rows: slice, w: Quantized, trans_b: bool) ->
     ad = a.data[rows]
     bt = w.data if trans_b else w.data.t().contiguous()  # [n, k]: K along the rows of both operands
     if _tensorwise(a) and _tensorwise(w):  # one slice: the whole of K
-        one = torch._scaled_mm(ad, bt.t(), scale_a=a.scale.reshape(()), scale_b=w.scale.reshape(()),
-                               out_dtype=torch.float32)
-        return one
+        return _scaled(ad, bt, a.scale.reshape(()), w.scale.reshape(()))
     sa = _col_slice_scales(a)[:, rows]  # [slices, m]
     sb = _col_slice_scales(w) if trans_b else _row_slice_scales(w)  # [slices, n]
     width = a.block[1]
