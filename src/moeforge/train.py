@@ -124,7 +124,8 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         model = hardware.configure(Transformer(run.model), self.caps, seq_len=self.cfg.seq_len).to(self.device)
         # --precision fp8*: FP8 linears and experts swapped in from outside (before sharding); optional policy.
-        self.precision_policy = apply_training_precision(model, self.cfg.precision, self.cfg.fp8_policy)
+        self.precision_policy = apply_training_precision(model, self.cfg.precision, self.cfg.fp8_policy,
+                                                         self.caps.fp8_gemm)
         self.model = self.parallelize(model)
         self.optimizer = self.build_optimizer()
         # Balancing wraps the model from outside: router hooks for losses, a bias update after each step.
