@@ -26,6 +26,7 @@ from .data import BatchSampler, load_corpus, load_tokenizer
 from .errors import ConfigError, TrainingError
 from .generate import generate
 from .hf import hf_to_moeforge, load_into, read_safetensors
+from .metrics_sinks import open_sinks
 from .model import Transformer
 from .precision import AdamWBF16Moments, apply_training_precision
 
@@ -266,6 +267,7 @@ class Trainer:
             console.print(f"  initial validation loss {self.initial_val_loss:.4f}")
         tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
         metrics_file = open(self.run_dir / "metrics.jsonl" if self.is_main else os.devnull, "a")
+        sinks = open_sinks(self.run, self.run_dir, self.step, enabled=self.is_main)  # --tensorboard, --wandb
         start, val_loss, last_report = time.perf_counter(), None, time.perf_counter()
         interactive = console.is_terminal
         columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
@@ -281,6 +283,8 @@ class Trainer:
                 if m["skipped"] and self.bad_steps >= cfg.max_bad_steps:
                     metrics_file.write(json.dumps(m) + "\n")
                     metrics_file.close()
+                    sinks.log(m)
+                    sinks.close()
                     raise TrainingError(f"{self.bad_steps} consecutive steps had a non-finite loss or gradient "
                                         f"(last at step {self.step}); stopped. Last good checkpoint: "
                                         f"{latest_checkpoint(self.run_dir) or 'none'}. Try a lower --lr.")
@@ -293,6 +297,7 @@ class Trainer:
                 if m.get("val_loss") is not None or self.step % cfg.log_every == 0 or final:
                     metrics_file.write(json.dumps(m) + "\n")
                     metrics_file.flush()
+                    sinks.log(m)
                 # No checkpoint in the middle of a non-finite streak: the last good one stays the newest.
                 if cfg.save_every and self.step % cfg.save_every == 0 and not final and self.bad_steps == 0:
                     self.save()
@@ -303,6 +308,7 @@ class Trainer:
                     console.print(f"step {self.step}/{cfg.steps}  {stats}")
                     last_report = time.perf_counter()
         metrics_file.close()
+        sinks.close()
         if val_loss is None:
             val_loss = self.evaluate()
         ckpt = self.save()
