@@ -95,7 +95,8 @@ class Trainer:
         if self.tokenizer.vocab_size > run.model.vocab_size:
             raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size "
                               f"is {run.model.vocab_size}; set [model] vocab_size")
-        corpus = load_corpus(self.cfg.data, self.tokenizer, self.cfg.max_corpus_mb, self.cfg.val_fraction)
+        corpus = load_corpus(self.cfg.data, self.tokenizer, self.cfg.max_corpus_mb, self.cfg.val_fraction,
+                             text_field=self.cfg.text_field)
         self.corpus_source = corpus.source
         top = max(int(corpus.train.max(initial=0)), int(corpus.val.max(initial=0)))
         if top >= run.model.vocab_size:
