@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .model import Transformer
+from .model_card import write_model_card
 
 FP8_BLOCK = 128
 _EXPERT = re.compile(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -266,8 +267,9 @@ def materialize(model: Transformer, device) -> Transformer:
 
 
 def save_pretrained(model: Transformer, path: str | Path, dtype: torch.dtype | None = None,
-                    max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write config.json and model(-0000k-of-0000n).safetensors (+ index when sharded)."""
+                    max_shard_bytes: int = 5 * 2**30, card: dict | None = None) -> None:
+    """Write config.json, README.md (model card; `card` = training facts) and
+    model(-0000k-of-0000n).safetensors (+ index when sharded)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype or v.dtype) for k, v in model.state_dict().items()}
@@ -276,6 +278,7 @@ def save_pretrained(model: Transformer, path: str | Path, dtype: torch.dtype | N
     hf_state = moeforge_to_hf(state, model.config)
     out_dtype = dtype or next(model.parameters()).dtype
     (path / "config.json").write_text(json.dumps(config_to_hf(model.config, out_dtype), indent=2) + "\n")
+    write_model_card(path, model.config, card)
     shards, current, size = [], {}, 0
     for k, v in hf_state.items():
         nbytes = v.numel() * v.element_size()

@@ -27,6 +27,7 @@ from .errors import ConfigError, TrainingError
 from .generate import generate
 from .hf import hf_to_moeforge, load_into, read_safetensors
 from .metrics_sinks import open_sinks
+from .model_card import training_facts
 from .model import Transformer
 from .precision import AdamWBF16Moments, apply_training_precision
 
@@ -173,7 +174,8 @@ class Trainer:
         state = {"optimizer": self.optimizer.state_dict(), "step": self.step, "bad_steps": self.bad_steps,
                  "rng": torch.get_rng_state(), "initial_val_loss": self.initial_val_loss,
                  "train_config": asdict(self.cfg)}
-        return save_checkpoint(self.run_dir, self.step, self.model, state, keep=self.cfg.keep_checkpoints)
+        return save_checkpoint(self.run_dir, self.step, self.model, state, keep=self.cfg.keep_checkpoints,
+                               card=training_facts(self))
 
     # --- steps --------------------------------------------------------------------------------------
     def autocast(self):
@@ -246,7 +248,8 @@ class Trainer:
             with self.autocast():
                 losses.append(self.validation_loss(x.to(self.device), y.to(self.device)))
         self.model.train()
-        return sum(losses) / len(losses)
+        self.last_val_loss = sum(losses) / len(losses)  # for the model card
+        return self.last_val_loss
 
     def validation_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Next-token loss of one validation batch (MTP and balance losses left out)."""
