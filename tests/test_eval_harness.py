@@ -3,6 +3,7 @@ the harness's loglikelihoods equal log-probabilities taken directly from the mod
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,3 +135,22 @@ def test_results_file_is_the_harness_format_and_bad_input_is_one_line(evaluated,
     assert main(["eval", "--checkpoint", str(tmp_path), "--tasks", "x", "--include-path", str(tmp_path / "no")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and "not a folder" in errors[1]
+
+
+def test_bf16_batches_of_mixed_lengths_score_close_to_fp32_and_output_defaults_to_the_run_folder(evaluated):
+    from moeforge.evaluation.cli import default_output
+    from moeforge.evaluation.harness import MoeforgeLM
+
+    model, _ = evaluated
+    tok = ByteTokenizer()
+    pairs = [("The capital of France is", " Paris"), ("2 + 2 =", " 4"), ("x", " yz" * 30)]  # the last one truncates
+    requests = [((c, x), tok.encode(c), tok.encode(x)) for c, x in pairs]
+    fp32 = MoeforgeLM(model, tok, batch_size=3)._loglikelihood_tokens(requests)
+    bf16 = MoeforgeLM(model, tok, batch_size=3, autocast_dtype=torch.bfloat16)._loglikelihood_tokens(requests)
+    for (c, x), (got, _), (low, _) in zip(pairs, fp32, bf16):
+        whole = (tok.encode(c) + tok.encode(x))[-(CONTEXT + 1):]
+        n = min(len(tok.encode(x)), len(whole) - 1)
+        want = logprob(model, whole[:-n], whole[-n:])
+        assert got == pytest.approx(want, abs=1e-4) and low == pytest.approx(want, rel=0.05)
+    assert default_output(Path("runs/a/checkpoints/step-000010")) == Path("runs/a/eval-results.json")
+    assert default_output(Path("export")) == Path("export/eval-results.json")

@@ -178,10 +178,14 @@ class MetricsSinks:
 
 def open_sinks(run, run_dir: Path, start_step: int, enabled: bool = True) -> MetricsSinks:
     """The sinks `run.train` asks for (--tensorboard, --wandb); none on ranks other than 0."""
-    cfg, sinks = run.train, []
-    if enabled and cfg.tensorboard:
-        sinks.append(TensorBoardSink(Path(run_dir) / "tensorboard", start_step))
-    if enabled and cfg.wandb:
-        sinks.append(WandbSink(Path(run_dir), {"train": asdict(cfg), "model": asdict(run.model)},
-                               start_step))
-    return MetricsSinks(sinks, final_step=cfg.steps)
+    cfg, sinks = run.train, MetricsSinks([], final_step=run.train.steps)
+    try:
+        if enabled and cfg.tensorboard:
+            sinks.sinks.append(TensorBoardSink(Path(run_dir) / "tensorboard", start_step))
+        if enabled and cfg.wandb:
+            sinks.sinks.append(WandbSink(Path(run_dir), {"train": asdict(cfg), "model": asdict(run.model)},
+                                         start_step))
+    except ConfigError:
+        sinks.close()  # the ones already open
+        raise
+    return sinks

@@ -17,24 +17,36 @@ from lm_eval import utils as harness_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from ..errors import ConfigError
 from ..inference.generation import generate
 from ..inference.sampling import SamplingParams
 
 
 @register_model("moeforge")
 class MoeforgeLM(TemplateLM):
-    """`model` + `tokenizer` (a moeforge Transformer and tokenizer), or `pretrained`: a checkpoint folder."""
+    """`model` + `tokenizer` (a moeforge Transformer and tokenizer) with `autocast_dtype`, or `pretrained`: a
+    checkpoint folder, with `precision` auto | fp32 | bf16 (`lm_eval.simple_evaluate(model="moeforge",
+    model_args="pretrained=DIR,precision=bf16")` after importing this module)."""
 
     def __init__(self, model=None, tokenizer=None, pretrained: str | None = None, batch_size: int | str = 16,
-                 device: str = "auto", autocast_dtype: torch.dtype | None = None, seed: int = 1234, **_):
+                 device: str = "auto", precision: str = "auto", autocast_dtype: torch.dtype | None = None,
+                 seed: int = 1234, max_batch_size: int | None = None):
         super().__init__()
+        if str(batch_size).startswith("auto") or max_batch_size is not None:
+            raise ConfigError("the moeforge harness model takes a fixed batch_size (no auto / max_batch_size)")
         if model is None:
+            from .. import hardware
             from ..inference.cli import load_for_inference
 
-            model, tokenizer, autocast_dtype, _folder = load_for_inference(pretrained, tokenizer, device)
+            if precision not in ("auto", "fp32", "bf16"):
+                raise ConfigError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+            model, tokenizer, _, _folder = load_for_inference(pretrained, tokenizer, device)
+            autocast_dtype = hardware.autocast_dtype(precision, hardware.probe(device))
         self.model, self.tokenizer = model.eval(), tokenizer
         self.autocast_dtype, self.seed = autocast_dtype, seed
         self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self._device = next(model.parameters()).device
         self.max_length = model.config.max_position_embeddings
 
