@@ -89,7 +89,8 @@ class TensorBoardSink:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("--tensorboard needs the 'tensorboard' package: pip install 'moeforge[logging]'") from None
+            raise ConfigError("--tensorboard needs the 'tensorboard' package: "
+                              "pip install 'moeforge[logging]'") from None
         # purge_step: TensorBoard's reader discards older events from this step on (a resumed run's repeats).
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1)
 

@@ -66,7 +66,8 @@ def render_model_card(config: ModelConfig, title: str, training: dict | None = N
         loss = training.get("validation_loss")
         start = training.get("initial_validation_loss")
         lines += [f"- steps: {training['steps']:,}; training tokens: {training['tokens']:,}",
-                  "- validation loss (nats/token, latest evaluation): " + (f"{loss:.4f}" if loss is not None else "not measured")
+                  "- validation loss (nats/token, latest evaluation): "
+                  + (f"{loss:.4f}" if loss is not None else "not measured")
                   + (f" (from {start:.4f} at initialisation)" if start is not None else ""),
                   f"- data: {training['data']}; tokenizer: {training['tokenizer']}",
                   f"- preset {training['preset']}, precision {training['precision']}, {training['parallelism']}",
@@ -79,15 +80,16 @@ def render_model_card(config: ModelConfig, title: str, training: dict | None = N
               "model = moeforge.from_pretrained(\"PATH/TO/THIS/FOLDER\")  # a moeforge Transformer",
               "logits = model(input_ids).logits", "```", "",
               "Or `moeforge generate --checkpoint PATH --prompt \"...\"`, `moeforge serve --checkpoint PATH`, and "
-              "`moeforge eval --checkpoint PATH --tasks ...`; `transformers.AutoModelForCausalLM.from_pretrained(PATH)` "
-              "reads the same files (DeepseekV3)."
+              "`moeforge eval --checkpoint PATH --tasks ...`; "
+              "`transformers.AutoModelForCausalLM.from_pretrained(PATH)` reads the same files (DeepseekV3)."
               + (" The tokenizer is byte-level (token = UTF-8 byte, 0 = end of document)."
-                 if not training or str(training.get("tokenizer", "")).startswith("bytes") else ""), ""]
+                 if training and str(training.get("tokenizer", "")).startswith("bytes") else ""), ""]
     return "\n".join(lines)
 
 
 def write_model_card(folder: Path, config: ModelConfig, training: dict | None = None) -> Path:
-    """Write folder/README.md; a training checkpoint (runs/NAME/checkpoints/[.tmp-]step-N) is titled NAME, step N."""
+    """Write folder/README.md; a training checkpoint (runs/NAME/checkpoints/[.tmp-]step-N) is titled
+    'NAME, step N'."""
     folder = Path(folder)
     title = folder.name
     step = re.fullmatch(r"(?:\.tmp-)?step-(\d+)(?:-\d+)?", folder.name)
