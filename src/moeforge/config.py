@@ -299,9 +299,9 @@ class TrainConfig:
     sample_tokens: int = doc("Tokens to generate as a sample at the end (0 = none).", default=200)
     sample_prompt: str = doc("Prompt for the end-of-run sample.", default="def ")
     compile: bool = doc("torch.compile the model (faster steps, slower start).", default=False)
-    tensorboard: bool = doc("Also log metrics and expert-load heatmaps to RUN_DIR/tensorboard (moeforge[logging]).",
-                            default=False)
-    wandb: bool = doc("Also log to Weights & Biases (moeforge[wandb]; WANDB_MODE=offline works without a network).",
+    tensorboard: bool = doc("Also log the metrics and expert-load heatmaps to RUN_DIR/tensorboard "
+                            "(moeforge[logging]).", default=False)
+    wandb: bool = doc("Also log to Weights & Biases (moeforge[wandb]; WANDB_MODE=offline needs no network).",
                       default=False)
     run_dir: str | None = doc("Run folder (default: runs/<preset>-<time>).", default=None)
     # Distributed runs (docs/distributed.md); checked by moeforge.parallel.ParallelLayout.

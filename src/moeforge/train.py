@@ -27,8 +27,8 @@ from .errors import ConfigError, TrainingError
 from .generate import generate
 from .hf import hf_to_moeforge, load_into, read_safetensors
 from .metrics_sinks import open_sinks
-from .model_card import training_facts
 from .model import Transformer
+from .model_card import training_facts
 from .precision import AdamWBF16Moments, apply_training_precision
 
 
