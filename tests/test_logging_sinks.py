@@ -30,7 +30,8 @@ def resumed_run(tmp_path_factory):
     """6 steps with --tensorboard (and --wandb offline when installed): checkpoint at 3, killed inside step 5
     (step 4 already logged), resumed to the end."""
     tmp_path = tmp_path_factory.mktemp("resumed")
-    env = dict(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"))
+    env = dict(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
+               WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"), WANDB_DATA_DIR=str(tmp_path / "wandb-data"))
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
