@@ -154,3 +154,12 @@ def test_bf16_batches_of_mixed_lengths_score_close_to_fp32_and_output_defaults_t
         assert got == pytest.approx(want, abs=1e-4) and low == pytest.approx(want, rel=0.05)
     assert default_output(Path("runs/a/checkpoints/step-000010")) == Path("runs/a/eval-results.json")
     assert default_output(Path("export")) == Path("export/eval-results.json")
+
+
+def test_without_the_harness_installed_eval_is_a_one_line_error_naming_the_extra(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # importlib.util.find_spec -> None: not installed
+    assert main(["eval", "--checkpoint", str(tmp_path), "--tasks", "x"]) == 2
+    assert capsys.readouterr().err.strip() == ("moeforge eval: error: moeforge eval needs lm-evaluation-harness: "
+                                               "pip install 'moeforge[eval]'")
