@@ -2,6 +2,7 @@
 logged (global) loss equals a single-process run's on the same global batch, and a run moves from one
 process to two and back through its checkpoints, continuing exactly."""
 
+import importlib.util
 import json
 import os
 
@@ -11,6 +12,7 @@ from conftest import SMALL_CORPUS
 from moeforge.cli import main
 from parallel_helpers import one_thread
 
+TENSORBOARD = ["--tensorboard"] if importlib.util.find_spec("tensorboard") else []
 SMALL = ["--preset", "debug", "--data", str(SMALL_CORPUS), "--seq-len", "32", "--batch-size", "4",
          "--eval-batches", "2", "--eval-every", "2", "--sample-tokens", "0", "--device", "cpu", "--precision", "fp32"]
 
@@ -31,7 +33,7 @@ def test_run_moves_from_one_process_to_two_and_back_and_matches_single_process(t
     # Steps 1-2 in one process (Hugging Face checkpoint), 3-4 on 2 ranks with EP=2 (reads it, writes a
     # distributed checkpoint), 5-6 in one process again (reads that).
     assert main(["train", *SMALL, "--steps", "2", "--save-every", "2", "--keep-checkpoints", "5",
-                 "--run-dir", str(run)]) == 0
+                 "--run-dir", str(run), *TENSORBOARD]) == 0
     capfd.readouterr()
     env_before = dict(os.environ)
     assert main(["train", "--resume", "--run-dir", str(run), "--steps", "4", "--nproc", "2", "--ep", "2"]) == 0
@@ -40,6 +42,7 @@ def test_run_moves_from_one_process_to_two_and_back_and_matches_single_process(t
     assert dict(os.environ) == env_before  # the launcher leaves this process as it was
     ckpt = run / "checkpoints" / "step-000004"
     assert (ckpt / ".metadata").is_file() and (ckpt / "model.safetensors").is_file()
+    assert "- steps: 4;" in (ckpt / "README.md").read_text() and "dp 2, ep 2" in (ckpt / "README.md").read_text()
     assert main(["train", "--resume", "--run-dir", str(run), "--steps", "6", "--ep", "1"]) == 0
 
     want, got = metrics(single), metrics(run)
@@ -49,6 +52,14 @@ def test_run_moves_from_one_process_to_two_and_back_and_matches_single_process(t
             if key in b:
                 assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
         assert a["expert_counts"] == b["expert_counts"]
+    if TENSORBOARD:  # one events file per phase: rank 1 of the 2-rank phase wrote none
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 3
+        acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+        acc.Reload()
+        assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(m["step"], pytest.approx(m["loss"]))
+                                                                            for m in got]
 
 
 def test_tensor_parallel_run_matches_single_process(tmp_path, capfd):

@@ -117,14 +117,16 @@ def remove_stale_temporaries(run_dir: Path) -> list[str]:
     return done
 
 
-def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, keep: int = 2) -> Path:
-    """Write step-N atomically, then prune all but the `keep` most recent checkpoints."""
+def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, keep: int = 2,
+                    card: dict | None = None) -> Path:
+    """Write step-N atomically, then prune all but the `keep` most recent checkpoints (`card`: training
+    facts for the model card)."""
     base = checkpoints_dir(run_dir)
     base.mkdir(parents=True, exist_ok=True)
     final = base / f"step-{step:06d}"
     tmp = base / f".tmp-step-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp)
+    save_pretrained(model, tmp, card=card)
     torch.save(trainer_state, tmp / STATE_FILE)
     _fsync_tree(tmp)
     if final.exists():  # re-saving the same step (e.g. after a resume): swap, then delete the old one

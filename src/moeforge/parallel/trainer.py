@@ -37,6 +37,7 @@ from .. import hardware
 from ..checkpoint import checkpoints_dir, latest_checkpoint, list_checkpoints
 from ..config import RunConfig
 from ..errors import CheckpointError, ConfigError
+from ..model_card import training_facts
 from ..train import Trainer, decay_split, default_run_dir, resolve_run_precision
 from . import dist_checkpoint, parallelize
 from .expert import pop_comm_bytes
@@ -325,7 +326,7 @@ class DistributedTrainer(Trainer):
                 full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
                                                                                   cpu_offload=True))
         if self.is_main:
-            export_hf(full, self.run.model, tmp)
+            export_hf(full, self.run.model, tmp, card=training_facts(self))
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -342,7 +343,7 @@ def saved_name(name: str) -> str:
     return "embed_tokens." + name[len(prefix):] if name.startswith(prefix) else name
 
 
-def export_hf(state: dict, config, folder: Path) -> None:
+def export_hf(state: dict, config, folder: Path, card: dict | None = None) -> None:
     """Write the gathered full weights as a Hugging Face folder (what `moeforge generate` reads)."""
     from ..hf import save_pretrained
     from ..model import Transformer
@@ -350,4 +351,4 @@ def export_hf(state: dict, config, folder: Path) -> None:
     with torch.device("meta"):
         plain = Transformer(config)
     plain.load_state_dict(state, strict=True, assign=True)
-    save_pretrained(plain, folder)
+    save_pretrained(plain, folder, card=card)
