@@ -17,6 +17,10 @@ from lm_eval import utils as harness_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+# The harness registers its built-in models only when its registry is empty at the first get_model:
+# load them before ours, or registering "moeforge" would hide every built-in model from that process.
+import lm_eval.models  # noqa: E402,F401
+
 from ..errors import ConfigError
 from ..inference.generation import generate
 from ..inference.sampling import SamplingParams
