@@ -1,17 +1,25 @@
-"""Shared pieces of the distributed tests: a tiny deterministic training loop that runs the same way in
-one process and in a spawned gloo group, so the two can be compared number for number."""
+"""Shared pieces of the distributed tests.
+
+The equality claims (EP, ZeRO-2/3, TP, PP and their combinations compute what one process computes) are
+checked through the trainers themselves: `fit_in_gloo_group` runs `DistributedTrainer`s in a spawned gloo
+group, `fit_single` runs the plain `Trainer` on the same config, and `check_same_run` compares what they
+logged (metrics.jsonl) and saved (the Hugging Face export). `Loop` is a small training loop for the tests
+of library pieces the trainer does not expose (dispatch payloads, redundant experts, old checkpoints)."""
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from conftest import SMALL_CORPUS
 from moeforge.balance import BiasBalancer, RouterProbe, gather_counts, moe_modules, reset_counts
-from moeforge.config import TrainConfig, preset
+from moeforge.config import TrainConfig, preset, resolve_run_config
 from moeforge.model import Router, Transformer
 from moeforge.parallel import clip_grad_norm
 from moeforge.train import make_optimizer
@@ -142,3 +150,100 @@ def reference_steps(model, opt, batch, steps: int, seq_len: int, clip=None, seq_
         BiasBalancer(0.01).update(model, step)
         losses.append(loss.item())
     return losses
+
+
+# --- runs of the trainers ---------------------------------------------------------------------------
+# The debug preset on a small real corpus, fp32. warmup_steps > steps keeps the learning rate a function of
+# the step alone (not of --steps), so a run stopped at step 2 and resumed to step 6 follows the same
+# schedule as 6 uninterrupted steps.
+TRAIN = dict(preset="debug", data=str(SMALL_CORPUS), seq_len=32, batch_size=4, warmup_steps=100, eval_every=2,
+             eval_batches=2, sample_tokens=0, precision="fp32", device="cpu", keep_checkpoints=20)
+COMPARED = ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm", "val_loss", "max_vio", "lr", "skipped")
+
+
+def train_config(run_dir, **train):
+    return resolve_run_config({}, {**TRAIN, "run_dir": str(run_dir), **train})
+
+
+def fit_single(run_dir, poison_steps=(), **train) -> Path:
+    """The plain single-process Trainer: the reference every layout is compared with."""
+    from moeforge.train import Trainer
+
+    with one_thread():
+        trainer = Trainer(train_config(run_dir, **train))
+        poison(trainer, poison_steps)
+        trainer.fit()
+    return Path(run_dir)
+
+
+def poison(trainer, steps) -> None:
+    """Make this process's loss NaN on the given (1-based) steps (an overflow on this rank only)."""
+    if not steps:
+        return
+    real = trainer.forward
+
+    def forward(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if trainer.step + 1 in steps:
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer.forward = forward
+
+
+def fit_in_gloo_group(tmp_path, world: int, jobs, after=None, timeout_s: float = 60) -> None:
+    """Spawn `world` gloo processes; each runs DistributedTrainer(train_config(**job)).fit() for the jobs in
+    turn (one process group for all: starting processes is the expensive part). A job is a dict of
+    TrainConfig fields plus `run_dir`, optionally `resume` (bool) and `poison` ({rank: steps}).
+    after(rank, world, out_dir), if given, runs last in every rank (it may break the group)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fit_worker, args=(world, str(tmp_path / "init"), jobs, after, str(tmp_path), timeout_s),
+             nprocs=world, join=True)
+
+
+def _fit_worker(rank, world, init_file, jobs, after, out_dir, timeout_s):
+    from moeforge.parallel.trainer import DistributedTrainer
+
+    init_gloo(rank, world, init_file, timeout_s)
+    for job in jobs:
+        job = dict(job)
+        resume, poisoned = job.pop("resume", False), job.pop("poison", {})
+        trainer = DistributedTrainer(train_config(**job), resume=resume)
+        poison(trainer, poisoned.get(rank, ()))
+        trainer.fit()
+    if after is not None:
+        after(rank, world, out_dir)
+    dist.destroy_process_group()
+
+
+def read_metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_same_run(got_dir, want_dir, what: str, atol: float = 1e-5, weights: bool = True) -> None:
+    """The run in got_dir logged what the run in want_dir logged (each step's loss parts, gradient norm,
+    validation loss, learning rate, skip flag and expert counts), and its last checkpoint's Hugging Face
+    export holds the same weights, within atol."""
+    from safetensors.torch import load_file
+
+    from moeforge.checkpoint import latest_checkpoint
+
+    got, want = read_metrics(got_dir), read_metrics(want_dir)
+    assert [m["step"] for m in got] == [m["step"] for m in want], f"{what}: logged steps"
+    for a, b in zip(got, want):
+        for key in COMPARED:
+            assert (key in a) == (key in b), f"{what}: step {b['step']} {key} logged in one run only"
+            if key in b and isinstance(b[key], float) and b[key] == b[key]:  # NaN: a skipped step's loss
+                assert abs(a[key] - b[key]) <= atol, f"{what}: step {b['step']} {key} {a[key]} != {b[key]}"
+            elif key in b:
+                assert (a[key] == b[key]) or (a[key] != a[key] and b[key] != b[key]), \
+                    f"{what}: step {b['step']} {key} {a[key]} != {b[key]}"
+        assert a["expert_counts"] == b["expert_counts"], f"{what}: step {b['step']} expert counts"
+    if weights:
+        w_got = load_file(latest_checkpoint(got_dir) / "model.safetensors")
+        w_want = load_file(latest_checkpoint(want_dir) / "model.safetensors")
+        assert w_got.keys() == w_want.keys(), f"{what}: exported tensor names"
+        for k, v in w_want.items():
+            err = (w_got[k] - v).abs().max().item()
+            assert err <= atol, f"{what}: exported {k} differs by {err:.2e}"

@@ -247,7 +247,7 @@ class DistributedTrainer(Trainer):
         if ckpt is None:
             raise ConfigError(f"--resume: no checkpoint in {self.run_dir}")
         if is_distributed_checkpoint(ckpt):
-            extra = dist_checkpoint.load(ckpt, self.model, self.optimizer)
+            extra = dist_checkpoint.load(ckpt, self.model, self.optimizer, alias=saved_name)
         else:
             extra = self._load_single_process_checkpoint(ckpt)
         self.step, self.bad_steps = int(extra["step"]), int(extra.get("bad_steps", 0))
@@ -327,9 +327,8 @@ class DistributedTrainer(Trainer):
 
 def saved_name(name: str) -> str:
     """The full model's name of a parameter or buffer of this rank (DualPipeV's last-stage embedding copy
-    is the embedding)."""
-    prefix = PipelineRank.LAST_STAGE_COPY + "."
-    return "embed_tokens." + name[len(prefix):] if name.startswith(prefix) else name
+    is the embedding); also for state-dict keys holding the name (`state.<name>.exp_avg`)."""
+    return name.replace(PipelineRank.LAST_STAGE_COPY + ".", "embed_tokens.")
 
 
 def export_hf(state: dict, config, folder: Path) -> None:
