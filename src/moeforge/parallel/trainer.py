@@ -35,14 +35,14 @@ import torch.distributed as dist
 from rich.console import Console
 
 from .. import hardware
-from ..checkpoint import checkpoints_dir, latest_checkpoint, list_checkpoints
+from ..checkpoint import checkpoints_dir, latest_checkpoint, list_checkpoints, publish
 from ..config import RunConfig
 from ..errors import CheckpointError, ConfigError
 from ..train import Trainer, decay_split, default_run_dir
 from . import dist_checkpoint, parallelize
 from .expert import pop_comm_bytes
 from .grads import clip_grad_norm
-from .launch import collective_errors, init_distributed
+from .launch import collective_errors, init_distributed, register_process
 from .mesh import ParallelLayout, build_mesh
 from .pipeline import PipelineRank, build_pipeline
 from .tensor import split_param_groups
@@ -70,6 +70,7 @@ class DistributedTrainer(Trainer):
         cfg = run.train
         caps = hardware.probe(cfg.device)
         self.rank, self.world = init_distributed(caps.dist_backend, cfg.dist_timeout)
+        register_process()  # lets a failed collective's message tell which peer exited
         if caps.device.startswith("cuda") and self.world > 1:  # one GPU per rank
             cuda = f"cuda:{torch.cuda.current_device()}"
             run = dataclasses.replace(run, train=dataclasses.replace(cfg, device=cuda))
@@ -295,7 +296,9 @@ class DistributedTrainer(Trainer):
         return state
 
     def save(self) -> Path:
-        """DCP shards + extra.pt + (rank 0) a Hugging Face export, into checkpoints/step-N, atomically."""
+        """DCP shards + extra.pt + (rank 0) a Hugging Face export, into checkpoints/step-N, atomically: all
+        ranks write into a temporary folder, and rank 0 publishes it once every rank is done (as the
+        single-process save does: fsync, rename)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         base = checkpoints_dir(self.run_dir)
@@ -316,9 +319,7 @@ class DistributedTrainer(Trainer):
                                                                                   cpu_offload=True))
         if self.is_main:
             export_hf(full, self.run.model, tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
+            publish(tmp, final)  # fsync, then rename (the previous step-N goes only once this one is in)
             for stale in list_checkpoints(self.run_dir)[:-self.cfg.keep_checkpoints]:
                 shutil.rmtree(stale, ignore_errors=True)
         dist.barrier()
