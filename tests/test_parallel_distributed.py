@@ -10,7 +10,8 @@ Hugging Face export; across resumes that change the layout on the way.
   (the reference run has a NaN loss at step 2, the layouts on one rank), and the run goes on.
 * A stuck peer times out, and a dead one fails the others at once, each with one line naming it and
   the collective.
-* DCP saves are atomic: fsynced, then renamed; a crash while replacing step-N keeps the old step-N.
+* DCP saves are atomic: fsynced, then renamed; a crash while replacing step-N keeps the old step-N,
+  and a resume recovers from a crash's leftovers (a torn metrics line, a temporary folder).
 
 Starting processes dominates the cost on a small machine, so each process group runs its runs in turn
 (one thread per rank).
@@ -155,9 +156,10 @@ def test_four_ranks_ep_x_fsdp_tp_x_ep_x_zero3_and_pp_x_dp_match_single_process(t
     check_same_run(run, reference, "4 ranks: EP 2 x edp 2 ZeRO-3, TP 2 x EP 2 x ZeRO-3, PP 2 x dp 2")
 
 
-def test_distributed_checkpoints_are_fsynced_and_replaced_atomically(tmp_path, monkeypatch):
+def test_distributed_checkpoints_are_atomic_and_resume_after_a_crash(tmp_path, monkeypatch):
     """A DCP save (here a 1-process group) fsyncs every file and the folder before renaming it into place;
-    saving step N again over an existing step-N keeps the old one until the new one is in place."""
+    saving step N again over an existing step-N keeps the old one until the new one is in place; a resume
+    recovers from what a crash leaves behind."""
     from moeforge.parallel.trainer import DistributedTrainer
 
     synced = []
@@ -189,6 +191,16 @@ def test_distributed_checkpoints_are_fsynced_and_replaced_atomically(tmp_path, m
             monkeypatch.setattr(Path, "rename", real_rename)
             assert ckpt.is_dir(), "the previous step-000001 was deleted before the new one was in place"
             assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+
+            # A harder crash (power lost between moving step-1 aside and the rename, a half-written folder of
+            # the next save, a torn last metrics line): the resume puts step-1 back, removes the rest, goes on.
+            ckpt.rename(ckpt.parent / ".old-step-000001-999")
+            (ckpt.parent / ".tmp-step-000002").mkdir()
+            with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+                f.write('{"step": 2, "loss": 7.1')
+            DistributedTrainer(train_config(tmp_path / "run", steps=2, eval_every=0), resume=True).fit()
+            assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2]
+            assert sorted(p.name for p in ckpt.parent.iterdir()) == ["step-000001", "step-000002"]
         finally:
             dist.destroy_process_group()
 

@@ -244,6 +244,9 @@ class DistributedTrainer(Trainer):
             raise ConfigError(flag[0])
 
     def _resume(self) -> None:
+        if self.is_main:
+            recover_interrupted_saves(self.run_dir)
+        dist.barrier()
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             raise ConfigError(f"--resume: no checkpoint in {self.run_dir}")
@@ -257,7 +260,7 @@ class DistributedTrainer(Trainer):
         if self.is_main:  # drop metrics logged after the checkpoint (as Trainer._resume does)
             metrics = self.run_dir / "metrics.jsonl"
             lines = metrics.read_text().splitlines() if metrics.exists() else []
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= self.step]
+            kept = [ln for ln in lines if (record := _record(ln)) is not None and record["step"] <= self.step]
             metrics.write_text("".join(ln + "\n" for ln in kept))
             (self.run_dir / "config.toml").write_text(self.run.to_toml())
         self.console.print(f"resuming {self.run_dir} from step {self.step} ({self.world} processes)")
@@ -324,6 +327,31 @@ class DistributedTrainer(Trainer):
                 shutil.rmtree(stale, ignore_errors=True)
         dist.barrier()
         return final
+
+
+def _record(line: str) -> dict | None:
+    """A metrics line, or None for an empty one or one torn by a crash mid-write (dropped on resume)."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+
+
+def recover_interrupted_saves(run_dir: Path) -> None:
+    """Before resuming: a save that crashed leaves `.tmp-step-N` (incomplete: removed) or, if it crashed
+    while replacing an existing step-N, that step-N moved aside as `.old-step-N-<pid>` (put back)."""
+    base = checkpoints_dir(run_dir)
+    if not base.is_dir():
+        return
+    for folder in sorted(base.iterdir()):
+        if folder.name.startswith(".tmp-step-"):
+            shutil.rmtree(folder, ignore_errors=True)
+        elif folder.name.startswith(".old-step-"):
+            final = base / folder.name[len(".old-"):].rsplit("-", 1)[0]
+            if final.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                folder.rename(final)
 
 
 def saved_name(name: str) -> str:
