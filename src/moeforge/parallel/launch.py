@@ -46,13 +46,26 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     try:
         torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "moeforge", *argv])
     except Exception as e:  # torchrun raises ChildFailedError after printing each rank's error
-        print(f"moeforge train: error: {type(e).__name__}: the distributed run failed (see the rank errors above)",
-              file=sys.stderr)
+        print(f"moeforge train: error: {describe_child_failure(e)}", file=sys.stderr)
         return 1
     finally:  # torchrun sets OMP_NUM_THREADS etc. for its children in this process's environment
         os.environ.clear()
         os.environ.update(env)
     return 0
+
+
+def describe_child_failure(exc: BaseException) -> str:
+    """torchrun's ChildFailedError as one line naming the first rank that failed and how. (When a rank dies,
+    torchrun stops the others at once, usually before they can report the collective that broke.)"""
+    failures = getattr(exc, "failures", None)
+    if not failures:
+        return f"{type(exc).__name__}: the distributed run failed (see the rank errors above)"
+    rank, failure = exc.get_first_failure()
+    how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with code {failure.exitcode}"
+    others = sorted(set(failures) - {rank})
+    also = f"; rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} failed too" if others else ""
+    return (f"rank {rank} (pid {failure.pid}) {how}{also}: the distributed run failed"
+            + (" (see the rank errors above)" if failure.exitcode > 0 else ""))
 
 
 def strip_launch_flags(argv: list[str]) -> list[str]:
