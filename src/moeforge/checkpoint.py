@@ -128,18 +128,29 @@ def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, keep: 
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(model, tmp, card=card)
     torch.save(trainer_state, tmp / STATE_FILE)
-    _fsync_tree(tmp)
-    if final.exists():  # re-saving the same step (e.g. after a resume): swap, then delete the old one
-        old = base / f".old-{final.name}-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-    _fsync_dir(base)
+    publish(tmp, final)
     for stale in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Make the complete folder `tmp` the checkpoint `final`: its files and entries fsynced, then renamed
+    into place. An existing `final` (the same step saved again, e.g. after a resume) is moved aside first
+    and deleted only once the new one is in place."""
+    _fsync_tree(tmp)
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        final.rename(old)
+        try:
+            tmp.rename(final)
+        except BaseException:
+            old.rename(final)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync_dir(final.parent)
 
 
 def load_trainer_state(ckpt: Path) -> dict:
