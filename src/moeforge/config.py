@@ -253,7 +253,9 @@ class TrainConfig:
     data: str | None = doc("Text file, folder, .jsonl ('text' field) or .bin/.npy tokens; default: the "
                            "Python standard library's source files.", default=None)
     tokenizer: str | None = doc("Path to a Hugging Face tokenizer.json (default: byte-level).", default=None)
-    max_corpus_mb: float = doc("Read at most this many MB of text from the corpus.", default=16.0)
+    max_corpus_mb: float = doc("Read at most this many MB of text from the corpus (a file, a folder or JSONL; "
+                               "the last document is cut there). Token files are memory-mapped whole.",
+                               default=16.0)
     val_fraction: float = doc("Fraction of documents held out for validation.", default=0.05)
     seq_len: int = doc("Tokens per training sequence.", default=256)
     batch_size: int = doc("Sequences per micro-batch.", default=16)
