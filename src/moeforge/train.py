@@ -128,6 +128,11 @@ class Trainer:
         self.memory_plan = setup_memory(self)  # activation checkpointing and offload, from outside the model
         self.forward = torch.compile(self.model) if self.cfg.compile else self.model
 
+    @property
+    def micro_batch_rows(self) -> int:
+        """Sequences in one forward of this process (DistributedTrainer: a data-parallel rank's share)."""
+        return self.cfg.batch_size
+
     def build_optimizer(self) -> torch.optim.Optimizer:
         return make_optimizer(self.model, self.cfg)
 
