@@ -29,8 +29,9 @@ def add_memory_command(sub) -> None:
     m = sub.add_parser("memory", help="measured memory breakdown of a training step (and a checkpointing plan)",
                        description="Build the model of a preset or run config, run a few AdamW steps on random "
                                    "tokens and report parameters, gradients, optimizer states and activations per "
-                                   "module type and layer. The training flags of the model, batch, precision, optimizer, device and "
-                                   "activation checkpointing (--preset, --batch-size, --seq-len, --precision, "
+                                   "module type and layer. The training flags of the model, batch, precision, "
+                                   "optimizer, device and activation checkpointing (--preset, --batch-size, "
+                                   "--seq-len, --precision, "
                                    "--activation-checkpointing, --memory-budget, ...) apply as in `train`; the "
                                    "others (--nproc, --offload, --data, ...) are refused.")
     m.add_argument("--config", metavar="FILE.toml", help="TOML file with [train] and [model] sections")
