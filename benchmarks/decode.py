@@ -179,7 +179,7 @@ def held_out_prompts(n: int, length: int) -> list[list[int]]:
 
 
 def part_mtp(args, folder: Path) -> None:
-    from moeforge.hf import resolve_checkpoint_dir
+    from moeforge.checkpoint import resolve_checkpoint_dir
     from moeforge.inference import SamplingParams
 
     model = configured(moeforge.from_pretrained(resolve_checkpoint_dir(folder)).float().eval())
@@ -215,7 +215,7 @@ def part_mtp(args, folder: Path) -> None:
 
 
 def part_experts(args, folder: Path) -> None:
-    from moeforge.hf import resolve_checkpoint_dir
+    from moeforge.checkpoint import resolve_checkpoint_dir
 
     ckpt = resolve_checkpoint_dir(folder)
     prompts = held_out_prompts(args.prompts, 64)

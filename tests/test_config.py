@@ -56,3 +56,53 @@ def test_toml_roundtrip_and_errors(tmp_path):
         load_toml(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_toml(tmp_path / "missing.toml")
+
+
+def test_toml_roundtrip_keeps_every_field_that_is_none(tmp_path):
+    """TOML has no null: None is written as "none" and read back as None, for every optional field of both
+    sections and inside rope_scaling (the old writer dropped them, so the preset's value came back)."""
+    import dataclasses
+
+    from moeforge.config import ModelConfig, TrainConfig
+
+    def optional(cls):
+        return {f.name: None for f in dataclasses.fields(cls) if "None" in str(f.type)}
+
+    run = resolve_run_config({}, {"preset": "v3", **optional(TrainConfig)}, optional(ModelConfig))
+    assert run.model.q_lora_rank is None and run.model.rope_scaling is None and run.train.data is None
+    yarn = resolve_run_config({}, {"preset": "v3"}, {"rope_scaling": {**PRESETS["v3"]["rope_scaling"], "mscale": None}})
+    for original in (run, yarn):
+        f = tmp_path / "config.toml"
+        f.write_text(original.to_toml())
+        assert resolve_run_config(load_toml(f)) == original
+    # A string field whose real value is "none" stays a string.
+    assert resolve_run_config(load_toml(f)).train.activation_checkpointing == "none"
+
+
+def test_resume_config_check_names_changes_refuses_what_breaks_continuation():
+    import dataclasses
+
+    from moeforge.config import check_resume_config
+
+    saved_run = resolve_run_config({}, {"preset": "debug"})
+    saved = {"train": dataclasses.asdict(saved_run.train), "model": saved_run.model.to_dict()}
+    assert check_resume_config(saved, saved_run, step=4) is None
+    changed = resolve_run_config({}, {"preset": "debug", "batch_size": 4, "seed": 5, "eval_every": 7})
+    with pytest.raises(ConfigError, match=r"batch_size 16 -> 4, seed 1234 -> 5, eval_every 100 -> 7\); "
+                                          r"batch_size, seed would not.*--allow-config-change batch_size,seed"):
+        check_resume_config(saved, changed, step=4)
+    note = check_resume_config(saved, changed, step=4, allow="batch_size,seed")
+    assert note == "config changed on resume: batch_size 16 -> 4, seed 1234 -> 5, eval_every 100 -> 7"
+    # Layout, bookkeeping and a longer run are free; model fields are not; --steps cannot go back.
+    free = resolve_run_config({}, {"preset": "debug", "nproc": 2, "ep": 2, "steps": 600})
+    assert "nproc 1 -> 2, ep 1 -> 2" in check_resume_config(saved, free, step=4)
+    other_model = resolve_run_config({}, {"preset": "debug"}, {"q_lora_rank": None})
+    with pytest.raises(ConfigError, match="q_lora_rank 32 -> None"):
+        check_resume_config(saved, other_model, step=4)
+    with pytest.raises(ConfigError, match="--steps 3 is before the checkpoint's step 4"):
+        check_resume_config(saved, resolve_run_config({}, {"preset": "debug", "steps": 3}), step=4)
+    with pytest.raises(ConfigError, match="unknown field.*sed"):
+        check_resume_config(saved, saved_run, step=4, allow="sed")
+    # Runs from before `auto` was resolved recorded "auto": not a change.
+    old = {**saved, "train": {**saved["train"], "precision": "auto"}}
+    assert check_resume_config(old, resolve_run_config({}, {"preset": "debug", "precision": "fp32"}), step=4) is None

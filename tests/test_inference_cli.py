@@ -21,3 +21,11 @@ def test_generate_paths_agree(tmp_path, capsys):
     assert len(set(outputs.values())) == 1, outputs
     assert main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "x" * 600, "--device", "cpu"]) == 2
     assert "context" in capsys.readouterr().err
+
+
+def test_no_cache_refuses_flags_it_cannot_honour(tmp_path, capsys):
+    base = ["generate", "--checkpoint", str(tmp_path / "missing"), "--no-cache", "--device", "cpu"]
+    for extra, flag in ((["--mtp"], "--mtp"), (["--expert-budget", "3"], "--expert-budget")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--no-cache" in err and flag in err

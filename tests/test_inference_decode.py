@@ -8,7 +8,7 @@ from moeforge.errors import ConfigError
 from moeforge.generate import generate as naive_generate
 from moeforge.inference import LatentKVCache, SamplingParams, forward_cached, generate
 from moeforge.inference.sampling import distribution
-from moeforge.model import Transformer
+from moeforge import Transformer  # the model with save_pretrained
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,8 @@ import moeforge
 from moeforge.config import ModelConfig, PRESETS, preset
 from moeforge.errors import CheckpointError
 from moeforge.hf import dequantize_fp8_block, save_pretrained
-from moeforge.model import Router, Transformer
+from moeforge import Transformer  # the model with save_pretrained
+from moeforge.model import Router
 
 
 def router(**overrides):

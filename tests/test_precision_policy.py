@@ -106,3 +106,24 @@ def test_adamw_bf16_moments_matches_torch_adamw():
 def test_policy_needs_fp8_modules():
     with pytest.raises(ValueError, match="no FP8 modules"):
         DynamicPrecisionPolicy(TwoLayers())
+
+
+def test_policy_state_round_trips_and_a_discarded_step_changes_nothing():
+    torch.manual_seed(0)
+    model = TwoLayers()
+    apply_fp8(model, "fp8")
+    policy = DynamicPrecisionPolicy(model, PolicyThresholds(patience=2))
+    step(model, policy, 3, crush=True)  # layer b goes to BF16, histories filled
+    saved = policy.state_dict()
+    assert saved["b"]["fp8"] is False and len(saved["a"]["act"]) == 3
+    model(torch.randn(64, 128)).square().mean().backward()
+    policy.discard()  # e.g. a skipped step
+    assert policy.state_dict() == saved and model.a.stats.act is None
+    fresh_model = TwoLayers()
+    apply_fp8(fresh_model, "fp8")
+    fresh = DynamicPrecisionPolicy(fresh_model, PolicyThresholds(patience=2))
+    fresh.load_state_dict(saved)
+    assert fresh.state_dict() == saved and fresh_model.b.fp8 is False
+    assert fresh_model.a.stats.ref_amax["act"] == max(saved["a"]["act"])
+    with pytest.raises(ValueError, match="not this model's"):
+        fresh.load_state_dict({"a": saved["a"]})

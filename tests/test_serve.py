@@ -108,7 +108,7 @@ def test_stop_string_cuts_the_text(server):
     ({"max_tokens": 3}, 400, "prompt"),
     ({"prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"prompt": "x" * 600, "max_tokens": 4}, 400, "context"),
-    ({"prompt": ["a", "b"]}, 400, "one prompt"),
+    ({"prompt": ["a", "b"], "stream": True}, 400, "one prompt"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "not found"),
 ])
 def test_bad_requests_are_4xx_with_a_message(server, payload, status, message):
@@ -121,6 +121,28 @@ def test_bad_requests_are_4xx_with_a_message(server, payload, status, message):
     assert message.lower() in r.json()["error"]["message"].lower()
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]})
     assert r.status_code == 400 and "role" in r.json()["error"]["message"]
+
+
+def test_tokenizer_routes_round_trip(server):
+    client, _ = server
+    assert client.get("/tokenizer_info").json()["eos_token"] == "\x00"  # the byte tokenizer's eos
+    ids = client.post("/tokenize", json={"prompt": "héllo", "add_special_tokens": False}).json()["tokens"]
+    assert ids == list("héllo".encode())
+    assert client.post("/detokenize", json={"tokens": ids}).json()["prompt"] == "héllo"
+    r = client.post("/tokenize", json={"prompt": "x", "add_special_tokens": True})
+    assert r.status_code == 400 and "add_special_tokens" in r.json()["error"]["message"]
+    r = client.post("/detokenize", json={"tokens": [300]})
+    assert r.status_code == 400 and "tokens" in r.json()["error"]["message"]
+
+
+def test_several_prompts_in_one_request_are_several_choices(server):
+    client, model = server
+    r = client.post("/v1/completions", json={"prompt": ["a", "hello"], "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    assert [c["text"] for c in choices] == [expected_text(model, p, 4) for p in ("a", "hello")]
+    assert r.json()["usage"]["prompt_tokens"] == 6
 
 
 def test_concurrent_requests_all_answered_correctly(server):
@@ -170,7 +192,7 @@ def test_serve_cli_starts_and_shuts_down_gracefully(tmp_path):
             except httpx.TransportError:
                 assert proc.poll() is None, proc.stderr.read()
                 time.sleep(0.1)
-        assert r.json() == {"status": "ok", "model": "ckpt", "waiting": 0}
+        assert r.json() == {"status": "ok", "model": "ckpt", "waiting": 0, "batch_sizes": {}}
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
     finally:

@@ -12,7 +12,7 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .config import PRESETS, ModelConfig, TrainConfig, load_toml, resolve_run_config
+from .config import PRESETS, ModelConfig, TrainConfig, decode_none, load_toml, resolve_run_config
 from .errors import ConfigError, MoeforgeError
 from .inference.cli import SERVE_HANDLERS, add_serve_command
 from .memory.cli import add_memory_command, cmd_memory
@@ -59,7 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a DeepSeek-V3-style MoE model. Priority: preset < --config < flags.")
     t.add_argument("--config", metavar="FILE.toml", help="TOML file with [train] and [model] sections")
     t.add_argument("--resume", action="store_true",
-                   help="continue the run in --run-dir (default: the newest folder under runs/)")
+                   help="continue the run in --run-dir (default: the newest folder under runs/); flags that "
+                        "change what is computed (seed, batch size, data, model, ...) are refused, see "
+                        "--allow-config-change")
+    t.add_argument("--allow-config-change", metavar="FIELD[,FIELD]", default="",
+                   help="with --resume: accept these changed config fields although the run will then not "
+                        "continue exactly as it would have (e.g. --allow-config-change lr,seed)")
     t.add_argument("-m", "--model", dest="model_overrides", action="append", metavar="FIELD=VALUE",
                    help="override a model config field, e.g. -m n_routed_experts=32 (repeatable)")
     t.add_argument("--profile-memory", action="store_true",
@@ -68,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="sample text from a checkpoint")
     g.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="a run folder, a checkpoint in it, or a Hugging Face DeepseekV3 folder")
+                   help="a run folder (its newest intact checkpoint), a checkpoint in it, or a Hugging Face "
+                        "DeepseekV3/V2 folder")
     g.add_argument("--prompt", default="", help="text to continue")
     g.add_argument("--max-new-tokens", type=int, default=200)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -116,17 +122,20 @@ def cmd_train(args) -> int:
     run_dir = train_overrides.get("run_dir")
     if args.resume:
         run_dir = Path(run_dir) if run_dir else newest_run()
-        if model_overrides or args.config:
-            raise ConfigError("--resume continues a run with its saved config; -m and --config are not allowed")
+        if args.config:
+            raise ConfigError("--resume continues a run with its saved config; --config is not allowed")
         toml = load_toml(run_dir / "config.toml")
     else:
+        if args.allow_config_change:
+            raise ConfigError("--allow-config-change applies to --resume only")
         toml = load_toml(args.config) if args.config else {}
     run = resolve_run_config(toml, train_overrides, model_overrides)
     if run_dir is not None:
         run.train.run_dir = str(run_dir)
     from .parallel.launch import run_training  # one process, a torchrun rank, or launch torchrun
 
-    return run_training(run, run_dir, args.resume, args.argv, profile_memory=args.profile_memory)
+    return run_training(run, run_dir, args.resume, args.argv, profile_memory=args.profile_memory,
+                        allow_config_change=args.allow_config_change)
 
 
 def newest_run() -> Path:
@@ -140,8 +149,12 @@ def cmd_generate(args) -> int:
     from . import hardware
     from .data import load_tokenizer
     from .generate import generate
-    from .hf import from_pretrained, resolve_checkpoint_dir
+    from .checkpoint import resolve_checkpoint_dir
+    from .hf import from_pretrained
 
+    if args.no_cache and (args.mtp or args.expert_budget is not None):
+        flag = "--mtp" if args.mtp else "--expert-budget"
+        raise ConfigError(f"--no-cache runs the cache-free reference path, which has no {flag}; drop one of them")
     folder = resolve_checkpoint_dir(args.checkpoint)
     tokenizer_path = args.tokenizer
     if tokenizer_path is None and (folder / "tokenizer.json").is_file():
@@ -149,7 +162,7 @@ def cmd_generate(args) -> int:
     if tokenizer_path is None:
         for run_config in (folder.parent.parent / "config.toml", Path(args.checkpoint) / "config.toml"):
             if run_config.is_file():
-                tokenizer_path = load_toml(run_config).get("train", {}).get("tokenizer")
+                tokenizer_path = decode_none(load_toml(run_config).get("train", {}).get("tokenizer"))
                 break
     tokenizer = load_tokenizer(tokenizer_path)
     caps = hardware.probe(args.device)

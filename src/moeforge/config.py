@@ -154,6 +154,8 @@ def coerce_types(cfg):
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         kind = str(f.type)
+        if "None" in kind:
+            value = decode_none(value)
         try:
             if value is None:
                 if "None" not in kind:
@@ -281,9 +283,10 @@ class TrainConfig:
                                  default=0.0)
     routing: str = doc("learned, or balanced: force a perfectly even expert assignment (a diagnostic).",
                        default="learned")
-    precision: str = doc("fp32, bf16 (autocast; weights and optimizer stay fp32), fp8 (DeepSeek-V3's fine-grained "
-                         "FP8 linears and experts, the rest bf16; docs/precision.md) or fp8-tensorwise.",
-                         default="auto")
+    precision: str = doc("auto (bf16 where bf16 matmuls are fast: CUDA, AMX or AVX512-BF16 CPUs; else fp32; resolved "
+                         "once and saved in config.toml), fp32, bf16 (autocast; weights and optimizer stay fp32), fp8 "
+                         "(DeepSeek-V3's fine-grained FP8 linears and experts, the rest bf16; docs/precision.md) or "
+                         "fp8-tensorwise.", default="auto")
     fp8_policy: bool = doc("With fp8: switch layers between FP8 and BF16 from their gradient and activation "
                            "statistics (logged as precision_switches).", default=False)
     optimizer_state_dtype: str = doc("AdamW moment dtype: fp32, or bf16 (master weights stay fp32; half the "
@@ -403,6 +406,57 @@ class RunConfig:
             self.model.to_dict())
 
 
+# --- resuming a run --------------------------------------------------------------------------------
+# Training fields a resume may change freely: bookkeeping, and where and how the same computation runs
+# (layout, memory, device, compile; a new layout can differ from the old one in the last bits of fp32
+# sums, as it does in a fresh run; ep_dispatch is the layout's codec, and fp8/logfmt need ep > 1, so it
+# has to change with --ep). Every other field (seed, batch, data, optimizer, precision, all model fields,
+# ...) changes what is computed, so a resume refuses it unless --allow-config-change names it. `steps` may
+# change too: the schedules are functions of (step, steps), see docs/training.md.
+RESUME_FREE_FIELDS = frozenset({
+    "steps", "run_dir", "eval_every", "eval_batches", "log_every", "log_expert_counts", "save_every",
+    "keep_checkpoints", "max_bad_steps", "sample_tokens", "sample_prompt", "compile", "device",
+    "nproc", "dp", "ep", "tp", "pp", "pp_schedule", "pp_microbatches", "zero", "ep_dispatch",
+    "ep_overlap_shared", "dist_timeout", "activation_checkpointing", "memory_budget", "offload"})
+
+
+def config_changes(saved: dict, run: RunConfig) -> list[tuple[str, Any, Any]]:
+    """(field, saved value, new value) for each field of `run` that differs from `saved`
+    ({"train": {...}, "model": {...}} as a checkpoint stores them). Fields the saved run did not record
+    (older versions) are not compared, nor `precision = "auto"` (runs before it was resolved and saved)."""
+    changes = []
+    for section, new in (("train", dataclasses.asdict(run.train)), ("model", run.model.to_dict())):
+        old = saved.get(section) or {}
+        for name, value in new.items():
+            if name not in old or old[name] == value or (name == "precision" and old[name] == "auto"):
+                continue
+            changes.append((name, old[name], value))
+    return changes
+
+
+def check_resume_config(saved: dict, run: RunConfig, step: int, allow: tuple[str, ...] | str = ()) -> str | None:
+    """Refuse (ConfigError, one line) a resume whose config breaks exact continuation of the saved run
+    (`step`: the checkpoint's), unless `allow` names the changed fields; -> a one-line note of what
+    changed, or None."""
+    if isinstance(allow, str):
+        allow = tuple(a.strip() for a in allow.split(",") if a.strip())
+    known = {f.name for f in fields(TrainConfig)} | {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(allow) - known)
+    if unknown:
+        raise ConfigError(f"--allow-config-change: unknown field(s) {', '.join(unknown)}")
+    changes = config_changes(saved, run)
+    described = ", ".join(f"{name} {old!r} -> {new!r}" for name, old, new in changes)
+    refused = [name for name, _, _ in changes if name not in RESUME_FREE_FIELDS and name not in allow]
+    if refused:
+        them = "it" if len(refused) == 1 else "them"
+        raise ConfigError(f"--resume: the config differs from the checkpoint's ({described}); "
+                          f"{', '.join(refused)} would not continue the run exactly: pass "
+                          f"--allow-config-change {','.join(refused)} to change {them} anyway, or drop the flag(s)")
+    if run.train.steps < step:
+        raise ConfigError(f"--resume: --steps {run.train.steps} is before the checkpoint's step {step}")
+    return f"config changed on resume: {described}" if changes else None
+
+
 def load_toml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -431,17 +485,30 @@ def resolve_run_config(toml: dict | None = None, train_overrides: dict | None = 
     return RunConfig(model=model, train=train)
 
 
+# TOML has no null. A field that may be None (q_lora_rank, rope_scaling, data, ...) is written as the string
+# "none" when it is None, the spelling `-m FIELD=none` uses too; reading maps it back (also inside inline
+# tables). Omitting the key instead would let the preset's value come back on the next read (a resumed
+# `-m q_lora_rank=none` model would grow a q_a_proj). A file literally named "none" is "./none".
+NONE = "none"
+
+
+def decode_none(value):
+    """The string "none" (any case) -> None; inside a dict, each such value too."""
+    if isinstance(value, str) and value.strip().lower() == NONE:
+        return None
+    if isinstance(value, dict):
+        return {k: decode_none(v) for k, v in value.items()}
+    return value
+
+
 def dict_to_toml(d: dict) -> str:
-    """Write a flat dict (plus inline tables) as TOML; None values are omitted (TOML has no null)."""
-    lines = []
-    for key, value in d.items():
-        if value is None:
-            continue
-        lines.append(f"{key} = {toml_value(value)}")
-    return "\n".join(lines) + "\n"
+    """Write a flat dict (plus inline tables) as TOML; None is written as "none" (see NONE)."""
+    return "".join(f"{key} = {toml_value(value)}\n" for key, value in d.items())
 
 
 def toml_value(v) -> str:
+    if v is None:
+        return json.dumps(NONE)
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
@@ -449,7 +516,7 @@ def toml_value(v) -> str:
     if isinstance(v, str):
         return json.dumps(v)
     if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items() if x is not None) + " }"
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")

@@ -1,16 +1,20 @@
-"""Hugging Face DeepseekV3 checkpoint layout: config.json <-> ModelConfig, safetensors <-> model.
+"""Hugging Face checkpoint layout (DeepseekV3 and DeepseekV2): config.json <-> ModelConfig, safetensors <->
+model, and `PretrainedTransformer`, the model with `from_pretrained` / `save_pretrained`.
 
-The mapping is a short table: names are the same apart from the `model.` prefix, routed experts
-(one tensor per expert in the file, stacked [E, ...] here), and MTP layers (layer ids from
-num_hidden_layers on in the file, `mtp.{k}` here). FP8 weights with `weight_scale_inv` (128x128 blocks)
-are dequantised on load.
+This layer depends on the model, never the reverse. The name mapping is short: names are the same apart
+from the `model.` prefix, routed experts (one tensor per expert in the file, stacked [E, ...] here) and MTP
+layers (layer ids from num_hidden_layers on in the file, `mtp.{k}` here). Loading reads one tensor at a
+time from the safetensors files into a model built on the meta device, converted to its target dtype as
+it is read (FP8 weights with `weight_scale_inv` are dequantised block by block): there is no second full
+copy of the weights. What loads and what does not: docs/checkpoints.md.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
-from collections import defaultdict
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -19,19 +23,30 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
-from .model import Transformer
+from .model import Router, Transformer
+
+log = logging.getLogger(__name__)
 
 FP8_BLOCK = 128
-_EXPERT = re.compile(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_LAYER = re.compile(r"layers\.(\d+)\.(.+)$")
-_MTP_OWN = {"enorm.weight", "hnorm.weight", "eh_proj.weight"}
-_MTP_SHARED = {"embed_tokens.weight", "shared_head.head.weight"}  # copies of the main model's
+# Tensors transformers keeps in fp32 whatever the model's dtype (its `_keep_in_fp32_modules_strict`):
+# routing decisions must not change with the weights' dtype.
+KEEP_FP32 = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
+_MTP = re.compile(r"mtp\.(\d+)\.(.+)$")
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)$")
+# Per MTP layer, the released layout repeats the main model's embedding and head: not read, written as copies.
+_MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")
+# config.json keys that describe the architecture: written from the ModelConfig, never copied from the source.
+_ARCH_KEYS = {"architectures", "model_type", "topk_method", "torch_dtype", "dtype", "quantization_config",
+              "transformers_version", "rope_scaling", "rope_parameters", "n_group", "topk_group", "num_mtp_layers"}
 
 
 # --- config ----------------------------------------------------------------------------------------
 def config_from_hf(d: dict) -> ModelConfig:
-    """Read a HF DeepseekV3 (or V2) config.json dict, old (rope_scaling) or v5 (rope_parameters) style."""
+    """Read a HF DeepseekV3 or DeepseekV2 config.json dict, old (rope_scaling) or v5 (rope_parameters) style,
+    with the semantics transformers gives each field (e.g. DeepseekV2 always routes by softmax and never
+    renormalises its top-k weights)."""
     d = dict(d)
+    v2 = d.get("model_type") == "deepseek_v2" or "DeepseekV2ForCausalLM" in (d.get("architectures") or ())
     rope = d.pop("rope_parameters", None) or {}
     if "rope_theta" not in d and "rope_theta" in rope:
         d["rope_theta"] = rope["rope_theta"]
@@ -46,6 +61,23 @@ def config_from_hf(d: dict) -> ModelConfig:
     for key in ("n_group", "topk_group"):
         if d.get(key) is None:
             d[key] = 1
+    if v2:
+        # transformers' DeepseekV2TopkRouter: softmax scores, greedy or group-limited (group = its best
+        # expert) top-k, weights x routed_scaling_factor, no renormalisation, no correction bias; the
+        # rotary embedding is complex multiplication of adjacent pairs (= interleaved).
+        method = d.get("topk_method") or "greedy"
+        if method not in ("greedy", "group_limited_greedy"):
+            raise ConfigError(f"topk_method {method!r} is not supported for DeepseekV2 "
+                              "(greedy, group_limited_greedy)")
+        if method == "greedy":
+            d["n_group"] = d["topk_group"] = 1
+        if d.get("norm_topk_prob"):
+            log.warning("config.json: norm_topk_prob=True is ignored for DeepseekV2, as transformers does")
+        d.update(scoring_func="softmax", norm_topk_prob=False, rope_interleave=True)
+    else:
+        d.setdefault("scoring_func", "sigmoid")
+    if d.get("num_nextn_predict_layers") is None:
+        d["num_nextn_predict_layers"] = d.get("num_mtp_layers") or 0
     if d.get("n_routed_experts") is None:  # a dense model
         d.update(n_routed_experts=1, num_experts_per_tok=1, moe_intermediate_size=1,
                  first_k_dense_replace=d.get("num_hidden_layers", 1))
@@ -53,108 +85,177 @@ def config_from_hf(d: dict) -> ModelConfig:
         d["first_k_dense_replace"] = 0
     if d.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act {d['hidden_act']!r} is not supported (only silu)")
-    if d.get("attention_bias"):
-        raise ConfigError("attention_bias=True is not supported")
+    for flag in ("attention_bias", "mlp_bias"):
+        if d.get(flag):
+            raise ConfigError(f"{flag}=True is not supported")
     try:
         return ModelConfig.from_dict(d, strict=False).validate()
     except TypeError as e:
         raise ConfigError(f"config.json: {e}") from None
 
 
-def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
-    d = config.to_dict()
-    d.update(
-        architectures=["DeepseekV3ForCausalLM"],
-        model_type="deepseek_v3",
-        num_key_value_heads=config.num_attention_heads,
-        hidden_act="silu",
-        attention_bias=False,
-        topk_method="noaux_tc",
-        torch_dtype=str(dtype).removeprefix("torch."),
-    )
+def export_layout(config: ModelConfig, state: Mapping[str, torch.Tensor] | None = None) -> str:
+    """'deepseek_v2' for a model transformers' DeepseekV2 reproduces (softmax routing, no renormalisation,
+    zero correction bias, interleaved rope), else 'deepseek_v3' (which moeforge always reloads exactly)."""
+    if config.scoring_func != "softmax" or config.norm_topk_prob or not config.rope_interleave:
+        return "deepseek_v3"
+    biases = [t for k, t in (state or {}).items() if k.endswith("e_score_correction_bias")]
+    return "deepseek_v2" if all(not b.any() for b in biases) else "deepseek_v3"
+
+
+def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32, layout: str = "deepseek_v3",
+                 base: dict | None = None) -> dict:
+    """config.json for `layout`; `base` (the source's config.json) keeps fields moeforge does not model
+    (token ids, generation settings)."""
+    d = {k: v for k, v in (base or {}).items() if k not in _ARCH_KEYS}
+    d.update(config.to_dict())
+    d.update(num_key_value_heads=config.num_attention_heads, hidden_act="silu", attention_bias=False,
+             torch_dtype=str(dtype).removeprefix("torch."))
+    if layout == "deepseek_v2":
+        d.update(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", mlp_bias=False,
+                 topk_method="group_limited_greedy" if config.n_group > 1 else "greedy")
+    else:
+        d.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", topk_method="noaux_tc")
+        if config.scoring_func == "softmax":
+            log.warning("exporting softmax routing in the DeepseekV3 layout: moeforge reloads it exactly, "
+                        "transformers' DeepseekV3 would route by sigmoid")
     if d["rope_scaling"] is None:
         del d["rope_scaling"]
     return d
 
 
-# --- state dict mapping ------------------------------------------------------------------------
-def hf_to_moeforge(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Rename and stack a HF state dict (already dequantised) into this model's names."""
-    L = config.num_hidden_layers
+# --- names -------------------------------------------------------------------------------------------
+def hf_name(name: str, config: ModelConfig) -> str:
+    """The HF name of a moeforge state-dict entry (for stacked experts: the fused v5 name)."""
+    m = _MTP.match(name)
+    if m:
+        layer, rest = config.num_hidden_layers + int(m[1]), m[2]
+        rest = rest.removeprefix("block.") if rest.startswith("block.") else (
+            "shared_head.norm.weight" if rest == "norm.weight" else rest)
+        return f"model.layers.{layer}.{rest}"
+    return name if name == "lm_head.weight" else f"model.{name}"
+
+
+def expert_parts(name: str, config: ModelConfig) -> list[list[str]] | None:
+    """For a stacked expert tensor, the per-expert HF names of each part along dim 1 ([gate], [up] for
+    gate_up_proj; [down] for down_proj); None for any other tensor."""
+    n = config.n_routed_experts
+    for suffix, parts in (("mlp.experts.gate_up_proj", ("gate_proj", "up_proj")), ("mlp.experts.down_proj", ("down_proj",))):
+        if name.endswith(suffix):
+            base = hf_name(name, config).removesuffix(suffix.removeprefix("mlp.experts."))
+            return [[f"{base}{e}.{part}.weight" for e in range(n)] for part in parts]
+    return None
+
+
+def hf_keys(name: str, config: ModelConfig, available: set[str] | Mapping) -> list[str]:
+    """The HF tensors a moeforge entry is read from: its own name, or for stacked experts the per-expert
+    tensors unless the file holds the fused [E, ...] tensor."""
+    parts, key = expert_parts(name, config), hf_name(name, config)
+    return [key] if parts is None or key in available else [k for part in parts for k in part]
+
+
+def _shell(config: ModelConfig, dtype: torch.dtype | None = None, cls: type = None) -> Transformer:
+    """The model on the meta device (no memory); with `dtype`, routing stays fp32 (KEEP_FP32)."""
+    with torch.device("meta"):
+        model = (cls or Transformer)(config)
+    if dtype is not None:
+        model.to(dtype)
+        for router in (m for m in model.modules() if isinstance(m, Router)):
+            router.weight = torch.nn.Parameter(router.weight.float(), requires_grad=router.weight.requires_grad)
+            router.e_score_correction_bias = router.e_score_correction_bias.float()
+    return model
+
+
+# --- loading -----------------------------------------------------------------------------------------
+def hf_to_moeforge(tensors: Mapping[str, torch.Tensor], config: ModelConfig,
+                   like: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """A HF state dict (a dict, or the lazy `read_safetensors` folder) in this model's names, shapes and
+    dtypes (`like`: the target's state dict, meta tensors are fine; default: a fresh fp32 model's). Read
+    one tensor at a time; routed experts are copied into one preallocated stack per layer."""
+    like = like if like is not None else _shell(config).state_dict()
+    available = set(tensors.keys())
+    # Names first (cheap), so that a mismatched folder fails before any tensor is read.
+    sources: dict[str, list[str]] = {}
+    missing: list[str] = []
+    for name in like:
+        if name == "lm_head.weight" and config.tie_word_embeddings and "lm_head.weight" not in available:
+            continue  # tied: the embedding (load_into re-ties)
+        keys = hf_keys(name, config, available)
+        if name.endswith("e_score_correction_bias") and config.scoring_func == "softmax" and keys[0] not in available:
+            keys = []  # DeepseekV2 has no correction bias: zeros
+        missing.extend(k for k in keys if k not in available)
+        sources[name] = keys
+    used = {k for keys in sources.values() for k in keys}
+    mtp_layers = {int(m[1]) for k in available if (m := _LAYER.match(k)) and m[2] == "eh_proj.weight"}
+    unexpected = sorted(k for k in available - used if not _ignorable(k, config, mtp_layers))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}, e.g. {unexpected[:3]}")
+        raise CheckpointError(f"{getattr(tensors, 'folder', 'checkpoint')} does not match the model config: "
+                              + "; ".join(parts))
     out: dict[str, torch.Tensor] = {}
-    experts: dict[int, dict[str, dict[int, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
-    for name, t in tensors.items():
-        name = name.removeprefix("model.")
-        if name.endswith("rotary_emb.inv_freq"):
+    for name, keys in sources.items():
+        target = like[name]
+        if keys == [hf_name(name, config)]:  # one tensor (also a fused expert stack)
+            out[name] = _check_shape(tensors[keys[0]], target, keys[0]).to(target.dtype)
             continue
-        m = _EXPERT.match(name)
-        if m:
-            experts[int(m[1])][m[3]][int(m[2])] = t
-            continue
-        m = _LAYER.match(name)
-        if m and int(m[1]) >= L:  # an MTP layer
-            k, rest = int(m[1]) - L, m[2]
-            if k >= config.num_nextn_predict_layers or rest in _MTP_SHARED:
-                continue
-            if rest in _MTP_OWN:
-                out[f"mtp.{k}.{rest}"] = t
-            elif rest == "shared_head.norm.weight":
-                out[f"mtp.{k}.norm.weight"] = t
-            else:
-                out[f"mtp.{k}.block.{rest}"] = t
-            continue
-        out[name] = t
-    for layer, parts in experts.items():
-        prefix = _module_prefix(layer, L)
-        n = config.n_routed_experts
-        for part in ("gate_proj", "up_proj", "down_proj"):
-            if sorted(parts[part]) != list(range(n)):
-                raise CheckpointError(f"layer {layer}: expected {n} experts' {part}, found {len(parts[part])}")
-        gate = torch.stack([parts["gate_proj"][e] for e in range(n)])
-        up = torch.stack([parts["up_proj"][e] for e in range(n)])
-        out[f"{prefix}.mlp.experts.gate_up_proj"] = torch.cat((gate, up), dim=1)
-        out[f"{prefix}.mlp.experts.down_proj"] = torch.stack([parts["down_proj"][e] for e in range(n)])
+        stack = torch.empty(target.shape, dtype=target.dtype)  # [E, parts x width, ...], expert by expert
+        if keys:
+            n_parts = len(keys) // config.n_routed_experts
+            width = target.shape[1] // n_parts
+            for i, key in enumerate(keys):
+                p, e = divmod(i, config.n_routed_experts)
+                stack[e, p * width:(p + 1) * width].copy_(_check_shape(tensors[key], stack[e, :width], key))
+        else:
+            stack.zero_()
+        out[name] = stack
     return out
 
 
-def _module_prefix(layer: int, L: int) -> str:
-    return f"layers.{layer}" if layer < L else f"mtp.{layer - L}.block"
+def _check_shape(t: torch.Tensor, target: torch.Tensor, key: str) -> torch.Tensor:
+    if tuple(t.shape) != tuple(target.shape):
+        raise CheckpointError(f"{key} has shape {tuple(t.shape)}, the config expects {tuple(target.shape)}")
+    return t
 
 
-def moeforge_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The inverse of `hf_to_moeforge`: per-expert tensors, `model.` prefix, MTP at layer ids >= L."""
-    L = config.num_hidden_layers
-    out: dict[str, torch.Tensor] = {}
-    for name, t in state.items():
-        m = re.match(r"mtp\.(\d+)\.(.+)$", name)
-        if m:
-            layer, rest = L + int(m[1]), m[2]
-            if rest.startswith("block."):
-                rest = rest.removeprefix("block.")
-            elif rest == "norm.weight":
-                rest = "shared_head.norm.weight"
-            name = f"layers.{layer}.{rest}"
-            if rest == "shared_head.norm.weight":  # the released layout repeats shared weights per MTP layer
-                out[f"model.layers.{layer}.embed_tokens.weight"] = state["embed_tokens.weight"].clone()
-                out[f"model.layers.{layer}.shared_head.head.weight"] = state["lm_head.weight"].clone()
-        if name.endswith("mlp.experts.gate_up_proj"):
-            F = t.shape[1] // 2
-            base = name.removesuffix("gate_up_proj")
-            for e in range(t.shape[0]):
-                out[f"model.{base}{e}.gate_proj.weight"] = t[e, :F]
-                out[f"model.{base}{e}.up_proj.weight"] = t[e, F:]
-            continue
-        if name.endswith("mlp.experts.down_proj"):
-            base = name.removesuffix("down_proj")
-            for e in range(t.shape[0]):
-                out[f"model.{base}{e}.down_proj.weight"] = t[e]
-            continue
-        out[name if name == "lm_head.weight" else f"model.{name}"] = t
-    return {k: v.contiguous() for k, v in out.items()}
+def _ignorable(key: str, config: ModelConfig, mtp_layers: set[int]) -> bool:
+    """File tensors that are not read: rotary tables, transformers' empty shared experts when there are
+    none, MTP copies of the embedding and head, MTP layers (those with an eh_proj) beyond the configured
+    depth."""
+    if key.endswith("rotary_emb.inv_freq") or (config.n_shared_experts == 0 and ".mlp.shared_experts." in key):
+        return True
+    m = _LAYER.match(key)
+    if m and int(m[1]) in mtp_layers:
+        return int(m[1]) >= config.num_hidden_layers + config.num_nextn_predict_layers or m[2] in _MTP_SHARED
+    return False
+
+
+def config_for_checkpoint(config: ModelConfig, names: set[str], source: str = "checkpoint") -> ModelConfig:
+    """Drop the MTP module when the files hold no MTP weights at all (transformers' own save_pretrained
+    writes num_nextn_predict_layers=1 but never the layer); partial MTP weights are an error."""
+    D = config.num_nextn_predict_layers
+    if not D:
+        return config
+    expected = [k for name in _shell(config).state_dict() if name.startswith("mtp.")
+                for k in hf_keys(name, config, names)]
+    present = [k for k in expected if k in names]
+    if not present:
+        log.warning(f"{source}: config.json sets num_nextn_predict_layers={D} but the checkpoint has no MTP "
+                    "weights; loading the main model without the MTP module")
+        return ModelConfig.from_dict({**config.to_dict(), "num_nextn_predict_layers": 0}).validate()
+    absent = [k for k in expected if k not in names
+              and not (k.endswith("e_score_correction_bias") and config.scoring_func == "softmax")]
+    if absent:
+        raise CheckpointError(f"{source}: incomplete MTP weights: missing {len(absent)} tensor(s) of "
+                              f"num_nextn_predict_layers={D}, e.g. {absent[:3]}")
+    return config
 
 
 def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
-    """weight [O, I] in FP8 times its per-128x128-block scale [ceil(O/128), ceil(I/128)] -> fp32."""
+    """weight [O, I] in FP8 times its per-block scale [ceil(O/block), ceil(I/block)] -> fp32."""
     O, I = weight.shape
     expected = (-(-O // block), -(-I // block))
     if tuple(scale_inv.shape) != expected:
@@ -164,71 +265,120 @@ def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: i
     return weight.float() * scale
 
 
-# --- files -------------------------------------------------------------------------------------------
-def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a folder (single file or sharded with an index), FP8 blocks dequantised."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
+class SafetensorsFolder(Mapping):
+    """The tensors of a folder (one file, or shards with an index) as a read-on-access mapping: each file's
+    header is checked on opening (a truncated file names itself), each tensor is read when asked for, and
+    FP8 weights come back dequantised (their `weight_scale_inv` keys are hidden)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            paths = [self.folder / f for f in files]
+        else:
+            paths = sorted(self.folder.glob("*.safetensors"))
+        if not paths:
+            raise CheckpointError(f"{self.folder}: no .safetensors files")
+        self.block = FP8_BLOCK
+        config = self.folder / "config.json"
+        if config.is_file():
+            try:
+                quant = json.loads(config.read_text()).get("quantization_config") or {}
+                self.block = int((quant.get("weight_block_size") or [FP8_BLOCK])[0])
+            except (json.JSONDecodeError, TypeError, ValueError):
+                pass  # config.json errors are reported by whoever reads the config
+        self._files: dict[Path, object] = {}
+        self._where: dict[str, Path] = {}
+        for p in paths:
+            if not p.is_file():
+                raise CheckpointError(f"{p}: listed in the index but missing")
+            for key in self._open(p).keys():
+                self._where[key] = p
+        scales = {k for k in self._where if k.endswith(".weight_scale_inv")}
+        for key in scales:
+            if key.removesuffix("_scale_inv") not in self._where:
+                raise CheckpointError(f"{key} has no matching {key.removesuffix('_scale_inv')}")
+        self._keys = [k for k in self._where if k not in scales]
+
+    def _open(self, path: Path):
+        if path not in self._files:
+            try:
+                self._files[path] = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupt ({e})") from None
+        return self._files[path]
+
+    def _read(self, key: str) -> torch.Tensor:
+        path = self._where[key]
         try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        paths = [folder / f for f in files]
-    else:
-        paths = sorted(folder.glob("*.safetensors"))
-    if not paths:
-        raise CheckpointError(f"{folder}: no .safetensors files")
-    tensors: dict[str, torch.Tensor] = {}
-    for p in paths:
-        if not p.is_file():
-            raise CheckpointError(f"{p}: listed in the index but missing")
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
+            return self._open(path).get_tensor(key)
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"{p}: unreadable safetensors file ({e})") from None
-    for key in [k for k in tensors if k.endswith(".weight_scale_inv")]:
-        wkey = key.removesuffix("_scale_inv")
-        if wkey not in tensors:
-            raise CheckpointError(f"{key} has no matching {wkey}")
-        tensors[wkey] = dequantize_fp8_block(tensors[wkey], tensors.pop(key))
-    return tensors
+            raise CheckpointError(f"{path}: cannot read {key} ({e})") from None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._where or key.endswith(".weight_scale_inv"):
+            raise KeyError(key)
+        t = self._read(key)
+        scale = key + "_scale_inv"
+        if scale in self._where:
+            return dequantize_fp8_block(t, self._read(scale), self.block)
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise CheckpointError(f"{self._where[key]}: {key} is FP8 without a {scale}")
+        return t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key) -> bool:
+        return key in self._where and not str(key).endswith(".weight_scale_inv")
 
 
-def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """A HF folder, a moeforge checkpoint folder, or a run folder (-> its latest checkpoint)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint path not found: {path}")
-    if (path / "config.json").is_file():
-        return path
-    from .checkpoint import latest_checkpoint
+def read_safetensors(folder: str | Path) -> SafetensorsFolder:
+    """All tensors of a folder, read lazily (see `SafetensorsFolder`)."""
+    return SafetensorsFolder(folder)
 
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise CheckpointError(f"{path}: no config.json and no checkpoints in it")
-    return latest
+
+def verify_safetensors(folder: str | Path) -> None:
+    """Raise CheckpointError naming the first missing, truncated or corrupt weights file of a folder (reads
+    only the headers)."""
+    SafetensorsFolder(folder)
+
+
+def read_config_json(folder: Path) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 def load_config(folder: Path) -> ModelConfig:
-    try:
-        return config_from_hf(json.loads((folder / "config.json").read_text()))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
+    return config_from_hf(read_config_json(folder))
 
 
-def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
-    """Build a Transformer from a HF DeepseekV3-layout folder (or a moeforge checkpoint / run folder)."""
-    folder = resolve_checkpoint_dir(path)
-    config = load_config(folder)
-    state = hf_to_moeforge(read_safetensors(folder), config)
-    with torch.device("meta"):
-        model = Transformer(config)
-    load_into(model, state, source=str(folder))
+def from_pretrained(folder: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                    cls: type | None = None) -> "PretrainedTransformer":
+    """Build a model from a Hugging Face DeepseekV3 / DeepseekV2 folder (run folders: `moeforge.from_pretrained`).
+
+    dtype None loads fp32; with a dtype every tensor is converted to it as it is read, except the router
+    weight and correction bias, which stay fp32 (as transformers keeps them)."""
+    folder = Path(folder)
+    raw = read_config_json(folder)
+    tensors = read_safetensors(folder)
+    config = config_for_checkpoint(config_from_hf(raw), set(tensors.keys()), source=str(folder))
+    model = _shell(config, dtype, cls or PretrainedTransformer)
+    load_into(model, hf_to_moeforge(tensors, config, like=model.state_dict()), source=str(folder))
     model = materialize(model, device)
-    if dtype is not None:
-        model = model.to(dtype)
+    model.hf_config = raw
     return model.eval()
 
 
@@ -253,6 +403,8 @@ def load_into(model: Transformer, state: dict[str, torch.Tensor], source: str = 
     # assign=True only for a meta-device model; otherwise copy in place so optimizers keep their params.
     on_meta = any(p.is_meta for p in model.parameters())
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True, assign=on_meta)
+    if on_meta and model.config.tie_word_embeddings:  # assign made two Parameters: one again
+        model.lm_head.weight = model.embed_tokens.weight
 
 
 def materialize(model: Transformer, device) -> Transformer:
@@ -265,34 +417,102 @@ def materialize(model: Transformer, device) -> Transformer:
     return model.to(device)
 
 
+# --- saving ------------------------------------------------------------------------------------------
+def moeforge_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig,
+                   layout: str = "deepseek_v3") -> dict[str, torch.Tensor]:
+    """The inverse of `hf_to_moeforge`, as views (no copies): per-expert tensors, `model.` prefix, MTP at
+    layer ids >= num_hidden_layers with the released layout's copies of the embedding and head; the
+    DeepseekV2 layout has no correction bias (`export_layout` picks it only when the bias is zero)."""
+    out: dict[str, torch.Tensor] = {}
+    head = state["lm_head.weight"] if "lm_head.weight" in state else state["embed_tokens.weight"]
+    for name, t in state.items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if layout == "deepseek_v2" and name.endswith("e_score_correction_bias"):
+            continue
+        parts = expert_parts(name, config)
+        if parts is None:
+            out[hf_name(name, config)] = t
+        else:
+            width = t.shape[1] // len(parts)
+            for p, part in enumerate(parts):
+                for e, key in enumerate(part):
+                    out[key] = t[e, p * width:(p + 1) * width]
+        if name.endswith("mlp.gate.weight") and config.n_shared_experts == 0:  # transformers' empty MLP
+            D, prefix = t.shape[1], hf_name(name, config).removesuffix("gate.weight") + "shared_experts."
+            empty = state["embed_tokens.weight"].new_empty
+            out.update({f"{prefix}gate_proj.weight": empty(0, D), f"{prefix}up_proj.weight": empty(0, D),
+                        f"{prefix}down_proj.weight": empty(D, 0)})
+        m = _MTP.match(name)
+        if m and m[2] == "norm.weight":
+            layer = config.num_hidden_layers + int(m[1])
+            out[f"model.layers.{layer}.embed_tokens.weight"] = state["embed_tokens.weight"]
+            out[f"model.layers.{layer}.shared_head.head.weight"] = head
+    return out
+
+
 def save_pretrained(model: Transformer, path: str | Path, dtype: torch.dtype | None = None,
                     max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write config.json and model(-0000k-of-0000n).safetensors (+ index when sharded)."""
+    """Write config.json and model(-0000k-of-0000n).safetensors (+ index when sharded) in the layout
+    transformers reads (`export_layout`). dtype: cast to it (the router weight and bias stay fp32, as in
+    transformers' own files); None keeps each tensor's dtype. One shard is materialised at a time."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", dtype or v.dtype) for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    hf_state = moeforge_to_hf(state, model.config)
+    for stale in [*path.glob("model-*-of-*.safetensors"), path / "model.safetensors",
+                  path / "model.safetensors.index.json"]:  # an earlier export's shards would be read too
+        stale.unlink(missing_ok=True)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    layout = export_layout(model.config, state)
+    hf_state = moeforge_to_hf(state, model.config, layout)
+
+    def target_dtype(key: str, t: torch.Tensor) -> torch.dtype:
+        keep = dtype is None or not t.is_floating_point() or key.endswith(KEEP_FP32)
+        return t.dtype if keep else dtype
+
+    def converted(key: str, t: torch.Tensor) -> torch.Tensor:
+        # Experts are views of one stack and the MTP copies share memory, which safetensors refuses: copy.
+        x = t.to("cpu", target_dtype(key, t))
+        return (x.clone() if x.data_ptr() == t.data_ptr() else x).contiguous()
+
     out_dtype = dtype or next(model.parameters()).dtype
-    (path / "config.json").write_text(json.dumps(config_to_hf(model.config, out_dtype), indent=2) + "\n")
-    shards, current, size = [], {}, 0
-    for k, v in hf_state.items():
-        nbytes = v.numel() * v.element_size()
+    base = getattr(model, "hf_config", None)
+    config = config_to_hf(model.config, out_dtype, layout, base)
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    itemsize = {k: torch.empty((), dtype=target_dtype(k, t)).element_size() for k, t in hf_state.items()}
+    shards, current, size = [], [], 0
+    for k, t in hf_state.items():
+        nbytes = t.numel() * itemsize[k]
         if current and size + nbytes > max_shard_bytes:
             shards.append(current)
-            current, size = {}, 0
-        current[k] = v
+            current, size = [], 0
+        current.append(k)
         size += nbytes
     shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    total = sum(v.numel() * v.element_size() for v in hf_state.values())
-    (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    for name, keys in zip(names, shards):
+        save_file({k: converted(k, hf_state[k]) for k in keys}, str(path / name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        total = sum(hf_state[k].numel() * itemsize[k] for k in hf_state)
+        weight_map = {k: name for name, keys in zip(names, shards) for k in keys}
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+class PretrainedTransformer(Transformer):
+    """The model plus Hugging Face I/O, like transformers' PreTrainedModel: `moeforge.Transformer`.
+
+    `hf_config` holds the config.json a model was loaded from, so that `save_pretrained` keeps its fields
+    moeforge does not model (token ids and the like)."""
+
+    hf_config: dict | None = None
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu") -> "PretrainedTransformer":
+        return from_pretrained(folder, dtype=dtype, device=device, cls=cls)
+
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None,
+                        max_shard_bytes: int = 5 * 2**30) -> None:
+        """Write the Hugging Face layout (config.json + safetensors), see `moeforge.hf.save_pretrained`."""
+        save_pretrained(self, path, dtype=dtype, max_shard_bytes=max_shard_bytes)

@@ -3,9 +3,10 @@ heatmaps from metrics.jsonl."""
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
+from . import metrics_file
 from .errors import DataError
 
 
@@ -13,13 +14,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise DataError(f"{run_dir}: no metrics.jsonl (is this a moeforge run folder?)")
-    rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise DataError(f"{path}:{lineno}: not valid JSON") from None
+    rows = metrics_file.read_metrics(path, warn=lambda msg: print(f"warning: {msg}", file=sys.stderr))
     if not rows:
         raise DataError(f"{path}: empty")
     return rows

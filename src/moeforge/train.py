@@ -10,7 +10,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -20,12 +20,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import hardware
 from .balance import BiasBalancer, RouterProbe, gather_counts, install_balanced_routing, load_stats, reset_counts
-from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
-from .config import RunConfig, TrainConfig
+from .checkpoint import latest_checkpoint, load_trainer_state, remove_stale_temporaries, save_checkpoint
+from .config import RunConfig, TrainConfig, check_resume_config, load_toml
 from .data import BatchSampler, load_corpus, load_tokenizer
 from .errors import ConfigError, TrainingError
 from .generate import generate
 from .hf import hf_to_moeforge, load_into, read_safetensors
+from .metrics_file import trim_metrics
 from .model import Transformer
 from .precision import AdamWBF16Moments, apply_training_precision
 
@@ -70,6 +71,19 @@ def default_run_dir(preset: str) -> Path:
     return Path("runs") / f"{preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+def resolve_run_precision(run: RunConfig, caps: hardware.Capabilities, run_dir: Path, resume: bool) -> RunConfig:
+    """`--precision auto` resolved once per run: on a resume, to what the run's config.toml recorded (a
+    resume never flips precision); otherwise from the device's capabilities (`hardware.resolve_precision`).
+    The trainer writes the result into config.toml and its checkpoints."""
+    if run.train.precision != "auto":
+        return run
+    saved = None
+    if resume and (Path(run_dir) / "config.toml").is_file():
+        saved = load_toml(Path(run_dir) / "config.toml").get("train", {}).get("precision")
+    precision = saved if saved not in (None, "auto") else hardware.resolve_precision("auto", caps)
+    return replace(run, train=replace(run.train, precision=precision))
+
+
 class Trainer:
     """Owns the model, optimizer, data and run folder for one run.
 
@@ -80,13 +94,16 @@ class Trainer:
 
     is_main = True
     dp_group = None
+    policy_reduce_max = None  # distributed runs: an all-reduce (max) of the FP8 policy's statistics
 
     def __init__(self, run: RunConfig, run_dir: Path | str | None = None, resume: bool = False,
-                 console: Console | None = None):
-        self.run, self.cfg = run, run.train
+                 console: Console | None = None, allow_config_change: tuple[str, ...] | str = ()):
         self.console = console or Console(stderr=True)
-        self.run_dir = Path(run_dir or self.cfg.run_dir or default_run_dir(self.cfg.preset))
-        self.caps = hardware.probe(self.cfg.device)
+        self.run_dir = Path(run_dir or run.train.run_dir or default_run_dir(run.train.preset))
+        self.caps = hardware.probe(run.train.device)
+        self.run = resolve_run_precision(run, self.caps, self.run_dir, resume)
+        self.cfg = self.run.train
+        self.allow_config_change = allow_config_change
         self.amp_dtype = hardware.autocast_dtype(self.cfg.precision, self.caps)
         self.device = torch.device(self.caps.device)
 
@@ -107,7 +124,8 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         model = hardware.configure(Transformer(run.model), self.caps, seq_len=self.cfg.seq_len).to(self.device)
         # --precision fp8*: FP8 linears and experts swapped in from outside (before sharding); optional policy.
-        self.precision_policy = apply_training_precision(model, self.cfg.precision, self.cfg.fp8_policy)
+        self.precision_policy = apply_training_precision(model, self.cfg.precision, self.cfg.fp8_policy,
+                                                         self.caps.fp8_gemm)
         self.model = self.parallelize(model)
         self.optimizer = self.build_optimizer()
         # Balancing wraps the model from outside: router hooks for losses, a bias update after each step.
@@ -126,6 +144,8 @@ class Trainer:
             self._start_run_dir()
         from .memory import setup_memory
         self.memory_plan = setup_memory(self)  # activation checkpointing and offload, from outside the model
+        if self.precision_policy:  # the planning pass above ran forwards: not a training step
+            self.precision_policy.discard()
         self.forward = torch.compile(self.model) if self.cfg.compile else self.model
 
     @property
@@ -144,6 +164,7 @@ class Trainer:
 
     # --- run folder -------------------------------------------------------------------------------
     def _start_run_dir(self) -> None:
+        self._remove_stale_temporaries()
         if latest_checkpoint(self.run_dir) is not None:
             raise ConfigError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose "
                               "another --run-dir")
@@ -151,31 +172,66 @@ class Trainer:
         (self.run_dir / "config.toml").write_text(self.run.to_toml())
         (self.run_dir / "metrics.jsonl").write_text("")
 
+    def _remove_stale_temporaries(self) -> None:
+        removed = remove_stale_temporaries(self.run_dir)
+        if removed:
+            self.console.print("[yellow]warning:[/] cleaned up after an interrupted checkpoint save: "
+                               + ", ".join(removed))
+
     def _resume(self) -> None:
+        self._remove_stale_temporaries()
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             raise ConfigError(f"--resume: no checkpoint in {self.run_dir}")
         state = load_trainer_state(ckpt)
+        self._restore_state(state)
         load_into(self.model, hf_to_moeforge(read_safetensors(ckpt), self.run.model), source=str(ckpt))
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
             raise TrainingError(f"{ckpt}: optimizer state does not match this model ({e})") from None
-        self.step, self.bad_steps = int(state["step"]), int(state.get("bad_steps", 0))
-        self.initial_val_loss = state.get("initial_val_loss")
-        torch.set_rng_state(state["rng"])
-        # Drop metrics logged after the checkpoint, so the file reads as one uninterrupted run.
-        metrics = self.run_dir / "metrics.jsonl"
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= self.step]
-        metrics.write_text("".join(ln + "\n" for ln in kept))
-        (self.run_dir / "config.toml").write_text(self.run.to_toml())
+        self._continue_run_files()
         self.console.print(f"resuming {self.run_dir} from step {self.step}")
 
+    def _state(self) -> dict:
+        """The training-loop state a checkpoint holds besides weights and optimizer (see _restore_state)."""
+        state = {"step": self.step, "bad_steps": self.bad_steps, "rng": torch.get_rng_state(),
+                 "initial_val_loss": self.initial_val_loss, "train_config": asdict(self.cfg),
+                 "model_config": self.run.model.to_dict()}
+        if self.precision_policy:
+            state["precision_policy"] = self.precision_policy.state_dict()
+        return state
+
+    def _restore_state(self, state: dict) -> None:
+        """Check this run's config against the checkpoint's (config.check_resume_config), then take over its
+        step, RNG and precision-policy state."""
+        step = int(state["step"])
+        note = check_resume_config({"train": state.get("train_config"), "model": state.get("model_config")},
+                                   self.run, step, self.allow_config_change)
+        if note:
+            self.console.print(note)
+        self.step, self.bad_steps = step, int(state.get("bad_steps", 0))
+        self.initial_val_loss = state.get("initial_val_loss")
+        torch.set_rng_state(state["rng"])
+        if self.precision_policy:
+            if "precision_policy" not in state:  # saved without --fp8-policy (a change allowed above)
+                self.console.print("[yellow]warning:[/] the checkpoint has no FP8 precision-policy state; "
+                                   "the policy starts fresh")
+                return
+            try:
+                self.precision_policy.load_state_dict(state["precision_policy"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise TrainingError(f"--resume: precision-policy state does not match this model ({e})") from None
+
+    def _continue_run_files(self) -> None:
+        """Drop metrics logged after the checkpoint (and a torn last line), so the file reads as one
+        uninterrupted run; record the config this run continues with."""
+        trim_metrics(self.run_dir / "metrics.jsonl", self.step,
+                     warn=lambda msg: self.console.print(f"[yellow]warning:[/] {msg}"))
+        (self.run_dir / "config.toml").write_text(self.run.to_toml())
+
     def save(self) -> Path:
-        state = {"optimizer": self.optimizer.state_dict(), "step": self.step, "bad_steps": self.bad_steps,
-                 "rng": torch.get_rng_state(), "initial_val_loss": self.initial_val_loss,
-                 "train_config": asdict(self.cfg)}
+        state = {"optimizer": self.optimizer.state_dict(), **self._state()}
         return save_checkpoint(self.run_dir, self.step, self.model, state, keep=self.cfg.keep_checkpoints)
 
     # --- steps --------------------------------------------------------------------------------------
@@ -189,18 +245,22 @@ class Trainer:
         self.model.train()
         reset_counts(self.model)
         sums = self.forward_backward()
-        switches = self.precision_policy.step(self.step + 1) if self.precision_policy else []
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = self.clip_gradients(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         lr = lr_at(self.step, cfg)
-        finite = math.isfinite(sums["loss"]) and bool(torch.isfinite(grad_norm))
+        finite = self.step_is_finite(sums["loss"], grad_norm)
+        switches = []
         if finite:
+            if self.precision_policy:  # reads this step's FP8 statistics; switches apply from the next step
+                switches = self.precision_policy.step(self.step + 1, self.policy_reduce_max)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
             self.balancer.update(self.model, self.step, group=self.dp_group)
             self.bad_steps = 0
         else:
+            if self.precision_policy:  # a skipped step teaches the policy nothing
+                self.precision_policy.discard()
             self.bad_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {"step": self.step + 1, **sums, "lr": lr, "grad_norm": float(grad_norm), "skipped": not finite}
@@ -217,6 +277,10 @@ class Trainer:
         if not self.router_probe.active:
             metrics.pop("aux_loss")
         return metrics
+
+    def step_is_finite(self, loss: float, grad_norm: torch.Tensor) -> bool:
+        """Apply this step? (Distributed runs decide it the same on every rank.)"""
+        return math.isfinite(loss) and bool(torch.isfinite(grad_norm))
 
     def forward_backward(self) -> dict:
         """Forward and backward of this step's grad_accum micro-batches -> mean loss parts (floats)."""

@@ -18,7 +18,7 @@ def generate_cached(model, prompt: list[int], args, stop: tuple[int, ...], autoc
     params = SamplingParams(args.temperature, args.top_k, args.top_p)
     cache = None
     if getattr(args, "expert_budget", None) is not None:
-        from ..hf import resolve_checkpoint_dir
+        from ..checkpoint import resolve_checkpoint_dir
         from .expert_cache import apply_expert_cache
 
         store = None if next(model.parameters()).is_cuda else resolve_checkpoint_dir(args.checkpoint)
@@ -46,13 +46,14 @@ def add_serve_command(sub) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server for one checkpoint (needs moeforge[serve])",
                        description="Serve /v1/completions, /v1/chat/completions (streaming), /v1/models, /health.")
     s.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="a run folder, a checkpoint in it, or a Hugging Face DeepseekV3 folder")
+                   help="a run folder (its newest intact checkpoint), a checkpoint in it, or a Hugging Face "
+                        "DeepseekV3/V2 folder")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's, else bytes)")
     s.add_argument("--device", default="auto")
     s.add_argument("--max-queue", type=int, default=16, help="requests allowed to wait; more get HTTP 503")
-    s.add_argument("--max-batch", type=int, default=4, help="greedy requests decoded together")
+    s.add_argument("--max-batch", type=int, default=4, help="requests decoded together as one batch (any sampling)")
     s.add_argument("--max-tokens", type=int, default=16, help="default max_tokens of a request")
     s.add_argument("--expert-budget", type=int, default=None, metavar="N",
                    help="keep only N routed experts resident (LFU), the rest memory-mapped from the checkpoint")
@@ -64,10 +65,11 @@ def load_for_inference(checkpoint: str, tokenizer_path: str | None, device: str)
     from pathlib import Path
 
     from .. import hardware
-    from ..config import load_toml
+    from ..config import decode_none, load_toml
     from ..data import load_tokenizer
     from ..errors import ConfigError
-    from ..hf import from_pretrained, resolve_checkpoint_dir
+    from ..checkpoint import resolve_checkpoint_dir
+    from ..hf import from_pretrained
 
     folder = resolve_checkpoint_dir(checkpoint)
     if tokenizer_path is None and (folder / "tokenizer.json").is_file():
@@ -75,7 +77,7 @@ def load_for_inference(checkpoint: str, tokenizer_path: str | None, device: str)
     if tokenizer_path is None:
         for run_config in (folder.parent.parent / "config.toml", Path(checkpoint) / "config.toml"):
             if run_config.is_file():
-                tokenizer_path = load_toml(run_config).get("train", {}).get("tokenizer")
+                tokenizer_path = decode_none(load_toml(run_config).get("train", {}).get("tokenizer"))
                 break
     tokenizer = load_tokenizer(tokenizer_path)
     caps = hardware.probe(device)
@@ -103,7 +105,7 @@ def cmd_serve(args) -> int:
         apply_expert_cache(model, args.expert_budget, "lfu", None if next(model.parameters()).is_cuda else folder)
     name = folder.parent.parent.name if folder.name.startswith("step-") else folder.name  # run name
     engine = Engine(model, tokenizer, autocast, max_queue=args.max_queue, max_batch=args.max_batch)
-    print(f"moeforge serve: {folder} on http://{args.host}:{args.port} (model name {name!r})", file=sys.stderr)
+    print(f"moeforge serve: {folder} on http://{args.host}:{args.port} (model id {name!r})", file=sys.stderr)
     serve(engine, name, args.host, args.port, default_max_tokens=args.max_tokens)
     return 0
 

@@ -1,75 +1,88 @@
 """An OpenAI-compatible HTTP server for one model (FastAPI + uvicorn): /v1/completions,
-/v1/chat/completions (both with `stream: true` as server-sent events), /v1/models and /health.
+/v1/chat/completions (both with `stream: true` as server-sent events), /v1/models and /health, plus
+vLLM's /tokenize, /detokenize and /tokenizer_info (lm-evaluation-harness's `remote` tokenizer backend).
 
-Requests are validated by pydantic models; every client error is a 4xx with an OpenAI-style body
-{"error": {"message", "type"}}. Generation runs on the engine's worker thread (`moeforge.inference.engine`);
-the event loop only relays text, so /health answers while a long request decodes. Shutdown (Ctrl-C /
-SIGTERM): uvicorn stops accepting connections and lets running responses finish, then the engine fails
-whatever still waits and stops its worker.
+Every field of a request is either honoured or refused (the pydantic models of
+`moeforge.inference.openai_api`). Every client error is a 4xx whose OpenAI-style body
+{"error": {"message", "type", "param"}} names the field; nothing a client sends reaches the batch loop
+unchecked (see `moeforge.inference.engine` for how one request's failure stays its own). Generation runs
+on the engine's worker thread; the event loop only relays text, so /health answers while a long request
+decodes. Shutdown (Ctrl-C / SIGTERM): uvicorn stops accepting connections and lets running responses
+finish, then the engine fails whatever still waits and stops its worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Literal
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 
+from ..data import ByteTokenizer
 from ..errors import ConfigError
-from .engine import Engine, EngineBusy, Job
+from .engine import Engine, EngineBusy, Job, TokenLogprob
+from .openai_api import (ChatRequest, CompletionRequest, DetokenizeRequest, RequestBase, TokenizeRequest,
+                         chat_prompt, validation_message)
 from .sampling import SamplingParams
 
-MAX_STOP_STRINGS = 4
+log = logging.getLogger("moeforge.serve")
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
-
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=0)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    seed: int | None = None
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
-
-
-class CompletionRequest(_Request):
-    prompt: str | list[str]
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatRequest(_Request):
-    messages: list[ChatMessage] = Field(min_length=1)
-
-
-def chat_prompt(messages: list[ChatMessage]) -> str:
-    """A plain template (the byte-level and trained tokenizers have none): 'role: content' lines, then
-    'assistant:' for the model to continue."""
-    return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
-
-
-def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
+                        status_code=status)
 
 
 class _ClientError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, param: str | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.param = status, param
+
+
+@dataclass
+class _Call:
+    """One decoded request: what every prompt's job shares."""
+
+    chat: bool
+    max_tokens_field: str
+    max_tokens: int | None
+    params: SamplingParams
+    seed: int
+    stops: tuple[str, ...]
+    logprobs: bool
+    top_logprobs: int
+    echo: bool
+    stream: bool
+    include_usage: bool
+
+
+class TokenText:
+    """A token's text and bytes for logprobs. A token that is not whole UTF-8 on its own (one byte of a
+    multi-byte character) is named 'bytes:\\xNN', as OpenAI does."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def __call__(self, token: int) -> tuple[str, list[int]]:
+        if token not in self.cache:
+            if isinstance(self.tokenizer, ByteTokenizer):
+                raw = bytes([token]) if 0 < token < 256 else b""
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            else:
+                text = self.tokenizer.decode([token])
+                raw = text.encode("utf-8")
+            self.cache[token] = (text, list(raw))
+        return self.cache[token]
 
 
 def create_app(engine: Engine, model_name: str = "moeforge", default_max_tokens: int = 16) -> FastAPI:
@@ -80,127 +93,267 @@ def create_app(engine: Engine, model_name: str = "moeforge", default_max_tokens:
         await asyncio.to_thread(engine.close)
 
     app = FastAPI(title="moeforge", lifespan=lifespan)
+    token_text = TokenText(engine.tokenizer)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        parts = []
-        for e in exc.errors():
-            where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-            parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
-        return error(400, "; ".join(parts) or "invalid request")
+        message, param = validation_message(exc.errors())
+        return error(400, message, param=param)
 
     @app.exception_handler(_ClientError)
     async def _client_error(request: Request, exc: _ClientError):
-        return error(exc.status, str(exc), "server_busy" if exc.status == 503 else "invalid_request_error")
+        kind = "server_busy" if exc.status == 503 else "server_error" if exc.status >= 500 else "invalid_request_error"
+        return error(exc.status, str(exc), kind, exc.param)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):  # logged with its traceback; the client gets one line
+        log.exception("request failed")
+        return error(500, f"internal error: {type(exc).__name__}", "server_error")
 
     @app.get("/health")
     async def health():
         return {"status": "closing" if engine.closing else "ok", "model": model_name,
-                "waiting": engine.queue.qsize()}
+                "waiting": engine.queue.qsize(), "batch_sizes": {str(k): v for k, v in engine.batch_sizes.items()}}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "moeforge"}]}
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "moeforge", "max_model_len": engine.context}]}
 
-    def make_job(req: _Request, prompt: str, on_event) -> Job:
+    # --- vLLM's tokenizer routes, for clients that tokenize with the server's tokenizer ---------
+    def eos_text() -> str | None:
+        tok = engine.tokenizer
+        if tok.eos_id is None:
+            return None
+        if isinstance(tok, ByteTokenizer):
+            return chr(tok.eos_id)  # byte 0: encode("\x00") == [0]
+        inner = getattr(tok, "tok", None)
+        return inner.id_to_token(tok.eos_id) if inner is not None else tok.decode([tok.eos_id])
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return {"tokenizer_class": type(engine.tokenizer).__name__, "eos_token": eos_text(), "bos_token": None,
+                "pad_token": None, "model_max_length": engine.context, "vocab_size": engine.tokenizer.vocab_size}
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
         if req.model not in (None, model_name):
-            raise _ClientError(404, f"model {req.model!r} not found; this server has {model_name!r}")
-        ids = engine.tokenizer.encode(prompt) or list(engine.stop_ids[:1]) or [0]
-        max_tokens = default_max_tokens if req.max_tokens is None else req.max_tokens
-        if len(ids) + max_tokens > engine.context:
-            raise _ClientError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                                    f"model's context of {engine.context} tokens")
-        stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
-            raise _ClientError(400, f"stop: at most {MAX_STOP_STRINGS} non-empty strings")
+            raise _ClientError(404, f"model {req.model!r} not found; this server has {model_name!r}", "model")
         try:
-            params = SamplingParams(req.temperature, req.top_k, None if req.top_p >= 1 else req.top_p)
+            ids = engine.tokenizer.encode(req.prompt)
+        except Exception as e:
+            raise _ClientError(400, f"prompt: cannot be tokenized ({e})", "prompt") from None
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.context}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        bad = next((t for t in req.tokens if not 0 <= t < engine.vocab_size), None)
+        if bad is not None:
+            raise _ClientError(400, f"tokens: token id {bad} is outside the vocabulary (0..{engine.vocab_size - 1})",
+                               "tokens")
+        return {"prompt": engine.tokenizer.decode(req.tokens)}
+
+    # --- requests -> jobs ---------------------------------------------------------------------
+    def decode_call(req: RequestBase, chat: bool) -> _Call:
+        if req.model not in (None, model_name):
+            raise _ClientError(404, f"model {req.model!r} not found; this server has {model_name!r}", "model")
+        temperature = 1.0 if req.temperature is None else req.temperature
+        top_p = None if req.top_p is None or req.top_p >= 1 else req.top_p
+        try:
+            params = SamplingParams(temperature, req.top_k or None, top_p)
         except ConfigError as e:
             raise _ClientError(400, str(e)) from None
         seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
-        return Job(ids, max_tokens, params, seed, stops, on_event)
+        if chat:
+            field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+            max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            logprobs, top, echo = bool(req.logprobs), req.top_logprobs or 0, False
+        else:
+            field, max_tokens = "max_tokens", req.max_tokens
+            logprobs, top, echo = req.logprobs is not None, req.logprobs or 0, bool(req.echo)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _Call(chat, field, max_tokens, params, seed, req.stop_strings(), logprobs, top, echo,
+                     bool(req.stream), include_usage)
 
-    async def run(req: _Request, prompt: str, chat: bool):
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        job = make_job(req, prompt, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+    def encode(prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            return list(prompt)
         try:
-            engine.submit(job)
-        except EngineBusy as e:
-            raise _ClientError(503, str(e)) from None
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        usage = lambda n: {"prompt_tokens": len(job.prompt_ids), "completion_tokens": n,  # noqa: E731
-                           "total_tokens": len(job.prompt_ids) + n}
+            ids = engine.tokenizer.encode(prompt)
+        except Exception as e:  # a tokenizer's own failure is this request's problem only
+            raise _ClientError(400, f"prompt: cannot be tokenized ({e})", "prompt") from None
+        return ids or list(engine.stop_ids[:1]) or [0]
 
-        def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
-            if chat:
-                delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish}
-                body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                        "choices": [choice]}
-            else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-                body = {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                        "choices": [choice]}
-            return f"data: {json.dumps(body)}\n\n"
-
-        if req.stream:
-            async def sse():
-                try:
-                    if chat:
-                        yield chunk(None, None, first=True)
-                    while True:
-                        ev = await events.get()
-                        if ev[0] == "text":
-                            yield chunk(ev[1], None)
-                        elif ev[0] == "done":
-                            yield chunk(None, ev[1])
-                            break
-                        else:
-                            yield f"data: {json.dumps({'error': {'message': ev[1], 'type': 'server_error'}})}\n\n"
-                            break
-                    yield "data: [DONE]\n\n"
-                finally:  # the client went away (or we are done): stop decoding for it
-                    job.cancelled.set()
-
-            return StreamingResponse(sse(), media_type="text/event-stream")
-
-        parts = []
+    def make_job(call: _Call, ids: list[int], on_event) -> Job:
+        room = engine.context - len(ids)
+        if call.max_tokens is None:  # the default shrinks to what the context leaves
+            if room < 1 and not call.echo:
+                raise _ClientError(400, f"prompt: {len(ids)} tokens leave no room in the model's context of "
+                                        f"{engine.context} tokens", "prompt")
+            max_tokens = max(min(default_max_tokens, room), 0)
+        elif call.max_tokens > room:
+            raise _ClientError(400, f"{call.max_tokens_field}: prompt ({len(ids)} tokens) + {call.max_tokens_field} "
+                                    f"({call.max_tokens}) exceeds the model's context of {engine.context} tokens",
+                               call.max_tokens_field)
+        else:
+            max_tokens = call.max_tokens
+        job = Job(ids, max_tokens, call.params, call.seed, call.stops, on_event, logprobs=call.logprobs,
+                  top_logprobs=call.top_logprobs, prompt_logprobs=call.echo and call.logprobs)
         try:
+            engine.check(job)
+        except ConfigError as e:
+            field = str(e).split(":", 1)[0]
+            raise _ClientError(400, str(e), field) from None
+        return job
+
+    class _Running:
+        """One prompt's job and the events the worker sends back to the event loop."""
+
+        def __init__(self, call: _Call, prompt: str | list[int]):
+            loop = asyncio.get_running_loop()
+            self.events: asyncio.Queue = asyncio.Queue()
+            self.job = make_job(call, encode(prompt), lambda ev: loop.call_soon_threadsafe(self.events.put_nowait, ev))
+            self.prompt_text = prompt if isinstance(prompt, str) else engine.tokenizer.decode(self.job.prompt_ids)
+
+        async def collect(self) -> dict:
+            """-> text, logprobs entries (prompt's first when echo), finish reason, completion tokens."""
+            text, prompt_entries, entries = [], [], []
             while True:
-                ev = await events.get()
-                if ev[0] == "text":
-                    parts.append(ev[1])
+                ev = await self.events.get()
+                if ev[0] == "prompt":
+                    prompt_entries = ev[1]
+                elif ev[0] == "text":
+                    text.append(ev[1])
+                    entries += ev[2]
                 elif ev[0] == "done":
-                    reason, n = ev[1], ev[2]
+                    return {"text": "".join(text), "prompt_entries": prompt_entries, "entries": entries,
+                            "reason": ev[1], "n": ev[2]}
+                else:
+                    raise _ClientError(503 if "shutting down" in ev[1] else 500, ev[1])
+
+    def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    # --- logprobs in OpenAI's two shapes ----------------------------------------------------------
+    def chat_logprobs(entries: list[TokenLogprob]) -> dict:
+        def item(t: int, lp: float) -> dict:
+            text, raw = token_text(t)
+            return {"token": text, "logprob": lp, "bytes": raw}
+
+        return {"content": [item(e.token, e.logprob) | {"top_logprobs": [item(t, v) for t, v in e.top]}
+                            for e in entries], "refusal": None}
+
+    def completion_logprobs(entries: list[TokenLogprob], base: int, k: int) -> dict:
+        """Legacy shape: parallel lists; each top_logprobs dict holds the top k and the sampled token
+        (up to k + 1 entries, as OpenAI documents). `base` is added to the offsets of new tokens."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in entries:
+            out["tokens"].append(token_text(e.token)[0])
+            out["token_logprobs"].append(e.logprob)
+            if e.logprob is None:
+                out["top_logprobs"].append(None)
+            else:
+                top = {token_text(t)[0]: v for t, v in e.top[:k]}
+                top.setdefault(token_text(e.token)[0], e.logprob)
+                out["top_logprobs"].append(top)
+            out["text_offset"].append(base + e.offset)
+        return out
+
+    # --- responses ----------------------------------------------------------------------------
+    async def respond(call: _Call, prompts: list[str | list[int]]):
+        if call.stream and len(prompts) > 1:
+            raise _ClientError(400, "prompt: streaming takes one prompt per request", "prompt")
+        if len(prompts) > engine.queue.maxsize:
+            raise _ClientError(400, f"prompt: at most {engine.queue.maxsize} prompts per request", "prompt")
+        running = [_Running(call, p) for p in prompts]  # every prompt checked before any is queued
+        try:
+            for r in running:
+                engine.submit(r.job)
+        except EngineBusy as e:
+            for r in running:
+                r.job.cancelled.set()
+            raise _ClientError(503, str(e)) from None
+        except ConfigError as e:
+            for r in running:
+                r.job.cancelled.set()
+            raise _ClientError(400, str(e)) from None
+        rid = ("chatcmpl-" if call.chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        head = {"id": rid, "object": ("chat.completion" if call.chat else "text_completion"), "created": created,
+                "model": model_name}
+        if call.stream:
+            return StreamingResponse(stream(call, running[0], head), media_type="text/event-stream")
+        try:
+            results = await asyncio.gather(*(r.collect() for r in running))
+        finally:
+            for r in running:
+                r.job.cancelled.set()
+        choices = []
+        for i, (r, res) in enumerate(zip(running, results)):
+            if call.chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": res["text"]},
+                                "logprobs": chat_logprobs(res["entries"]) if call.logprobs else None,
+                                "finish_reason": res["reason"]})
+            else:
+                text = (r.prompt_text if call.echo else "") + res["text"]
+                logprobs = None
+                if call.logprobs:
+                    logprobs = completion_logprobs(res["prompt_entries"], 0, call.top_logprobs)
+                    for key, values in completion_logprobs(res["entries"], len(r.prompt_text),
+                                                           call.top_logprobs).items():
+                        logprobs[key] += values
+                choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": res["reason"]})
+        n_prompt = sum(len(r.job.prompt_ids) for r in running)
+        return head | {"choices": choices, "usage": usage(n_prompt, sum(res["n"] for res in results))}
+
+    async def stream(call: _Call, r: _Running, head: dict):
+        head = head | {"object": "chat.completion.chunk" if call.chat else "text_completion"}
+        extra = {"usage": None} if call.include_usage else {}
+
+        def chunk(text: str | None, entries: list, finish: str | None = None, first: bool = False, base: int = 0):
+            if call.chat:
+                delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text else {})
+                choice = {"index": 0, "delta": delta,
+                          "logprobs": chat_logprobs(entries) if call.logprobs and entries else None,
+                          "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "",
+                          "logprobs": (completion_logprobs(entries, base, call.top_logprobs)
+                                       if call.logprobs and entries else None), "finish_reason": finish}
+            return f"data: {json.dumps(head | {'choices': [choice]} | extra)}\n\n"
+
+        try:
+            if call.chat:
+                yield chunk(None, [], first=True)
+            elif call.echo and not call.logprobs:
+                yield chunk(r.prompt_text, [])
+            while True:
+                ev = await r.events.get()
+                if ev[0] == "prompt":
+                    yield chunk(r.prompt_text, ev[1])
+                elif ev[0] == "text":
+                    yield chunk(ev[1], ev[2], base=len(r.prompt_text))
+                elif ev[0] == "done":
+                    yield chunk(None, [], ev[1])
+                    if call.include_usage:
+                        last = head | {"choices": [], "usage": usage(len(r.job.prompt_ids), ev[2])}
+                        yield f"data: {json.dumps(last)}\n\n"
                     break
                 else:
-                    return error(503 if "shutting down" in ev[1] else 500, ev[1], "server_error")
-        finally:
-            job.cancelled.set()
-        text = "".join(parts)
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-            obj = "text_completion"
-        return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice],
-                "usage": usage(n)}
+                    yield f"data: {json.dumps({'error': {'message': ev[1], 'type': 'server_error'}})}\n\n"
+                    break
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away (or we are done): stop decoding for it
+            r.job.cancelled.set()
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        prompt = req.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise _ClientError(400, "prompt: send one prompt per request (a string or a list of one)")
-            prompt = prompt[0]
-        return await run(req, prompt, chat=False)
+        return await respond(decode_call(req, chat=False), req.prompts())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
-        return await run(req, chat_prompt(req.messages), chat=True)
+        return await respond(decode_call(req, chat=True), [chat_prompt(req.messages)])
 
     return app
 

@@ -16,6 +16,10 @@ from .norm import RMSNorm
 from .rope import rope_halves
 
 ATTN_IMPLS = ("sdpa", "eager")
+# The norms of the query and KV latents use a fixed eps, not config.rms_norm_eps: DeepSeek's reference
+# (inference/model.py: RMSNorm(q_lora_rank), RMSNorm(kv_lora_rank)) and transformers' DeepseekV2/V3
+# attention both leave them at the default 1e-6, whatever rms_norm_eps the config sets.
+LATENT_NORM_EPS = 1e-6
 
 
 class MLA(nn.Module):
@@ -41,10 +45,10 @@ class MLA(nn.Module):
             self.q_proj = nn.Linear(D, H * config.qk_head_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(D, config.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(config.q_lora_rank, H * config.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(D, config.kv_lora_rank + config.qk_rope_head_dim, bias=False)
-        self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(config.kv_lora_rank, H * (config.qk_nope_head_dim + config.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * config.v_head_dim, D, bias=False)
 

@@ -130,12 +130,6 @@ class Transformer(nn.Module):
         loss = lm_loss + self.config.mtp_loss_weight * mtp_loss
         return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss)
 
-    def save_pretrained(self, path, **kwargs) -> None:
-        """Write the Hugging Face DeepseekV3 layout (config.json + safetensors)."""
-        from ..hf import save_pretrained
-
-        save_pretrained(self, path, **kwargs)
-
     def moe_layers(self) -> list[tuple[int, MoE]]:
         """(layer id, MoE module) for every MoE layer of the main model."""
         return [(i, layer.mlp) for i, layer in enumerate(self.layers) if isinstance(layer.mlp, MoE)]

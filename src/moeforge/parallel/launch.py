@@ -115,7 +115,8 @@ def collective_errors(what: str, timeout_s: float):
                             "collective timeout)") from e
 
 
-def run_training(run, run_dir, resume: bool, argv: list[str], profile_memory: bool = False) -> int:
+def run_training(run, run_dir, resume: bool, argv: list[str], profile_memory: bool = False,
+                 allow_config_change: str = "") -> int:
     """`moeforge train`: launch torchrun (--nproc > 1, not yet under torchrun), train as one rank of a
     torchrun job, or train in this single process (also resuming a distributed checkpoint here).
     profile_memory: measure a few steps' memory and print the breakdown instead of training (one process)."""
@@ -149,7 +150,7 @@ def run_training(run, run_dir, resume: bool, argv: list[str], profile_memory: bo
                           "--nproc N or launch with torchrun (to resume in one process, pass --ep 1 ...)")
     dcp_resume = resume and run_dir is not None and is_distributed_checkpoint(latest_checkpoint(run_dir))
     if not (under_torchrun() or dcp_resume):
-        trainer = Trainer(run, run_dir=run_dir, resume=resume)
+        trainer = Trainer(run, run_dir=run_dir, resume=resume, allow_config_change=allow_config_change)
         if profile_memory:
             from ..memory.report import profile_trainer
 
@@ -158,7 +159,7 @@ def run_training(run, run_dir, resume: bool, argv: list[str], profile_memory: bo
             trainer.fit()
         return 0
     try:
-        DistributedTrainer(run, run_dir=run_dir, resume=resume).fit()
+        DistributedTrainer(run, run_dir=run_dir, resume=resume, allow_config_change=allow_config_change).fit()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

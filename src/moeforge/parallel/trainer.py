@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -38,7 +37,7 @@ from .. import hardware
 from ..checkpoint import checkpoints_dir, latest_checkpoint, list_checkpoints
 from ..config import RunConfig
 from ..errors import CheckpointError, ConfigError
-from ..train import Trainer, decay_split, default_run_dir
+from ..train import Trainer, decay_split, default_run_dir, resolve_run_precision
 from . import dist_checkpoint, parallelize
 from .expert import pop_comm_bytes
 from .grads import clip_grad_norm
@@ -66,7 +65,7 @@ class DataParallelSlice:
 
 class DistributedTrainer(Trainer):
     def __init__(self, run: RunConfig, run_dir: Path | str | None = None, resume: bool = False,
-                 console: Console | None = None):
+                 console: Console | None = None, allow_config_change: tuple[str, ...] | str = ()):
         cfg = run.train
         caps = hardware.probe(cfg.device)
         self.rank, self.world = init_distributed(caps.dist_backend, cfg.dist_timeout)
@@ -83,8 +82,15 @@ class DistributedTrainer(Trainer):
         # Every rank must use rank 0's run folder (default names carry a timestamp).
         chosen = [str(run_dir or cfg.run_dir or default_run_dir(cfg.preset))]
         dist.broadcast_object_list(chosen, src=0)
+        # ... and rank 0's precision: `auto` must not resolve differently on two ranks (or machines).
+        precision = [resolve_run_precision(run, caps, Path(chosen[0]), resume).train.precision]
+        dist.broadcast_object_list(precision, src=0)
+        run = dataclasses.replace(run, train=dataclasses.replace(run.train, precision=precision[0]))
+        # The FP8 policy's statistics, reduced over the ranks holding the same modules (all but pipeline stages).
+        self.policy_reduce_max = self._reduce_max
         console = console or Console(stderr=True, quiet=not self.is_main)
-        super().__init__(run, run_dir=chosen[0], resume=resume, console=console)
+        super().__init__(run, run_dir=chosen[0], resume=resume, console=console,
+                         allow_config_change=allow_config_change)
         self.train_batches = DataParallelSlice(self.train_batches, self.dp_rank, self.layout.dp)
         self.val_batches = DataParallelSlice(self.val_batches, self.dp_rank, self.layout.dp)
         self.console.print(f"  distributed: {self.world} processes, {self.layout.describe()}, "
@@ -145,6 +151,18 @@ class DistributedTrainer(Trainer):
             if self.layout.ep > 1:
                 m.update(self._comm_bytes())
             return self._mean_over_dp(m, ("loss", "lm_loss", "mtp_loss", "aux_loss"))
+
+    def step_is_finite(self, loss: float, grad_norm) -> bool:
+        """Skip a step on every rank if any rank saw a non-finite loss or gradient."""
+        ok = torch.tensor([float(super().step_is_finite(loss, grad_norm))], device=self.device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
+
+    def _reduce_max(self, table: torch.Tensor) -> torch.Tensor:
+        group = self.dp_group if self.pipeline is not None else None
+        table = table.to(self.device)
+        dist.all_reduce(table, op=dist.ReduceOp.MAX, group=group)
+        return table.cpu()
 
     def _comm_bytes(self) -> dict:
         """Bytes the EP all-to-alls of this step's forward passes sent between ranks, summed over ranks."""
@@ -239,7 +257,7 @@ class DistributedTrainer(Trainer):
         if self.is_main:
             try:
                 super()._start_run_dir()
-            except ConfigError as e:
+            except (ConfigError, CheckpointError) as e:  # e.g. a folder whose checkpoints are all corrupt
                 error = str(e)
         flag = [error]
         dist.broadcast_object_list(flag, src=0)
@@ -254,15 +272,9 @@ class DistributedTrainer(Trainer):
             extra = dist_checkpoint.load(ckpt, self.model, self.optimizer)
         else:
             extra = self._load_single_process_checkpoint(ckpt)
-        self.step, self.bad_steps = int(extra["step"]), int(extra.get("bad_steps", 0))
-        self.initial_val_loss = extra.get("initial_val_loss")
-        torch.set_rng_state(extra["rng"])
-        if self.is_main:  # drop metrics logged after the checkpoint (as Trainer._resume does)
-            metrics = self.run_dir / "metrics.jsonl"
-            lines = metrics.read_text().splitlines() if metrics.exists() else []
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= self.step]
-            metrics.write_text("".join(ln + "\n" for ln in kept))
-            (self.run_dir / "config.toml").write_text(self.run.to_toml())
+        self._restore_state(extra)
+        if self.is_main:
+            self._continue_run_files()
         self.console.print(f"resuming {self.run_dir} from step {self.step} ({self.world} processes)")
 
     def _load_single_process_checkpoint(self, ckpt: Path) -> dict:
@@ -308,9 +320,7 @@ class DistributedTrainer(Trainer):
             base.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
-        extra = {"step": self.step, "bad_steps": self.bad_steps, "rng": torch.get_rng_state(),
-                 "initial_val_loss": self.initial_val_loss, "train_config": dataclasses.asdict(self.cfg),
-                 "layout": dataclasses.asdict(self.layout)}
+        extra = {**self._state(), "layout": dataclasses.asdict(self.layout)}
         with collective_errors(f"checkpoint at step {self.step}", self.cfg.dist_timeout):
             dist_checkpoint.save(tmp, self.model, self.optimizer, extra)
             if self.pipeline is not None:
@@ -338,9 +348,10 @@ def saved_name(name: str) -> str:
 
 def export_hf(state: dict, config, folder: Path) -> None:
     """Write the gathered full weights as a Hugging Face folder (what `moeforge generate` reads)."""
+    from ..hf import save_pretrained
     from ..model import Transformer
 
     with torch.device("meta"):
         plain = Transformer(config)
     plain.load_state_dict(state, strict=True, assign=True)
-    plain.save_pretrained(folder)
+    save_pretrained(plain, folder)
