@@ -22,7 +22,7 @@ def test_dp_defaults_to_world_over_tp_pp():
     (4, dict(dp=2), "dp x tp x pp = 2 x 1 x 1 = 2 must equal the number of processes (4)"),
     (6, dict(tp=4), "tp x pp = 4 x 1 = 4 does not divide the 6 processes"),
     (4, dict(ep=3), "ep=3 must divide dp=4"),
-    (2, dict(zero=4), "--zero must be 1, 2 or 3"),
+    (2, dict(zero=4), "--zero must be 2 or 3"),
     (2, dict(ep=0), "--ep must be >= 1"),
     (2, dict(dp=-1, tp=1), "--dp must be >= 1"),
 ])

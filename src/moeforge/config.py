@@ -243,6 +243,8 @@ def preset(name: str) -> ModelConfig:
 # --- training --------------------------------------------------------------------------------------
 # Pipeline schedules of `moeforge.parallel.pipeline` -> stages each pipeline rank runs.
 PP_SCHEDULES = {"gpipe": 1, "1f1b": 1, "interleaved-1f1b": 2, "dualpipev": 2}
+ZERO_1_REFUSED = ("--zero 1 (shard only the optimizer state) is not implemented: FSDP2 shards the gradients with the "
+                  "optimizer state; use --zero 2 (same updates, less memory per rank) or --zero 3")
 
 
 @dataclass
@@ -255,7 +257,9 @@ class TrainConfig:
                            default=None)
     text_field: str = doc("The text column of .jsonl, parquet and Arrow data.", default="text")
     tokenizer: str | None = doc("Path to a Hugging Face tokenizer.json (default: byte-level).", default=None)
-    max_corpus_mb: float = doc("Read at most this many MB of text from the corpus.", default=16.0)
+    max_corpus_mb: float = doc("Read at most this many MB of text from the corpus (a file, a folder or JSONL; "
+                               "the last document is cut there). Token files are memory-mapped whole.",
+                               default=16.0)
     val_fraction: float = doc("Fraction of documents held out for validation.", default=0.05)
     seq_len: int = doc("Tokens per training sequence.", default=256)
     batch_size: int = doc("Sequences per micro-batch.", default=16)
@@ -327,7 +331,8 @@ class TrainConfig:
                                "interleaved-1f1b and dualpipev); must divide batch_size x grad_accum / dp.",
                                default=0)
     zero: int = doc("FSDP2 sharding over dp: 3 = reshard parameters after forward (ZeRO-3); 2 = keep them "
-                    "gathered until backward (ZeRO-2; 1 runs as 2).", default=2)
+                    "gathered until backward (ZeRO-2). ZeRO-1 (optimizer state only) is not implemented.",
+                    default=2)
     dist_timeout: float = doc("Seconds a collective waits for its peers before the run fails.", default=600.0)
     activation_checkpointing: str = doc("Recompute activations in backward: none, full (every block), selective "
                                         "(MLA up-projections, SwiGLUs) or auto (least recompute within "
@@ -380,6 +385,8 @@ class TrainConfig:
             raise ConfigError(f"offload must be none, optimizer, activations or all, got {self.offload!r}")
         if self.pp_schedule not in PP_SCHEDULES:
             raise ConfigError(f"pp_schedule must be {', '.join(PP_SCHEDULES)}, got {self.pp_schedule!r}")
+        if self.zero not in (2, 3):  # also in one process: a flag that is accepted must act
+            raise ConfigError(ZERO_1_REFUSED if self.zero == 1 else f"--zero must be 2 or 3, got {self.zero}")
         if self.pp_microbatches < 0:
             raise ConfigError(f"pp_microbatches must be >= 0 (0 = one per pipeline stage), got {self.pp_microbatches}")
         return self

@@ -151,6 +151,11 @@ class Trainer:
             self.precision_policy.discard()
         self.forward = torch.compile(self.model) if self.cfg.compile else self.model
 
+    @property
+    def micro_batch_rows(self) -> int:
+        """Sequences in one forward of this process (DistributedTrainer: a data-parallel rank's share)."""
+        return self.cfg.batch_size
+
     def build_optimizer(self) -> torch.optim.Optimizer:
         return make_optimizer(self.model, self.cfg)
 

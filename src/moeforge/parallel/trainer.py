@@ -103,6 +103,10 @@ class DistributedTrainer(Trainer):
                                f"{self.pipeline.batch_shape[0] // self.pipeline.n_microbatches} sequences per step")
 
     # --- hooks of Trainer ---------------------------------------------------------------------------
+    @property
+    def micro_batch_rows(self) -> int:
+        return self.cfg.batch_size // self.layout.dp
+
     def parallelize(self, model):
         # On 2-D meshes (EP x FSDP expert shards, TP x FSDP norms) DTensor warns, on every step and save, that
         # it reduces one mesh dim after the other; that is the expected cost here, not a problem to report.
