@@ -55,7 +55,7 @@ class Loop:
 
     def train_step(self, x, y) -> dict:
         reset_counts(self.model)
-        out = self.model(self.shard(x), labels=self.shard(y))
+        out = self.model(self.shard(x), shift_labels=self.shard(y))
         loss = out.loss + self.probe.pop_loss()
         loss.backward()
         norm = clip_grad_norm(self.model.parameters(), 0.5)
@@ -128,13 +128,13 @@ def spread_router_model() -> Transformer:
 
 def reference_steps(model, opt, batch, steps: int, seq_len: int, clip=None, seq_alpha: float = 1e-2) -> list[float]:
     """`steps` of the trainer's loop in one process: loss + sequence balance loss, clip to 1.0, AdamW, bias
-    update; the reference the TP and PP runs are compared with. batch(step) -> (input_ids, labels)."""
+    update; the reference the TP and PP runs are compared with. batch(step) -> (input_ids, shift_labels)."""
     clip = clip or torch.nn.utils.clip_grad_norm_
     probe = RouterProbe(model, seq_alpha=seq_alpha, seq_len=seq_len)
     losses = []
     for step in range(steps):
         x, y = batch(step)
-        loss = model(x, y).loss + probe.pop_loss()
+        loss = model(x, shift_labels=y).loss + probe.pop_loss()
         loss.backward()
         clip(list(model.parameters()), 1.0)
         opt.step()

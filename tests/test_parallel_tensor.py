@@ -132,7 +132,7 @@ def worker_2d(rank, world, init_file, out_dir):
     losses = []
     for step in range(STEPS):
         x, y = (t[dp_rank * half:(dp_rank + 1) * half] for t in batch(step))  # each dp rank: half the batch
-        loss = model(x, y).loss + probe.pop_loss()
+        loss = model(x, shift_labels=y).loss + probe.pop_loss()
         loss.backward()  # FSDP averages gradients over dp: the mean over the global batch
         clip_grad_norm_(list(model.parameters()), 1.0)
         opt.step()

@@ -180,7 +180,8 @@ def _token_file(p: Path, val_fraction: float) -> Corpus:
 
 
 class BatchSampler:
-    """Random (input_ids, labels) windows of seq_len+1 tokens; batch `i` depends only on (seed, i)."""
+    """Random windows of seq_len+1 tokens as (input_ids, shift_labels), the targets already shifted (no
+    position loses its target); batch `i` depends only on (seed, i)."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, name: str = "train"):
         if len(tokens) < seq_len + 2:
