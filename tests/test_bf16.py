@@ -204,3 +204,18 @@ def test_bf16_model_serves_openai_completions(one_thread):
         reply = client.completions.create(model="bf16", prompt="def f(x):", max_tokens=6, temperature=0)
     expected = generate(model, [list(b"def f(x):")], 6, stop_ids=(0,))[0]
     assert reply.choices[0].text == ByteTokenizer().decode(expected)
+
+
+def test_generate_and_serve_load_bf16_weights_with_dtype_flag(tmp_path, capsys, one_thread):
+    from moeforge import hardware
+    from moeforge.cli import main
+    from moeforge.inference.cli import load_for_inference
+
+    _bf16_debug_model().float().save_pretrained(tmp_path)
+    model, _, autocast, _ = load_for_inference(str(tmp_path), None, "cpu", "bf16")  # what `serve --dtype bf16` runs
+    assert model.embed_tokens.weight.dtype == BF16 and autocast is None
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "def ", "--max-new-tokens", "6",
+                 "--temperature", "0", "--device", "cpu", "--dtype", "bf16"]) == 0
+    expected = generate(hardware.configure(moeforge.from_pretrained(tmp_path, dtype=BF16), hardware.probe("cpu")),
+                        [list(b"def ")], 6)[0]
+    assert capsys.readouterr().out == "def " + ByteTokenizer().decode(expected) + "\n"
