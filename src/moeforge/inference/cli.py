@@ -21,7 +21,7 @@ def add_dtype_flag(parser) -> None:
 
 
 def inference_precision(dtype: str, caps) -> tuple[torch.dtype | None, torch.dtype | None]:
-    """--dtype -> (dtype to load the weights in, None = as stored then fp32; autocast dtype or None)."""
+    """--dtype -> (dtype to load the weights in, None = fp32; autocast dtype or None)."""
     from .. import hardware
 
     if dtype == "bf16":
