@@ -65,7 +65,7 @@ class Loop:
 
     def train_step(self, x, y) -> dict:
         reset_counts(self.model)
-        out = self.model(self.shard(x), labels=self.shard(y))
+        out = self.model(self.shard(x), shift_labels=self.shard(y))
         loss = out.loss + self.probe.pop_loss()
         loss.backward()
         norm = clip_grad_norm(self.model.parameters(), 0.5)

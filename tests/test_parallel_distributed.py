@@ -109,7 +109,7 @@ def fsdp_bf16_compute_copies(rank, world, out_dir):
     seen = set()
     model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, args: seen.add(m.weight.dtype))
     x, y = (t[rank * 2:(rank + 1) * 2] for t in batches(1)[0])  # this rank's half of the global batch
-    loss = model(x, labels=y).loss
+    loss = model(x, shift_labels=y).loss
     loss.backward()
     torch.save({"params": {p.dtype for p in model.parameters()}, "grads": {p.grad.dtype for p in model.parameters()
                                                                            if p.grad is not None},
@@ -137,7 +137,7 @@ def test_two_ranks_every_layout_resumed_in_turn_matches_single_process(tmp_path,
     bf16 = [torch.load(tmp_path / f"bf16-rank{rank}.pt") for rank in range(2)]
     assert all(r["params"] == r["grads"] == {torch.float32} and r["compute"] == {torch.bfloat16} for r in bf16)
     x, y = batches(1)[0]
-    fp32_loss = build_model()(x, labels=y).loss.item()
+    fp32_loss = build_model()(x, shift_labels=y).loss.item()
     assert abs(sum(r["loss"] for r in bf16) / 2 - fp32_loss) < 2e-2  # bf16 rounding: close, not equal
     assert read_metrics(run)[0]["ep_dispatch_bytes"] > 0  # the EP segment did exchange tokens
 

@@ -69,7 +69,7 @@ def test_stage_modules_chained_in_one_process_equal_the_model():
     last stage's embedding copy, read by MTP, holds the rest of the embedding gradient)."""
     model = debug_model()
     x, y = batch(0)
-    out = model(x, y)
+    out = model(x, shift_labels=y)
     out.loss.backward()
     expected = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad()
@@ -77,7 +77,7 @@ def test_stage_modules_chained_in_one_process_equal_the_model():
     h = x
     for stage in stages:
         h = stage(h)
-    loss = stages[-1].loss(h, y)
+    loss = stages[-1].loss(h, x, y)
     loss.backward()
     torch.testing.assert_close(loss, out.loss)
     copy = stages[-1].embed_tokens.weight

@@ -15,7 +15,7 @@ from pathlib import Path
 from .config import PRESETS, ModelConfig, TrainConfig, decode_none, load_toml, resolve_run_config
 from .errors import ConfigError, MoeforgeError
 from .evaluation.cli import EVAL_HANDLERS, add_eval_command
-from .inference.cli import SERVE_HANDLERS, add_serve_command
+from .inference.cli import SERVE_HANDLERS, add_dtype_flag, add_serve_command, inference_precision
 from .memory.cli import add_memory_command, cmd_memory
 from .plan.cli import PLAN_HANDLERS, add_plan_commands
 
@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep only N routed experts resident, the rest memory-mapped from the checkpoint")
     g.add_argument("--no-cache", action="store_true",
                    help="re-run the whole sequence per token instead of the latent KV cache (reference)")
+    add_dtype_flag(g)
 
     r = sub.add_parser("report", help="summarise a run folder; --plot writes loss and expert-load PNGs")
     r.add_argument("run_dir", metavar="RUN_DIR")
@@ -168,11 +169,11 @@ def cmd_generate(args) -> int:
                 break
     tokenizer = load_tokenizer(tokenizer_path)
     caps = hardware.probe(args.device)
-    model = hardware.configure(from_pretrained(folder, device=caps.device), caps)
+    weights, autocast = inference_precision(args.dtype, caps)
+    model = hardware.configure(from_pretrained(folder, dtype=weights, device=caps.device), caps)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
     stop = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
-    autocast = hardware.autocast_dtype("auto", caps)
     if args.no_cache:
         new = generate(model, tokenizer.encode(args.prompt), args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=stop, autocast_dtype=autocast)

@@ -205,7 +205,8 @@ def _token_file(p: Path, val_fraction: float) -> Corpus:
 
 
 class BatchSampler:
-    """Random (input_ids, labels) windows of seq_len+1 tokens; batch `i` depends only on (seed, i).
+    """Random windows of seq_len+1 tokens as (input_ids, shift_labels), the targets already shifted (no
+    position loses its target); batch `i` depends only on (seed, i).
 
     `tokens` is kept as given (an array, or a memory-mapped token file): each batch gathers its windows
     and converts only them to int64, so memory does not grow with the corpus."""

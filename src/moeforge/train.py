@@ -293,7 +293,7 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             x, y = self.train_batches.batch(self.step * cfg.grad_accum + micro)
             with self.autocast():
-                out = self.forward(x.to(self.device), labels=y.to(self.device))
+                out = self.forward(x.to(self.device), shift_labels=y.to(self.device))
             aux = self.router_probe.pop_loss()
             loss = out.loss if aux is None else out.loss + aux
             (loss / cfg.grad_accum).backward()
@@ -322,7 +322,7 @@ class Trainer:
 
     def validation_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Next-token loss of one validation batch (MTP and balance losses left out)."""
-        return self.model(x, labels=y).lm_loss.item()
+        return self.model(x, shift_labels=y).lm_loss.item()
 
     # --- the run ------------------------------------------------------------------------------------
     def fit(self) -> dict:

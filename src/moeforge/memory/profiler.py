@@ -304,7 +304,7 @@ class ActivationRecorder:
         return prof
 
 
-def profile_forward(model, input_ids, labels, candidates: bool = False, repeats: int = 1,
+def profile_forward(model, input_ids, shift_labels, candidates: bool = False, repeats: int = 1,
                     autocast=None) -> ActivationProfile:
     """Record `repeats` forwards of one batch (the graph is dropped, no backward); timings are the fastest."""
     from contextlib import nullcontext
@@ -313,6 +313,6 @@ def profile_forward(model, input_ids, labels, candidates: bool = False, repeats:
         for i in range(repeats):
             rec.new_pass()
             with autocast or nullcontext():
-                out = model(input_ids, labels=labels)
+                out = model(input_ids, shift_labels=shift_labels)
             del out
         return rec.profile(tokens=input_ids.numel())

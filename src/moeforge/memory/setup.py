@@ -62,7 +62,7 @@ def sample_batch(vocab: int, batch: int, seq_len: int, device, seed: int = 0):
 
 def build_plan(model: torch.nn.Module, mode: str, budget: str | float | None, batch, autocast=None,
                repeats: int = 3, profile=None) -> CheckpointPlan:
-    """Measure the model on `batch` (input_ids, labels) and choose what to checkpoint for `mode` (`profile`:
+    """Measure the model on `batch` (input_ids, shift_labels) and choose what to checkpoint for `mode` (`profile`:
     reuse an ActivationProfile with candidates, e.g. to compare modes on the same measurements)."""
     if mode not in MODES:
         raise ConfigError(f"activation_checkpointing must be one of {', '.join(MODES)}, got {mode!r}")
