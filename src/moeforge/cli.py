@@ -1,4 +1,4 @@
-"""`moeforge` command line: train, generate, serve, report, balance, info, plan, memory.
+"""`moeforge` command line: train, generate, serve, report, balance, info, plan, memory, profile.
 
 `train` flags are generated from `TrainConfig` (one definition, documented there); model fields are
 set in a TOML [model] section or with `-m FIELD=VALUE`. User errors print one line and exit 2.
@@ -17,6 +17,7 @@ from .errors import ConfigError, MoeforgeError
 from .inference.cli import SERVE_HANDLERS, add_serve_command
 from .memory.cli import add_memory_command, cmd_memory
 from .plan.cli import PLAN_HANDLERS, add_plan_commands
+from .profile.cli import PROFILE_HANDLERS, add_profile_command
 
 
 def parse_value(text: str):
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_commands(sub)  # plan, compare-kv
     add_memory_command(sub)  # memory
     add_serve_command(sub)  # serve
+    add_profile_command(sub)  # profile
     return parser
 
 
@@ -266,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc N` re-runs it under torchrun
     handler = {"train": cmd_train, "generate": cmd_generate, "info": cmd_info, "report": cmd_report,
-               "balance": cmd_balance, "memory": cmd_memory, **PLAN_HANDLERS, **SERVE_HANDLERS}[args.command]
+               "balance": cmd_balance, "memory": cmd_memory, **PLAN_HANDLERS, **SERVE_HANDLERS,
+               **PROFILE_HANDLERS}[args.command]
     try:
         return handler(args)
     except MoeforgeError as e:

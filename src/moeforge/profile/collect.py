@@ -1,0 +1,99 @@
+"""Run training steps of the real trainer under torch.profiler and write each rank's Chrome trace.
+
+The trainer is used as is (`Trainer` in one process, `DistributedTrainer` on each torchrun rank): a few
+warm-up steps, then N steps, each inside a `moeforge.profile.step` range and timed by a clock too. While
+profiling, every `torch.distributed` collective call is wrapped in a `moeforge.comm.<dim>.<collective>`
+range (`comm_ranges`), the dimension read from the process group's mesh name, so the trace shows which
+parallel dimension each collective serves without the callers knowing about profiling. Before each
+profiled step the ranks meet at a barrier (outside the step ranges), so the steps start together and a
+rank's waiting inside a step is caused by that step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from .analyze import COMM_PREFIX, STEP_RANGE, SYNC_RANGE
+
+WRAPPED = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+           "all_to_all", "all_to_all_single", "broadcast", "barrier", "send", "recv", "isend", "irecv", "gather",
+           "scatter", "reduce", "all_gather_object", "broadcast_object_list", "gather_object")
+MESH_DIMS = {"mesh_ep": "ep", "mesh_tp": "tp", "mesh_pp": "pp", "mesh_dp": "dp", "mesh_edp": "dp"}
+
+
+def group_dimension(group) -> str:
+    """The mesh dimension a process group is (parallel/mesh.py names them pp, edp, ep, tp and dp)."""
+    if group is None:
+        return "world"
+    desc = getattr(group, "group_desc", "") or ""
+    return MESH_DIMS.get(desc, "world" if desc in ("", "default_pg") else "other")
+
+
+def _wrap(name: str, fn):
+    try:
+        position = list(inspect.signature(fn).parameters).index("group")
+    except (ValueError, TypeError):
+        position = None
+
+    def wrapped(*args, **kwargs):
+        group = kwargs.get("group")
+        if group is None and position is not None and len(args) > position:
+            group = args[position]
+        with record_function(f"{COMM_PREFIX}{group_dimension(group)}.{name}"):
+            return fn(*args, **kwargs)
+
+    wrapped.__wrapped__ = fn
+    return wrapped
+
+
+@contextmanager
+def comm_ranges():
+    """Wrap the torch.distributed collectives in record_function ranges (restored on exit)."""
+    originals = {name: getattr(dist, name) for name in WRAPPED if hasattr(dist, name)}
+    try:
+        for name, fn in originals.items():
+            setattr(dist, name, _wrap(name, fn))
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
+def profile_steps(trainer, steps: int, warmup: int, trace_path: Path, distributed: bool) -> list[float]:
+    """Warm up, then run `steps` training steps under the profiler; write the Chrome trace. -> the clock's
+    wall seconds of each profiled step."""
+    cuda = trainer.device.type == "cuda"
+    for _ in range(warmup):
+        trainer.train_step()
+        trainer.step += 1
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    clock = []
+    with comm_ranges(), profile(activities=activities) as prof:
+        if distributed:
+            with record_function(SYNC_RANGE):
+                dist.barrier()
+        for _ in range(steps):
+            if distributed:
+                dist.barrier()
+            t0 = time.perf_counter()
+            with record_function(STEP_RANGE):
+                trainer.train_step()
+                if cuda:
+                    torch.cuda.synchronize()
+            clock.append(time.perf_counter() - t0)
+            trainer.step += 1
+    trace_path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace_path))
+    return clock
+
+
+def read_trace(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
