@@ -1,11 +1,7 @@
 """`moeforge profile`: the step breakdown (checked by hand on a synthetic trace) and real 2-rank gloo runs."""
 
 import json
-import os
-import socket
-
 import pytest
-import torch.multiprocessing as mp
 
 from conftest import SMALL_CORPUS
 from moeforge.cli import main
@@ -68,7 +64,7 @@ def _check_profile(profile: dict, world: int) -> None:
 # Experts large enough that the rows a rank computes dominate its expert time (hot:4 puts 10/7 of the mean
 # rank's rows on rank 0 and 4/7 on rank 1).
 HOT = ["--preset", "debug", "--data", str(SMALL_CORPUS), "--seq-len", "32", "--batch-size", "8", "--device", "cpu",
-       "--precision", "fp32", "-m", "moe_intermediate_size=512", "--hardware", "h100"]
+       "--precision", "fp32", "-m", "moe_intermediate_size=512", "--hardware", "h100", "--dist-timeout", "120"]
 
 
 def test_profile_two_gloo_ranks_names_the_hot_rank_as_straggler(tmp_path, capsys):
@@ -85,41 +81,22 @@ def test_profile_two_gloo_ranks_names_the_hot_rank_as_straggler(tmp_path, capsys
     assert "straggler: rank 0" in printed and "compute + exposed comm + idle = step" in printed
 
 
-def _overlap_worker(rank, world, port, out, results):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    from moeforge.config import resolve_run_config
-    from moeforge.profile import profile_run
-
-    ratios = {}
-    for overlap in (True, False):
-        run = resolve_run_config({}, dict(preset="debug", data=str(SMALL_CORPUS), seq_len=32, batch_size=4, steps=4,
-                                          device="cpu", precision="fp32", ep=2, ep_overlap_shared=overlap,
-                                          eval_every=0, sample_tokens=0),
-                                 {"n_shared_experts": 4, "moe_intermediate_size": 256})
-        profile = profile_run(run, out / str(overlap), steps=2, warmup=1, hardware="h100")
-        if rank == 0:
-            _check_profile(profile, world)
-            dims = [r["mean"]["comm_by_dimension"]["ep_dispatch"] for r in profile["ranks"]]
-            ratios[overlap] = sum(d["hidden_s"] for d in dims) / sum(d["total_s"] for d in dims)
-    import torch.distributed as dist
-
-    dist.destroy_process_group()
-    if rank == 0:
-        results.put(ratios)
-
-
 def test_ep_overlap_shared_hides_more_of_the_dispatch(tmp_path):
     """The shared experts computed while the dispatch all-to-all is in flight: more of the dispatch hidden.
-    (Measured on the EP dispatch, which the flag changes; the overall ratio also holds FSDP's traffic.)"""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    mp.start_processes(_overlap_worker, args=(2, port, tmp_path, results), nprocs=2, join=True, start_method="spawn")
-    ratios = results.get(timeout=5)
-    assert ratios[True] > ratios[False], ratios
+    Measured on the EP dispatch, which the flag changes (it also holds the counts exchange, always exposed);
+    the overall ratio is dominated by FSDP's traffic and the machine's noise."""
+    ratios = {}
+    for flag in ("--ep-overlap-shared", "--no-ep-overlap-shared"):
+        out = tmp_path / flag
+        assert main(["profile", "--preset", "debug", "--data", str(SMALL_CORPUS), "--seq-len", "32", "--batch-size",
+                     "4", "--device", "cpu", "--precision", "fp32", "-m", "n_shared_experts=8", "-m",
+                     "moe_intermediate_size=256", "--hardware", "h100", "--dist-timeout", "120", "--nproc", "2",
+                     "--ep", "2", flag, "--steps", "2", "--warmup", "1", "--out", str(out)]) == 0
+        profile = json.loads((out / "profile.json").read_text())
+        _check_profile(profile, world=2)
+        dims = [r["mean"]["comm_by_dimension"]["ep_dispatch"] for r in profile["ranks"]]
+        ratios[flag] = sum(d["hidden_s"] for d in dims) / sum(d["total_s"] for d in dims)
+    assert ratios["--ep-overlap-shared"] > ratios["--no-ep-overlap-shared"], ratios
 
 
 @pytest.mark.parametrize("flags, message", [
