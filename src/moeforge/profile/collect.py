@@ -27,17 +27,36 @@ WRAPPED = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter
            "all_to_all", "all_to_all_single", "broadcast", "barrier", "send", "recv", "isend", "irecv", "gather",
            "scatter", "reduce", "all_gather_object", "broadcast_object_list", "gather_object")
 MESH_DIMS = {"mesh_ep": "ep", "mesh_tp": "tp", "mesh_pp": "pp", "mesh_dp": "dp", "mesh_edp": "dp"}
+DIM_PRIORITY = ("pp", "tp", "dp", "edp", "ep")  # a group that is several dims (all ranks): the first one
 
 
-def group_dimension(group) -> str:
-    """The mesh dimension a process group is (parallel/mesh.py names them pp, edp, ep, tp and dp)."""
-    if group is None:
+def mesh_groups(trainer) -> list[tuple[object, str]]:
+    """(process group, dimension) of the trainer's mesh dims of size > 1, in DIM_PRIORITY order. (A dim
+    spanning every rank is the default group itself: its name would say "default_pg".)"""
+    mesh = getattr(trainer, "mesh", None)
+    if mesh is None:
+        return []
+    out = []
+    for dim in DIM_PRIORITY:
+        sub = mesh[dim]
+        if sub.size() > 1:
+            out.append((sub.get_group(), "dp" if dim == "edp" else dim))
+    return out
+
+
+def group_dimension(group, groups: list[tuple[object, str]] = ()) -> str:
+    """The mesh dimension a collective's process group stands for: "world" for the default group (passed as
+    None), else looked up among the trainer's mesh groups, else from the group's name."""
+    if group is None:  # the default group: the trainer's own bookkeeping over all ranks
         return "world"
+    for g, dim in groups:
+        if g is group:
+            return dim
     desc = getattr(group, "group_desc", "") or ""
     return MESH_DIMS.get(desc, "world" if desc in ("", "default_pg") else "other")
 
 
-def _wrap(name: str, fn):
+def _wrap(name: str, fn, groups):
     try:
         position = list(inspect.signature(fn).parameters).index("group")
     except (ValueError, TypeError):
@@ -47,7 +66,7 @@ def _wrap(name: str, fn):
         group = kwargs.get("group")
         if group is None and position is not None and len(args) > position:
             group = args[position]
-        with record_function(f"{COMM_PREFIX}{group_dimension(group)}.{name}"):
+        with record_function(f"{COMM_PREFIX}{group_dimension(group, groups)}.{name}"):
             return fn(*args, **kwargs)
 
     wrapped.__wrapped__ = fn
@@ -55,12 +74,13 @@ def _wrap(name: str, fn):
 
 
 @contextmanager
-def comm_ranges():
-    """Wrap the torch.distributed collectives in record_function ranges (restored on exit)."""
+def comm_ranges(groups: list[tuple[object, str]] = ()):
+    """Wrap the torch.distributed collectives in record_function ranges (restored on exit); `groups`:
+    (process group, dimension) pairs to name them by (`mesh_groups`)."""
     originals = {name: getattr(dist, name) for name in WRAPPED if hasattr(dist, name)}
     try:
         for name, fn in originals.items():
-            setattr(dist, name, _wrap(name, fn))
+            setattr(dist, name, _wrap(name, fn, list(groups)))
         yield
     finally:
         for name, fn in originals.items():
@@ -76,7 +96,7 @@ def profile_steps(trainer, steps: int, warmup: int, trace_path: Path, distribute
         trainer.step += 1
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     clock = []
-    with comm_ranges(), profile(activities=activities) as prof:
+    with comm_ranges(mesh_groups(trainer)), profile(activities=activities) as prof:
         if distributed:
             with record_function(SYNC_RANGE):
                 dist.barrier()
