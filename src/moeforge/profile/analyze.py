@@ -4,8 +4,8 @@ compute or exposed), and idle time waiting for other ranks.
 From a trace (Chrome JSON, as `export_chrome_trace` writes it) `extract` keeps what the breakdown needs:
 * the step windows: `moeforge.profile.step` ranges (collect.py puts one around each training step);
 * CPU runs (gloo): the main thread is computing except while it is *blocked* in communication: inside
-  a `moeforge.comm.*` range (every torch.distributed call, wrapped while profiling), a functional
-  collective's `wait_tensor`, a `c10d::` / `_c10d_functional::` op, or FSDP's waits and copy-outs. The
+  a `moeforge.comm.*` range (every torch.distributed call, wrapped while profiling), `moeforge.wait`
+  (`Work.wait()`), a functional collective's `wait_tensor`, a `c10d::` / `_c10d_functional::` op, or FSDP's waits and copy-outs. The
   collectives themselves run on gloo's worker threads, as `gloo:<collective>` events;
 * CUDA runs (NCCL; written, not tested on a GPU here): compute is the union of the non-NCCL kernels,
   communication the NCCL kernels (`nccl*`), each linked to its launching CPU op by the External id;
@@ -56,7 +56,8 @@ def range_label(name: str) -> str | None:
 
 def is_blocking(name: str) -> bool:
     """A main-thread range during which a CPU rank waits for (or hands work to) communication."""
-    return (name.startswith(COMM_PREFIX) or name.endswith("wait_tensor") or name.startswith("c10d::")
+    return (name.startswith(COMM_PREFIX) or name == "moeforge.wait" or name.endswith("wait_tensor")
+            or name.startswith("c10d::")
             or name.startswith("_c10d_functional::")
             or (name.startswith("FSDP::") and ("wait" in name or "copy_out" in name)))
 

@@ -4,7 +4,8 @@ The trainer is used as is (`Trainer` in one process, `DistributedTrainer` on eac
 warm-up steps, then N steps, each inside a `moeforge.profile.step` range and timed by a clock too. While
 profiling, every `torch.distributed` collective call is wrapped in a `moeforge.comm.<dim>.<collective>`
 range (`comm_ranges`), the dimension read from the process group's mesh name, so the trace shows which
-parallel dimension each collective serves without the callers knowing about profiling. Before each
+parallel dimension each collective serves without the callers knowing about profiling; `Work.wait()`
+(an async collective's completion, e.g. FSDP's and the pipeline's) runs inside a `moeforge.wait` range. Before each
 profiled step the ranks meet at a barrier (outside the step ranges), so the steps start together and a
 rank's waiting inside a step is caused by that step.
 """
@@ -24,8 +25,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from .analyze import COMM_PREFIX, STEP_RANGE, SYNC_RANGE
 
 WRAPPED = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
-           "all_to_all", "all_to_all_single", "broadcast", "barrier", "send", "recv", "isend", "irecv", "gather",
+           "all_to_all", "all_to_all_single", "broadcast", "barrier", "send", "recv", "batch_isend_irecv", "gather",
            "scatter", "reduce", "all_gather_object", "broadcast_object_list", "gather_object")
+# (isend / irecv stay as they are: P2POp checks its op *is* one of them; batch_isend_irecv covers the pipeline.)
+WAIT_RANGE = "moeforge.wait"  # around Work.wait(): an async collective's completion waited for
 MESH_DIMS = {"mesh_ep": "ep", "mesh_tp": "tp", "mesh_pp": "pp", "mesh_dp": "dp", "mesh_edp": "dp"}
 DIM_PRIORITY = ("pp", "tp", "dp", "edp", "ep")  # a group that is several dims (all ranks): the first one
 
@@ -66,6 +69,8 @@ def _wrap(name: str, fn, groups):
         group = kwargs.get("group")
         if group is None and position is not None and len(args) > position:
             group = args[position]
+        if name == "batch_isend_irecv" and args and args[0]:
+            group = args[0][0].group
         with record_function(f"{COMM_PREFIX}{group_dimension(group, groups)}.{name}"):
             return fn(*args, **kwargs)
 
@@ -78,13 +83,21 @@ def comm_ranges(groups: list[tuple[object, str]] = ()):
     """Wrap the torch.distributed collectives in record_function ranges (restored on exit); `groups`:
     (process group, dimension) pairs to name them by (`mesh_groups`)."""
     originals = {name: getattr(dist, name) for name in WRAPPED if hasattr(dist, name)}
+    wait = dist.Work.wait
+
+    def timed_wait(work, *args, **kwargs):
+        with record_function(WAIT_RANGE):
+            return wait(work, *args, **kwargs)
+
     try:
         for name, fn in originals.items():
             setattr(dist, name, _wrap(name, fn, list(groups)))
+        dist.Work.wait = timed_wait
         yield
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
+        dist.Work.wait = wait
 
 
 def profile_steps(trainer, steps: int, warmup: int, trace_path: Path, distributed: bool) -> list[float]:

@@ -43,7 +43,7 @@ def predict(run, layout: dict, world: int, hardware: str) -> dict:
         lo = Layout(dp=layout["dp"], tp=layout["tp"], pp=layout["pp"], ep=layout["ep"],
                     zero=layout["zero"] if layout["dp"] > 1 else 0,
                     schedule=SCHEDULES.get(cfg.pp_schedule, "1f1b"),
-                    micro_batch=max(1, cfg.batch_size // layout["dp"]),
+                    micro_batch=layout["micro_batch"],
                     recompute=RECOMPUTE.get(cfg.activation_checkpointing, "none"))
         result = plan(from_moe(run.model, cfg.preset), get_hardware(hardware), world, settings, layout=lo, top=1)
     except (MoeforgeError, KeyError, TypeError, ValueError) as e:  # the planner cannot model this run

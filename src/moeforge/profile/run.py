@@ -36,11 +36,14 @@ def profile_run(run, out: Path, steps: int, warmup: int, hardware: str | None = 
         trainer = DistributedTrainer(run, run_dir=out / "run")
         rank, world = dist.get_rank(), dist.get_world_size()
         layout = {k: getattr(trainer.layout, k) for k in LAYOUT_FIELDS}
+        rows = run.train.batch_size * run.train.grad_accum // layout["dp"]  # sequences per dp rank and step
+        micro = trainer.pipeline.n_microbatches if trainer.pipeline is not None else run.train.grad_accum
+        layout["micro_batch"] = max(1, rows // micro)
         layout_text = trainer.layout.describe()
     else:
         trainer = Trainer(run, run_dir=out / "run")
         rank, world = 0, 1
-        layout = {"dp": 1, "ep": 1, "tp": 1, "pp": 1, "zero": 0}
+        layout = {"dp": 1, "ep": 1, "tp": 1, "pp": 1, "zero": 0, "micro_batch": run.train.batch_size}
         layout_text = "one process"
     try:
         trace_path = out / "trace" / f"rank{rank}.json"
