@@ -5,14 +5,15 @@ From a trace (Chrome JSON, as `export_chrome_trace` writes it) `extract` keeps w
 * the step windows: `moeforge.profile.step` ranges (collect.py puts one around each training step);
 * CPU runs (gloo): the main thread is computing except while it is *blocked* in communication: inside
   a `moeforge.comm.*` range (every torch.distributed call, wrapped while profiling), `moeforge.wait`
-  (`Work.wait()`), a functional collective's `wait_tensor`, a `c10d::` / `_c10d_functional::` op, or FSDP's waits and copy-outs. The
+  (`Work.wait()`), a functional collective's `wait_tensor`, a `c10d::` / `_c10d_functional::` op, or
+  FSDP's waits and copy-outs. The
   collectives themselves run on gloo's worker threads, as `gloo:<collective>` events;
 * CUDA runs (NCCL; written, not tested on a GPU here): compute is the union of the non-NCCL kernels,
   communication the NCCL kernels (`nccl*`), each linked to its launching CPU op by the External id;
 * each collective's parallel dimension: the most recent labelled range that began on the main thread
   before it started (on CUDA: before its launching op): `moeforge.ep.dispatch` / `.combine`
-  (parallel/expert.py), `moeforge.comm.<dim>.<op>` (the process group's mesh dimension), `FSDP::*`
-  (dp), the autograd backward of an all-to-all (ep_backward).
+  (parallel/expert.py), `moeforge.comm.<dim>.<op>` (the process group's mesh dimension), FSDP's
+  all-gather / reduce ranges (dp), the autograd backward of an all-to-all (ep_backward).
 
 `analyze` lines the ranks up collective by collective (the k-th collective of a kind in a step on every
 rank is the same one: the ranks run the same program) and splits each rank's part of it into *waiting*
@@ -47,8 +48,8 @@ def range_label(name: str) -> str | None:
         return EP_RANGES[name]
     if name.startswith(COMM_PREFIX):
         return name[len(COMM_PREFIX):].split(".")[0]
-    if name.startswith("FSDP::"):
-        return "dp"
+    if name.startswith("FSDP::") and ("all_gather" in name or "reduce" in name):
+        return "dp"  # FSDP's collectives (not its other hooks: a collective begun after those is not theirs)
     if name.startswith("autograd::engine::evaluate_function") and "all_to_all" in name:
         return "ep_backward"  # (the forward's GeneratedBackwardFor... wrapper is not the backward)
     return None
@@ -150,14 +151,15 @@ def analyze(ranks: list[dict], clock_s: list[list[float]] | None = None) -> dict
                 busy = clip(union(r["compute"]), s, e)
             events = [list(c) for c in r["comm"] if s <= c[0] < e]
             state[i][k] = {"win": win, "C": busy, "NC": subtract(win, busy), "events": events}
-    # Line the collectives up over ranks: the k-th (collective, dimension) of a step is one operation.
+    # Line the collectives up over ranks: the k-th collective of a kind in a step is one operation (by kind
+    # only: the dimension is read from timing and could differ between ranks).
     credit = [0.0] * len(ranks)  # exposed waiting this rank's late arrivals caused on the others
     matched = unmatched = 0
     for k in range(n_steps):
         kinds = defaultdict(lambda: [[] for _ in ranks])
         for i in range(len(ranks)):
             for ev in state[i][k]["events"]:
-                kinds[(ev[2], ev[3])][i].append(ev)
+                kinds[ev[2]][i].append(ev)
         for lists in kinds.values():
             if len({len(x) for x in lists}) != 1 or len(ranks) == 1:
                 unmatched += sum(len(x) for x in lists)
