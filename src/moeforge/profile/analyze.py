@@ -6,8 +6,8 @@ From a trace (Chrome JSON, as `export_chrome_trace` writes it) `extract` keeps w
 * CPU runs (gloo): the main thread is computing except while it is *blocked* in communication: inside
   a `moeforge.comm.*` range (every torch.distributed call, wrapped while profiling), `moeforge.wait`
   (`Work.wait()`), a functional collective's `wait_tensor`, a `c10d::` / `_c10d_functional::` op, or
-  FSDP's waits and copy-outs. The
-  collectives themselves run on gloo's worker threads, as `gloo:<collective>` events;
+  FSDP's waits and copy-outs. The collectives themselves run on gloo's worker threads, as
+  `gloo:<collective>` events;
 * CUDA runs (NCCL; written, not tested on a GPU here): compute is the union of the non-NCCL kernels,
   communication the NCCL kernels (`nccl*`), each linked to its launching CPU op by the External id;
 * each collective's parallel dimension: the most recent labelled range that began on the main thread
