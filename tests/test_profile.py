@@ -64,7 +64,7 @@ def _check_profile(profile: dict, world: int) -> None:
 # Experts large enough that the rows a rank computes dominate its expert time (hot:4 puts 10/7 of the mean
 # rank's rows on rank 0 and 4/7 on rank 1).
 HOT = ["--preset", "debug", "--data", str(SMALL_CORPUS), "--seq-len", "32", "--batch-size", "8", "--device", "cpu",
-       "--precision", "fp32", "-m", "moe_intermediate_size=2048", "--hardware", "h100", "--dist-timeout", "120"]
+       "--precision", "fp32", "-m", "moe_intermediate_size=4096", "--hardware", "h100", "--dist-timeout", "120"]
 
 
 def test_profile_two_gloo_ranks_names_the_hot_rank_as_straggler(tmp_path, capsys):
