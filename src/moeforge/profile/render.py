@@ -45,7 +45,7 @@ def table(profile: dict) -> str:
     if "error" in pred:
         lines += ["", f"planner: no prediction ({pred['error']})"]
     else:
-        lines += ["", f"measured (slowest rank {profile['slowest_rank']}) vs planner ({pred['hardware']}, "
+        lines += ["", f"measured (rank {profile['slowest_rank']}, the slowest) vs planner ({pred['hardware']}, "
                       f"{pred['layout']}, assumed overlap {pred['assumed_overlap']:g}), ms per step",
                   f"  {'component':<38} {'measured':>9} {'predicted':>9}"]
         for row in profile["comparison"]:

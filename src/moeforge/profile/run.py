@@ -61,7 +61,10 @@ def profile_run(run, out: Path, steps: int, warmup: int, hardware: str | None = 
         return None
     result = analyze([g[0] for g in gathered], [g[1] for g in gathered])
     lanes = result.pop("_lanes")
-    slowest = max(result["ranks"], key=lambda r: r["mean"]["step_s"])
+    # The planner models the slowest rank: the straggler (the ranks' step times are equal, they wait for it).
+    by_rank = {r["rank"]: r for r in result["ranks"]}
+    slowest = by_rank[result["straggler"]["rank"]] if result["straggler"] else \
+        max(result["ranks"], key=lambda r: r["mean"]["step_s"])
     hardware = hardware or default_hardware(trainer.device.type)
     prediction = predict(trainer.run, layout, world, hardware)
     profile = {"command": command, "steps": steps, "warmup": warmup, "world": world, "device": str(trainer.device),
