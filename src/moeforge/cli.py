@@ -1,4 +1,4 @@
-"""`moeforge` command line: train, generate, serve, eval, report, balance, info, plan, memory.
+"""`moeforge` command line: train, generate, serve, eval, report, balance, info, plan, memory, profile.
 
 `train` flags are generated from `TrainConfig` (one definition, documented there); model fields are
 set in a TOML [model] section or with `-m FIELD=VALUE`. User errors print one line and exit 2.
@@ -18,6 +18,7 @@ from .evaluation.cli import EVAL_HANDLERS, add_eval_command
 from .inference.cli import SERVE_HANDLERS, add_dtype_flag, add_serve_command, inference_precision
 from .memory.cli import add_memory_command, cmd_memory
 from .plan.cli import PLAN_HANDLERS, add_plan_commands
+from .profile.cli import PROFILE_HANDLERS, add_profile_command
 
 
 def parse_value(text: str):
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_memory_command(sub)  # memory
     add_serve_command(sub)  # serve
     add_eval_command(sub)  # eval
+    add_profile_command(sub)  # profile
     return parser
 
 
@@ -271,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc N` re-runs it under torchrun
     handler = {"train": cmd_train, "generate": cmd_generate, "info": cmd_info, "report": cmd_report,
-               "balance": cmd_balance, "memory": cmd_memory, **PLAN_HANDLERS, **SERVE_HANDLERS, **EVAL_HANDLERS}[args.command]
+               "balance": cmd_balance, "memory": cmd_memory, **PLAN_HANDLERS, **SERVE_HANDLERS, **EVAL_HANDLERS,
+               **PROFILE_HANDLERS}[args.command]
     try:
         return handler(args)
     except MoeforgeError as e:

@@ -283,8 +283,9 @@ class TrainConfig:
     seq_aux_alpha: float = doc("Weight of DeepSeek-V3's sequence-wise balance loss (0 = off).", default=1e-4)
     batch_aux_alpha: float = doc("Weight of the classic batch-level auxiliary balance loss (0 = off).",
                                  default=0.0)
-    routing: str = doc("learned, or balanced: force a perfectly even expert assignment (a diagnostic).",
-                       default="learned")
+    routing: str = doc("learned; balanced: force a perfectly even expert assignment; hot:F: expert 0 of every MoE "
+                       "layer gets F x the mean load, the rest share the remainder evenly (1 < F <= experts / "
+                       "top-k). The last two are diagnostics.", default="learned")
     precision: str = doc("auto (bf16 where bf16 matmuls are fast: CUDA, AMX or AVX512-BF16 CPUs; else fp32; resolved "
                          "once and saved in config.toml), fp32, bf16 (autocast; weights and optimizer stay fp32), fp8 "
                          "(DeepSeek-V3's fine-grained FP8 linears and experts, the rest bf16; docs/precision.md) or "
@@ -355,8 +356,9 @@ class TrainConfig:
             raise ConfigError("min_lr_ratio must be in [0, 1]")
         if not 0 < self.val_fraction < 1:
             raise ConfigError("val_fraction must be in (0, 1)")
-        if self.routing not in ("learned", "balanced"):
-            raise ConfigError(f"routing must be learned or balanced, got {self.routing!r}")
+        from .balance.losses import parse_routing
+
+        parse_routing(self.routing)
         if self.bias_update_final_speed is not None and self.bias_update_final_speed < 0:
             raise ConfigError("bias_update_final_speed must be >= 0")
         if min(self.bias_update_speed, self.seq_aux_alpha, self.batch_aux_alpha) < 0:
@@ -488,7 +490,17 @@ def resolve_run_config(toml: dict | None = None, train_overrides: dict | None = 
     base = dataclasses.asdict(preset(train.preset))
     model_dict = {**base, **toml.get("model", {}), **(model_overrides or {})}
     model = ModelConfig.from_dict(model_dict).validate()
+    check_routing(train, model)
     return RunConfig(model=model, train=train)
+
+
+def check_routing(train: TrainConfig, model: ModelConfig) -> None:
+    """--routing hot:F against the model's experts (one line if F is out of range)."""
+    from .balance.losses import check_hot_factor, parse_routing
+
+    mode, factor = parse_routing(train.routing)
+    if mode == "hot":
+        check_hot_factor(factor, model.n_routed_experts, model.num_experts_per_tok)
 
 
 # TOML has no null. A field that may be None (q_lora_rank, rope_scaling, data, ...) is written as the string

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import hardware
-from .balance import BiasBalancer, RouterProbe, gather_counts, install_balanced_routing, load_stats, reset_counts
+from .balance import BiasBalancer, RouterProbe, gather_counts, install_routing, load_stats, reset_counts
 from .checkpoint import latest_checkpoint, load_trainer_state, remove_stale_temporaries, save_checkpoint
 from .config import RunConfig, TrainConfig, check_resume_config, load_toml
 from .data import BatchSampler, load_corpus, load_tokenizer
@@ -137,8 +137,7 @@ class Trainer:
         self.balancer = BiasBalancer(cfg.bias_update_speed, freeze_after=freeze_after,
                                      final_gamma=cfg.bias_update_final_speed, total_steps=cfg.steps)
         self.router_probe = RouterProbe(self.model, cfg.seq_aux_alpha, cfg.batch_aux_alpha, seq_len=cfg.seq_len)
-        if cfg.routing == "balanced":
-            install_balanced_routing(self.model)
+        install_routing(self.model, cfg.routing)  # --routing balanced / hot:F (diagnostics)
         self.step, self.bad_steps = 0, 0
         self.initial_val_loss: float | None = None
         if resume:
