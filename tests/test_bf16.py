@@ -18,7 +18,8 @@ from moeforge.data import ByteTokenizer  # noqa: E402
 from moeforge.generate import generate as full_forward_generate  # noqa: E402
 from moeforge.inference import LatentKVCache, SamplingParams, forward_cached, generate  # noqa: E402
 from moeforge.inference.speculative import MTPSpeculativeDecoder  # noqa: E402
-from moeforge.model import Router, Transformer  # noqa: E402
+from moeforge.model import Router  # noqa: E402
+from moeforge import Transformer  # noqa: E402  (the model with Hugging Face I/O)
 
 BF16 = torch.bfloat16
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
