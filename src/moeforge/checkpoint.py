@@ -117,8 +117,10 @@ def remove_stale_temporaries(run_dir: Path) -> list[str]:
     return done
 
 
-def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, keep: int = 2) -> Path:
-    """Write step-N atomically, then prune all but the `keep` most recent checkpoints."""
+def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, keep: int = 2,
+                    write_extra=None) -> Path:
+    """Write step-N atomically, then prune all but the `keep` most recent checkpoints. write_extra(folder)
+    adds files beside the model before the folder is made final (e.g. multimodal encoders)."""
     base = checkpoints_dir(run_dir)
     base.mkdir(parents=True, exist_ok=True)
     final = base / f"step-{step:06d}"
@@ -126,6 +128,8 @@ def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, keep: 
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(model, tmp)
     torch.save(trainer_state, tmp / STATE_FILE)
+    if write_extra is not None:
+        write_extra(tmp)
     _fsync_tree(tmp)
     if final.exists():  # re-saving the same step (e.g. after a resume): swap, then delete the old one
         old = base / f".old-{final.name}-{os.getpid()}"
@@ -152,6 +156,9 @@ def load_trainer_state(ckpt: Path) -> dict:
 
 def _fsync_tree(folder: Path) -> None:
     for f in folder.iterdir():
+        if f.is_dir():  # e.g. a multimodal checkpoint's encoders
+            _fsync_tree(f)
+            continue
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     _fsync_dir(folder)
