@@ -238,7 +238,7 @@ PRESET_TRAIN_DEFAULTS: dict[str, dict] = {
     "tiny": {"bias_update_speed": 1e-2, "bias_update_final_speed": 1e-3, "seq_aux_alpha": 1e-2},
     "debug": {"bias_update_speed": 1e-2},
     "tiny-mm": {"bias_update_speed": 1e-2, "bias_update_final_speed": 1e-3, "seq_aux_alpha": 1e-2,
-                "multimodal": True, "batch_size": 8, "sample_tokens": 0},
+                "multimodal": True, "batch_size": 4, "sample_tokens": 0},
 }
 
 

@@ -83,7 +83,8 @@ class MultimodalTrainer(Trainer):
                            f"speech word accuracy {results['speech_word_accuracy']:.3f} (chance 0.1)")
         return summary
 
-    def evaluate_media(self, n: int = 200) -> dict:
+    def evaluate_media(self, n: int | None = None) -> dict:
+        n = n or min(200, self.cfg.mm_examples)
         images = image_examples("test", n, self.mm_config)
         speech = speech_examples("test", n, self.mm_config, word_clips("test"))
         text = [self.val_batches.batch(i)[0] for i in range(self.cfg.eval_batches)]
