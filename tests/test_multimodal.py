@@ -235,3 +235,35 @@ def test_espeak_speech_clips_have_transcripts():
         assert np.abs(wave_).max() > 0.05
     examples = speech_examples("train", 4, MultimodalConfig(), clips)
     assert all(set(ex.answer.split()) <= {"one", "seven"} for ex in examples)
+
+
+def test_generate_cli_with_image_and_audio_and_bad_media(tmp_path, capsys):
+    from moeforge.cli import main
+    from moeforge.multimodal.model import save_pretrained
+
+    model = tiny_lm(5)
+    save_pretrained(model, tmp_path / "ckpt")
+    ex = image_examples("test", 1, CFG)[0]
+    png = tmp_path / "shape.png"
+    mmdata.render_image("circle", "red", "top left", np.random.default_rng(0), CFG.image_size).save(png)
+    wav = tmp_path / "tone.wav"
+    wav.write_bytes(media.encode_wav(tone_clips()[3][1]))
+    img = media.decode_image(png.read_bytes(), CFG.image_size)
+    expected = greedy_answers(model, [Example("image", img, ex.prompt, "", "")], CFG, TOK, max_new=5)[0]
+    base = ["generate", "--checkpoint", str(tmp_path / "ckpt"), "--temperature", "0", "--max-new-tokens", "5"]
+    assert main(base + ["--image", str(png), "--prompt", ex.prompt]) == 0
+    assert capsys.readouterr().out.strip() == (ex.prompt + expected).strip()
+    assert main(base + ["--audio", str(wav), "--prompt", "Transcribe: "]) == 0
+    assert capsys.readouterr().out.startswith("Transcribe: ")
+    assert main(base + ["--image", str(wav)]) == 2
+    assert "not a readable image" in capsys.readouterr().err
+    long_wav = tmp_path / "long.wav"
+    long_wav.write_bytes(media.encode_wav(np.zeros(media.SAMPLE_RATE * 3, np.float32)))
+    assert main(base + ["--audio", str(long_wav)]) == 2
+    assert "limit is 1.0 s" in capsys.readouterr().err
+    lm_only = tmp_path / "lm"
+    from moeforge.hf import save_pretrained as save_lm
+
+    save_lm(model.lm, lm_only)
+    assert main(["generate", "--checkpoint", str(lm_only), "--image", str(png)]) == 2
+    assert "not a multimodal checkpoint" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import torch
 
 from ..inference.absorbed import _rope_and_mask, block_step, forward_cached
 from ..inference.kv_cache import LatentKVCache
+from ..inference.sampling import SamplingParams, sample
 from .data import Example, collate
 from .model import MediaBatch, MultimodalLM
 
@@ -23,8 +24,10 @@ def prefill_embeddings(lm, h: torch.Tensor, cache: LatentKVCache) -> torch.Tenso
 
 
 @torch.no_grad()
-def greedy_tokens(model: MultimodalLM, batch: MediaBatch, max_new: int, eos: int, autocast=nullcontext) -> list[list[int]]:
-    """Greedy continuation of every row of `batch` (rows of equal length), each cut at its first eos."""
+def greedy_tokens(model: MultimodalLM, batch: MediaBatch, max_new: int, eos: int, autocast=nullcontext,
+                  params: SamplingParams = SamplingParams(), seed: int = 0) -> list[list[int]]:
+    """Continuation of every row of `batch` (rows of equal length), each cut at its first eos: greedy by
+    default, else sampled with `params` (`moeforge.inference.sampling`)."""
     lm = model.lm
     device = next(model.parameters()).device
     batch = batch.to(device)
@@ -32,10 +35,11 @@ def greedy_tokens(model: MultimodalLM, batch: MediaBatch, max_new: int, eos: int
     cache = LatentKVCache.for_model(lm.config, B, T + max_new, device=device)
     rows: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
     with autocast():
         logits = prefill_embeddings(lm, model.embed(batch), cache)
         for step in range(max_new):
-            token = logits.float().argmax(-1)
+            token = sample(logits.float(), params, generator)
             for r, (t, d) in enumerate(zip(token.tolist(), done.tolist())):
                 if not d and t != eos:
                     rows[r].append(t)
@@ -66,3 +70,11 @@ def greedy_answers(model: MultimodalLM, examples: list[Example], cfg, tokenizer,
     finally:
         model.train(was_training)
     return answers
+
+
+def answer_media(model: MultimodalLM, kind: str, media_input, prompt: str, tokenizer, max_new: int,
+                 params: SamplingParams = SamplingParams(), seed: int = 0) -> str:
+    """One `<image>`/`<audio>` + prompt sequence (media already decoded) -> the model's continuation."""
+    batch = collate([Example(kind, media_input, prompt, "", "")], model.mm_config, tokenizer, with_answer=False)
+    eos = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    return tokenizer.decode(greedy_tokens(model, batch, max_new, eos, params=params, seed=seed)[0])
