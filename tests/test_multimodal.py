@@ -197,6 +197,10 @@ def test_trainer_checkpoints_encoders_beside_the_lm_and_resumes_exactly(tmp_path
     assert {"image_accuracy", "speech_word_accuracy", "expert_load_by_modality"} <= set(summary)
     assert set(summary["expert_load_by_modality"]) == {"text", "image", "audio"}
     saved = json.loads((tmp_path / "a" / "run" / "summary.json").read_text())
+    assert set(saved["expert_load_separation"]) == {"text/image", "text/audio", "image/audio"}
+    from moeforge.multimodal.report import plot_modality_load
+
+    assert plot_modality_load(tmp_path / "a" / "run", tmp_path / "plots")[0].stat().st_size > 1000
     assert saved["image_chance"] == pytest.approx((1 / 3 + 1 / 4 + 1 / 4) / 3)
     metrics = [json.loads(line) for line in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all("image_loss" in m and "speech_loss" in m for m in metrics)

@@ -220,7 +220,10 @@ def cmd_report(args) -> int:
     rows = read_metrics(Path(args.run_dir))
     print(summarize(rows))
     if args.plot:
-        for path in plot(rows, Path(args.out) if args.out else Path(args.run_dir) / "plots"):
+        from .multimodal.report import plot_modality_load
+
+        out = Path(args.out) if args.out else Path(args.run_dir) / "plots"
+        for path in plot(rows, out) + plot_modality_load(Path(args.run_dir), out):
             print(f"wrote {path}")
     return 0
 

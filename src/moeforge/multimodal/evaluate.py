@@ -59,6 +59,14 @@ class ModalityLoad:
         share = self.counts / self.counts.sum(-1, keepdim=True).clamp(min=1)
         return {m: share[k].tolist() for k, m in enumerate(MODALITIES) if self.counts[k].sum() > 0}
 
+    def separation(self) -> dict[str, list[float]]:
+        """'a/b' -> per layer total-variation distance between two modalities' expert shares (0 = the same
+        experts in the same proportions, 1 = disjoint experts)."""
+        share = self.counts / self.counts.sum(-1, keepdim=True).clamp(min=1)
+        present = [k for k in range(len(MODALITIES)) if self.counts[k].sum() > 0]
+        return {f"{MODALITIES[a]}/{MODALITIES[b]}": (0.5 * (share[a] - share[b]).abs().sum(-1)).tolist()
+                for i, a in enumerate(present) for b in present[i + 1:]}
+
 
 @torch.no_grad()
 def evaluate_media(model: MultimodalLM, images: list[Example], speech: list[Example], text_batches, cfg,
@@ -95,6 +103,7 @@ def evaluate_media(model: MultimodalLM, images: list[Example], speech: list[Exam
         "speech_word_accuracy": word_accuracy([ex.answer for ex in speech], speech_answers),
         "speech_exact_match": sum(ex.answer == a for ex, a in zip(speech, speech_answers)) / max(1, len(speech)),
         "expert_load_by_modality": load.fractions(),
+        "expert_load_separation": load.separation(),
         "examples": [{"kind": ex.kind, "prompt": ex.prompt, "answer": ex.answer, "output": a}
                      for ex, a in list(zip(images, img_answers))[:5] + list(zip(speech, speech_answers))[:5]],
     }
