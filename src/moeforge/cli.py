@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculative decoding with the model's MTP module as drafter (prints acceptance)")
     g.add_argument("--expert-budget", type=int, default=None, metavar="N",
                    help="keep only N routed experts resident, the rest memory-mapped from the checkpoint")
+    g.add_argument("--image", metavar="FILE", help="multimodal checkpoints: an image before the prompt")
+    g.add_argument("--audio", metavar="FILE.wav", help="multimodal checkpoints: a WAV clip before the prompt")
     g.add_argument("--no-cache", action="store_true",
                    help="re-run the whole sequence per token instead of the latent KV cache (reference)")
     add_dtype_flag(g)
@@ -161,6 +163,10 @@ def cmd_generate(args) -> int:
         flag = "--mtp" if args.mtp else "--expert-budget"
         raise ConfigError(f"--no-cache runs the cache-free reference path, which has no {flag}; drop one of them")
     folder = resolve_checkpoint_dir(args.checkpoint)
+    if args.image or args.audio:
+        from .multimodal.cli import generate_with_media
+
+        return generate_with_media(folder, args)
     tokenizer_path = args.tokenizer
     if tokenizer_path is None and (folder / "tokenizer.json").is_file():
         tokenizer_path = str(folder / "tokenizer.json")
@@ -219,7 +225,10 @@ def cmd_report(args) -> int:
     rows = read_metrics(Path(args.run_dir))
     print(summarize(rows))
     if args.plot:
-        for path in plot(rows, Path(args.out) if args.out else Path(args.run_dir) / "plots"):
+        from .multimodal.report import plot_modality_load
+
+        out = Path(args.out) if args.out else Path(args.run_dir) / "plots"
+        for path in plot(rows, out) + plot_modality_load(Path(args.run_dir), out):
             print(f"wrote {path}")
     return 0
 

@@ -206,6 +206,12 @@ PRESETS: dict[str, dict] = {
                  num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=1.0,
                  first_k_dense_replace=1, q_lora_rank=128, kv_lora_rank=64, qk_rope_head_dim=16,
                  qk_nope_head_dim=32, v_head_dim=32, max_position_embeddings=1024, num_nextn_predict_layers=1),
+    # `tiny` with image and speech encoders in front (moeforge.multimodal; docs/multimodal.md).
+    "tiny-mm": dict(vocab_size=256, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+                    num_hidden_layers=4, num_attention_heads=4, n_shared_experts=1, n_routed_experts=16,
+                    num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=1.0,
+                    first_k_dense_replace=1, q_lora_rank=128, kv_lora_rank=64, qk_rope_head_dim=16,
+                    qk_nope_head_dim=32, v_head_dim=32, max_position_embeddings=1024, num_nextn_predict_layers=1),
     "v2-lite": dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
                     num_hidden_layers=27, num_attention_heads=16, n_shared_experts=2, n_routed_experts=64,
                     num_experts_per_tok=6, n_group=1, topk_group=1, routed_scaling_factor=1.0,
@@ -231,6 +237,8 @@ PRESETS: dict[str, dict] = {
 PRESET_TRAIN_DEFAULTS: dict[str, dict] = {
     "tiny": {"bias_update_speed": 1e-2, "bias_update_final_speed": 1e-3, "seq_aux_alpha": 1e-2},
     "debug": {"bias_update_speed": 1e-2},
+    "tiny-mm": {"bias_update_speed": 1e-2, "bias_update_final_speed": 1e-3, "seq_aux_alpha": 1e-2,
+                "multimodal": True, "batch_size": 4, "sample_tokens": 0},
 }
 
 
@@ -306,6 +314,11 @@ class TrainConfig:
     max_bad_steps: int = doc("Stop after this many consecutive non-finite steps.", default=5)
     sample_tokens: int = doc("Tokens to generate as a sample at the end (0 = none).", default=200)
     sample_prompt: str = doc("Prompt for the end-of-run sample.", default="def ")
+    multimodal: bool = doc("Also train image and speech encoders on synthetic image questions and espeak-ng "
+                           "digit speech, mixed with the text (docs/multimodal.md; one process only).",
+                           default=False)
+    mm_batch_size: int = doc("Multimodal: image and speech sequences per step (each).", default=16)
+    mm_examples: int = doc("Multimodal: training examples generated per modality.", default=4000)
     compile: bool = doc("torch.compile the model (faster steps, slower start).", default=False)
     tensorboard: bool = doc("Also log the metrics and expert-load heatmaps to RUN_DIR/tensorboard "
                             "(moeforge[logging]).", default=False)

@@ -187,13 +187,16 @@ class Trainer:
             raise ConfigError(f"--resume: no checkpoint in {self.run_dir}")
         state = load_trainer_state(ckpt)
         self._restore_state(state)
-        load_into(self.model, hf_to_moeforge(read_safetensors(ckpt), self.run.model), source=str(ckpt))
+        self.load_weights(ckpt)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
             raise TrainingError(f"{ckpt}: optimizer state does not match this model ({e})") from None
         self._continue_run_files()
         self.console.print(f"resuming {self.run_dir} from step {self.step}")
+
+    def load_weights(self, ckpt: Path) -> None:
+        load_into(self.model, hf_to_moeforge(read_safetensors(ckpt), self.run.model), source=str(ckpt))
 
     def _state(self) -> dict:
         """The training-loop state a checkpoint holds besides weights and optimizer (see _restore_state)."""

@@ -134,6 +134,18 @@ class Transformer(nn.Module):
         loss = lm_loss + self.config.mtp_loss_weight * mtp_loss
         return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss)
 
+    def logits_from_embeddings(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, T, D] input embeddings -> logits [B, T, V]: the blocks, norm and head without the token
+        embedding, for callers that build the input vectors themselves (e.g. `moeforge.multimodal`)."""
+        T = h.shape[1]
+        if T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {T} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        cos, sin = self.rotary(torch.arange(T, device=h.device))
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.lm_head(self.norm(h))
+
     def moe_layers(self) -> list[tuple[int, MoE]]:
         """(layer id, MoE module) for every MoE layer of the main model."""
         return [(i, layer.mlp) for i, layer in enumerate(self.layers) if isinstance(layer.mlp, MoE)]

@@ -218,6 +218,8 @@ def run_training(run, run_dir, resume: bool, argv: list[str], profile_memory: bo
     cfg = run.train
     if cfg.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {cfg.nproc}")
+    if cfg.multimodal and (cfg.nproc > 1 or under_torchrun() or max(cfg.dp, cfg.ep, cfg.tp, cfg.pp) > 1):
+        raise ConfigError("--multimodal trains in one process; drop --nproc and the dp/ep/tp/pp flags")
     if profile_memory and (cfg.nproc > 1 or under_torchrun()):
         raise ConfigError("--profile-memory measures one process; drop --nproc (or run it outside torchrun)")
     if cfg.nproc > 1 and not under_torchrun():
@@ -241,6 +243,8 @@ def run_training(run, run_dir, resume: bool, argv: list[str], profile_memory: bo
         raise ConfigError(f"--dp {cfg.dp} --ep {cfg.ep} --tp {cfg.tp} --pp {cfg.pp} needs several processes: add "
                           "--nproc N or launch with torchrun (to resume in one process, pass --ep 1 ...)")
     dcp_resume = resume and run_dir is not None and is_distributed_checkpoint(latest_checkpoint(run_dir))
+    if cfg.multimodal:
+        from ..multimodal.train import MultimodalTrainer as Trainer  # noqa: N806
     if not (under_torchrun() or dcp_resume):
         trainer = Trainer(run, run_dir=run_dir, resume=resume, allow_config_change=allow_config_change)
         if profile_memory:
