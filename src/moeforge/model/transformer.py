@@ -115,14 +115,7 @@ class Transformer(nn.Module):
         IGNORE_INDEX (-100) skips a target. MTP depth k at position i predicts the target of position i+k
         from the embedding of token i+k, read from input_ids (targets may hold -100).
         """
-        T = input_ids.shape[1]
-        if T > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {T} exceeds max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
-        cos, sin = self.rotary(torch.arange(T, device=input_ids.device))
-        h = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            h = layer(h, cos, sin)
+        h, cos, sin = self.run_blocks(self.embed_tokens(input_ids))
         logits = self.lm_head(self.norm(h))
         targets, known = shifted_targets(input_ids, labels, shift_labels)
         if targets is None:
@@ -137,6 +130,10 @@ class Transformer(nn.Module):
     def logits_from_embeddings(self, h: torch.Tensor) -> torch.Tensor:
         """[B, T, D] input embeddings -> logits [B, T, V]: the blocks, norm and head without the token
         embedding, for callers that build the input vectors themselves (e.g. `moeforge.multimodal`)."""
+        return self.lm_head(self.norm(self.run_blocks(h)[0]))
+
+    def run_blocks(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, T, D] input vectors -> the last block's output [B, T, D] and the RoPE tables it used."""
         T = h.shape[1]
         if T > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {T} exceeds max_position_embeddings "
@@ -144,7 +141,7 @@ class Transformer(nn.Module):
         cos, sin = self.rotary(torch.arange(T, device=h.device))
         for layer in self.layers:
             h = layer(h, cos, sin)
-        return self.lm_head(self.norm(h))
+        return h, cos, sin
 
     def moe_layers(self) -> list[tuple[int, MoE]]:
         """(layer id, MoE module) for every MoE layer of the main model."""

@@ -60,8 +60,9 @@ class MultimodalLM(nn.Module):
     def config(self):
         return self.lm.config
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
-        return self.lm(input_ids, labels=labels)
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                shift_labels: torch.Tensor | None = None):
+        return self.lm(input_ids, labels=labels, shift_labels=shift_labels)
 
     def embed(self, batch: MediaBatch) -> torch.Tensor:
         """Token embeddings with the media positions replaced by encoder outputs (in appearance order)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 
-
 from ..checkpoint import save_checkpoint
 from ..hf import hf_to_moeforge, load_into, read_safetensors
 from ..model_card import training_facts
