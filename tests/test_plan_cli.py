@@ -46,7 +46,7 @@ def test_plan_table_layout_and_plot(capsys, tmp_path):
     (["--layout", "dp=32"], "32 ranks, but there are 16 GPUs"),
     (["--set", "speed=3"], "unknown field(s) speed"),
     (["--model", "gpt-5"], "unknown model 'gpt-5'"),
-    (["--layout", "dp=16,schedule=zb"], "choose one of: 1f1b, dualpipe"),
+    (["--layout", "dp=16,schedule=zb"], "choose one of: 1f1b, interleaved-1f1b, dualpipe"),
     (["--layout", "dp=16,tpp=2"], "--layout expects KEY=VALUE pairs"),
 ])
 def test_errors_are_one_line(extra, message, capsys):
