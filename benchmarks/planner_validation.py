@@ -11,10 +11,15 @@ median skips the first two steps (warm-up). On a shared machine, rerun and compa
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import subprocess
 import sys
+import threading
 from pathlib import Path
+
+from moeforge.plan.device import measure_share
 
 # name -> moeforge train flags (besides the common ones below)
 RUNS = {
@@ -37,15 +42,41 @@ COMMON = ["--eval-every", "0", "--eval-batches", "1", "--sample-tokens", "0", "-
 
 
 def make_run(name: str, out: Path, steps: int) -> None:
+    """Train the run, probing this process's CPU share every ~2 s meanwhile (the machine is shared: the
+    prediction needs the load the run saw, not the load at prediction time); kept in DIR/shares.json."""
     run_dir = out / name
     if (run_dir / "summary.json").exists():
         return
+    shares, stop = [], threading.Event()
+
+    def probe():
+        while not stop.wait(2.0):
+            shares.append(measure_share(seconds=0.1, rounds=1))
+    th = threading.Thread(target=probe, daemon=True)
+    th.start()
+    try:
+        _train(name, run_dir, steps)
+    finally:
+        stop.set()
+        th.join()
+    if shares:
+        path = out / "shares.json"
+        table = json.loads(path.read_text()) if path.exists() else {}
+        table[name] = statistics.median(shares)
+        path.write_text(json.dumps(table, indent=1))
+
+
+def _train(name: str, run_dir: Path, steps: int) -> None:
     cmd = [sys.executable, "-m", "moeforge", "train", *RUNS[name], *COMMON, "--steps", str(steps),
            "--run-dir", str(run_dir)]
     print("$", " ".join(cmd[1:]), flush=True)
     # One thread per process: the machine is shared, and OpenMP teams spin-waiting on oversubscribed cores
     # make multi-threaded steps erratic (measured 9-28 s for a 1 s step). --nproc runs get 1 thread each anyway.
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for attempt in (1, 2):  # a shared machine: a run can fail for reasons of its own (retry once)
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if done.returncode == 0:
+            return
+        print(f"  {name}: exit {done.returncode} (attempt {attempt})", flush=True)
 
 
 def main() -> int:
@@ -63,7 +94,8 @@ def main() -> int:
         return 0
     from moeforge.plan.against import validation_table
 
-    print(validation_table([out / n for n in names]))
+    shares = json.loads((out / "shares.json").read_text()) if (out / "shares.json").exists() else {}
+    print(validation_table([out / n for n in names if (out / n / "summary.json").exists()], threads=1, shares=shares))
     return 0
 
 

@@ -111,7 +111,7 @@ def run_layout(run: RunConfig, world: int) -> tuple[Layout, TrainSettings]:
     return lo, s
 
 
-def predict_run(rec: RunRecord, device=None, threads: int | None = None):
+def predict_run(rec: RunRecord, device=None, threads: int | None = None, run_share: float | None = None):
     """(layout, settings, StepTime) predicted for the run on this machine, measured now. threads: per
     rank (default: OMP_NUM_THREADS, else the cores shared evenly, as `moeforge train --nproc` does)."""
     from . import network as net
@@ -123,7 +123,7 @@ def predict_run(rec: RunRecord, device=None, threads: int | None = None):
     if threads is None:
         threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or max(1, (os.cpu_count() or 1) // rec.processes)
     if device is None:
-        device = CPUDevice(threads=threads, ranks=rec.processes)
+        device = CPUDevice(threads=threads, ranks=rec.processes, run_share=run_share)
     hw = local_cpu_hardware(device)
     link = net.Link(device.rates["socket_bw"], device.rates["socket_latency_s"])
     topo = net.Topology("nvswitch", lo.gpus, lo.gpus, link, link)
@@ -139,13 +139,14 @@ def local_cpu_hardware(device):
                     nics_per_node=1, nic_gbits=10, pcie_gbps=1, note="this machine (measured)")
 
 
-def compare(run_dir: str | Path, device=None, threads: int | None = None, processes: int | None = None) -> dict:
+def compare(run_dir: str | Path, device=None, threads: int | None = None, processes: int | None = None,
+            run_share: float | None = None) -> dict:
     rec = read_run(run_dir, processes)
-    lo, s, st = predict_run(rec, device, threads)
+    lo, s, st = predict_run(rec, device, threads, run_share)
     out = {"run": str(rec.run_dir), "layout": lo.short(), "processes": rec.processes, "predicted_s": st.total,
            "measured_s": rec.measured, "error": st.total / rec.measured - 1, "steps_timed": len(rec.step_times),
            "parts": st.parts(), "by_kind": st.by_kind, "optimizer_s": st.optimizer,
-           "memory_predicted": st.memory.to_json()}
+           "memory_predicted": st.memory.to_json(), "cpu_share_during_run": run_share}
     if rec.memory:
         keys = {"weights": "parameters", "gradients": "gradients", "optimizer": "optimizer",
                 "activations": "activations"}
@@ -177,12 +178,13 @@ def against_report(run_dir: str | Path, as_json: bool = False, threads: int | No
     return "\n".join(lines)
 
 
-def validation_table(run_dirs, threads: int | None = None) -> str:
-    """Predicted vs measured for each run, and the mean absolute error."""
+def validation_table(run_dirs, threads: int | None = None, shares: dict | None = None) -> str:
+    """Predicted vs measured for each run, and the mean absolute error. shares: {run dir name: CPU share
+    probed while it ran} (benchmarks/planner_validation.py), else the share measured now."""
     rows, errors = [], []
     for d in run_dirs:
         try:
-            r = compare(d, threads=threads)
+            r = compare(d, threads=threads, run_share=(shares or {}).get(Path(d).name))
         except ConfigError as e:
             rows.append(f"| {Path(d).name} | - | - | - | - | {e} |")
             continue

@@ -106,14 +106,38 @@ def _gpu_op_time(device: GPUDevice, op: Op) -> float:  # the planner prices the 
 
 # --- this CPU, measured ----------------------------------------------------------------------------------
 def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (oneDNN picks and JITs kernels)
+    """Median CPU seconds (per intra-op thread) per call (after a warm-up call: oneDNN picks and JITs kernels).
+
+    CPU time, not wall time: on a machine shared with other jobs the wall time of a call depends on what
+    else runs; its CPU time does not. The wall clock comes back through `measure_share`."""
+    import torch
+
+    fn()
+    threads = torch.get_num_threads()  # intra-op threads share the work: CPU seconds / threads
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append((time.process_time() - t0) / threads)
     times.sort()
     return times[len(times) // 2]
+
+
+def measure_share(seconds: float = 0.25, rounds: int = 3) -> float:
+    """The fraction of one core this process gets now (thread CPU time / wall time over a busy loop):
+    1 on an idle machine, ~0.2 when five other jobs compete for each core."""
+    import torch
+
+    a = torch.randn(256, 256)
+    shares = []
+    with _threads(1):
+        for _ in range(rounds):
+            w0, c0 = time.perf_counter(), time.thread_time()
+            while time.perf_counter() - w0 < seconds:
+                a.mul_(1.0)
+            shares.append((time.thread_time() - c0) / (time.perf_counter() - w0))
+    shares.sort()
+    return max(1e-3, min(1.0, shares[len(shares) // 2]))
 
 
 def _cache_path() -> Path:
@@ -239,6 +263,7 @@ class CPUDevice:
     impl: Impl = EAGER
     name: str = "cpu"
     can_overlap: bool = False  # gloo and the kernels share the cores: communication does not hide
+    run_share: float | None = None  # `measure_share` sampled while the run itself ran (benchmarks do)
     rates: dict = field(default_factory=dict)
     cache: _ShapeCache | None = None
 
@@ -246,19 +271,25 @@ class CPUDevice:
         if self.cache is None:
             self.cache = _ShapeCache(_cache_path())
         if not self.rates:
-            self.rates = {**measure_memory(self.threads), **measure_socket()}
+            self.rates = {**measure_memory(self.threads), **measure_socket(), "share": measure_share()}
 
     @property
-    def oversubscription(self) -> float:
-        """Ranks x threads over cores: with 4 single-thread ranks on 2 cores each runs at half speed."""
-        return max(1.0, self.ranks * self.threads / (os.cpu_count() or 1))
+    def slowdown(self) -> float:
+        """Wall seconds per CPU second of one rank while the run's `ranks` x `threads` share the cores with
+        the load measured now: the runnable jobs besides this probe are cores / share - 1 (share =
+        `measure_share`); the run adds its own ranks to them."""
+        cores = os.cpu_count() or 1
+        if self.run_share is not None:  # probed while the run ran: its ranks are among the jobs seen
+            return max(1.0, (cores / self.run_share - 1) / cores)
+        others = max(0.0, cores / self.rates["share"] - 1)
+        return max(1.0, (others + self.ranks * self.threads) / cores)
 
     def gemm(self, op: Op, dtype: str) -> float:
         m, n, k, g = op.m, op.n, op.k, op.groups
         if op.kind == "attention":  # eager attention: batched matmuls over B*H (bmm)
-            key = f"bmm|{g}|{m}|{n}|{k}|{dtype}|{self.threads}"
+            key = f"cpu-s|bmm|{g}|{m}|{n}|{k}|{dtype}|{self.threads}"
             return self.cache.get(key, lambda: _measure_bmm(g, m, n, k, dtype, self.threads))
-        key = f"mm|{g}|{m}|{n}|{k}|{dtype}|{self.threads}"
+        key = f"cpu-s|mm|{g}|{m}|{n}|{k}|{dtype}|{self.threads}"
         return self.cache.get(key, lambda: measure_gemm(m, n, k, g, dtype, self.threads))
 
     def op_time(self, op: Op) -> float:
@@ -270,7 +301,7 @@ class CPUDevice:
             t = op.bytes / r["elementwise_bw"] + op.kernels * r["dispatch_s"]
         else:
             raise ValueError(op.kind)
-        return t * self.oversubscription
+        return t * self.slowdown
 
     def save(self) -> None:
         self.cache.save()

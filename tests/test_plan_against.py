@@ -1,0 +1,57 @@
+"""`moeforge plan --against RUN_DIR`: a real (tiny) run of the trainer, predicted on this machine.
+
+The bound is loose on purpose: it guards the composition (op list x measured device) against
+regressions such as a dropped backward or a doubled layer, not the accuracy, which the validation
+table of benchmarks/planner_validation.py measures (docs/planner.md). Timings are not asserted
+beyond that factor."""
+
+import json
+
+import pytest
+import torch
+
+from moeforge.cli import main
+
+
+@pytest.fixture(scope="module")
+def debug_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("against") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the validation runs: one thread per process (docs/planner.md)
+    try:
+        assert main(["train", "--preset", "debug", "--steps", "5", "--batch-size", "4", "--seq-len", "64",
+                     "--eval-every", "0", "--eval-batches", "1", "--sample-tokens", "0", "--max-corpus-mb", "0.2",
+                     "--device", "cpu", "--precision", "fp32", "--run-dir", str(run_dir)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return run_dir
+
+
+def test_against_predicts_a_finished_run_within_a_loose_factor(debug_run, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # GEMM timings cached here, not in ~/.cache
+    # a torn last line (a run killed while writing) is dropped with a warning, not an error
+    with open(debug_run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "loss": 3.1, "tokens_per')
+    assert main(["plan", "--against", str(debug_run), "--threads", "1", "--json"]) == 0
+    captured = capsys.readouterr()
+    r = json.loads(captured.out)
+    assert "torn last line" in captured.err
+    assert r["processes"] == 1 and r["layout"].startswith("DP1 TP1 PP1 EP1")
+    assert r["steps_timed"] == 5
+    assert 1 / 3 < r["predicted_s"] / r["measured_s"] < 3
+    assert r["by_kind"]["gemm"] > 0 and r["by_kind"]["memory"] > 0 and r["by_kind"]["attention"] > 0
+    assert sum(r["parts"].values()) == pytest.approx(r["predicted_s"])
+    assert (tmp_path / "moeforge" / "plan-cpu.json").is_file()  # measured shapes are kept
+    assert main(["plan", "--against", str(debug_run), "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "predicted" in text and "measured" in text and "error" in text and "memory per rank" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--against", "/nonexistent/run"], "not a run folder"),
+    (["--threads", "2"], "use them with --against"),
+])
+def test_against_errors_are_one_line(args, message, capsys):
+    assert main(["plan", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
