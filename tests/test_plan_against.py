@@ -6,28 +6,41 @@ table of benchmarks/planner_validation.py measures (docs/planner.md). Timings ar
 beyond that factor."""
 
 import json
+import statistics
+import threading
 
 import pytest
 import torch
 
 from moeforge.cli import main
+from moeforge.plan.against import compare
+from moeforge.plan.device import measure_share
 
 
 @pytest.fixture(scope="module")
 def debug_run(tmp_path_factory):
+    """A 5-step debug run, with this machine's CPU share probed while it trains (the machine is shared:
+    the prediction needs the load the run saw)."""
     run_dir = tmp_path_factory.mktemp("against") / "run"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the validation runs: one thread per process (docs/planner.md)
+    shares, stop = [], threading.Event()
+    probe = threading.Thread(target=lambda: [shares.append(measure_share(0.05, 1)) for _ in iter(
+        lambda: stop.wait(0.5), True)], daemon=True)
+    probe.start()
     try:
         assert main(["train", "--preset", "debug", "--steps", "5", "--batch-size", "4", "--seq-len", "64",
                      "--eval-every", "0", "--eval-batches", "1", "--sample-tokens", "0", "--max-corpus-mb", "0.2",
                      "--device", "cpu", "--precision", "fp32", "--run-dir", str(run_dir)]) == 0
     finally:
+        stop.set()
+        probe.join()
         torch.set_num_threads(threads)
-    return run_dir
+    return run_dir, statistics.median(shares) if shares else None
 
 
 def test_against_predicts_a_finished_run_within_a_loose_factor(debug_run, capsys, tmp_path, monkeypatch):
+    debug_run, share = debug_run
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # GEMM timings cached here, not in ~/.cache
     # a torn last line (a run killed while writing) is dropped with a warning, not an error
     with open(debug_run / "metrics.jsonl", "a") as f:
@@ -38,6 +51,7 @@ def test_against_predicts_a_finished_run_within_a_loose_factor(debug_run, capsys
     assert "torn last line" in captured.err
     assert r["processes"] == 1 and r["layout"].startswith("DP1 TP1 PP1 EP1")
     assert r["steps_timed"] == 5
+    r = compare(debug_run, threads=1, run_share=share)
     assert 1 / 3 < r["predicted_s"] / r["measured_s"] < 3
     assert r["by_kind"]["gemm"] > 0 and r["by_kind"]["memory"] > 0 and r["by_kind"]["attention"] > 0
     assert sum(r["parts"].values()) == pytest.approx(r["predicted_s"])

@@ -254,6 +254,13 @@ def measure_socket(mb: float = 32.0) -> dict:
     return {"socket_bw": bw, "socket_latency_s": lat}
 
 
+@lru_cache(maxsize=None)
+def measured_rates(threads: int) -> tuple:
+    """This machine's element-wise bandwidth, dispatch cost, loopback sockets and CPU share, measured once
+    per process (so the rows of one validation table share one measurement)."""
+    return tuple({**measure_memory(threads), **measure_socket(), "share": measure_share()}.items())
+
+
 @dataclass
 class CPUDevice:
     """This machine, as `ranks` processes of `threads` threads each sharing its cores (gloo runs)."""
@@ -271,7 +278,7 @@ class CPUDevice:
         if self.cache is None:
             self.cache = _ShapeCache(_cache_path())
         if not self.rates:
-            self.rates = {**measure_memory(self.threads), **measure_socket(), "share": measure_share()}
+            self.rates = dict(measured_rates(self.threads))
 
     @property
     def slowdown(self) -> float:

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from . import network as net
 from .catalog import Hardware
 from .layout import Layout, TrainSettings, micro_batches
-from .memory import Memory, memory_per_rank
+from .memory import Memory, memory_per_rank, stage_layers
 from .models import ModelShape
 from .ops import Op, step_blocks
 
@@ -145,18 +145,36 @@ def _hidden(comm: float, window: float, overlap: float | None, schedule_hides: b
     return max(0.0, comm - window) if schedule_hides else comm
 
 
+def candidate_stages(model: ModelShape, lo: Layout) -> list[int]:
+    """Stages that can be the slowest: the first (embedding), the last (head, loss, MTP), and the first
+    stage with the most layers and with the most MoE layers (the pipeline runs at its slowest stage)."""
+    ranges = stage_layers(model.num_layers, lo.pp)
+    most = max(range(lo.pp), key=lambda i: len(ranges[i]))
+    most_moe = max(range(lo.pp), key=lambda i: (sum(1 for j in ranges[i] if j >= model.dense_layers), -i))
+    stages = sorted({0, lo.pp - 1, most, most_moe})
+    if lo.schedule == "dualpipe":  # a rank holds stages s and PP-1-s
+        stages = sorted({min(x, lo.pp - 1 - x) for x in stages})
+    return stages
+
+
 def step_time(model: ModelShape, hw: Hardware, topo: net.Topology, layout: Layout,
               settings: TrainSettings, device=None) -> StepTime:
+    """The step time of the slowest pipeline stage's rank."""
     from .device import gpu_device
 
-    s, lo = settings, layout
     device = device if device is not None else gpu_device(hw)
+    return max((_stage_step_time(model, hw, topo, layout, settings, device, st)
+                for st in candidate_stages(model, layout)), key=lambda t: t.total)
+
+
+def _stage_step_time(model, hw, topo, layout, settings, device, stage: int) -> StepTime:
+    s, lo = settings, layout
     m = micro_batches(lo, s)
     fwd = bwd = opt = shared_fwd = 0.0
     tp_mb = ep_mb = pp_mb = zero3_mb = dispatch_mb = dp_comm = 0.0
     kinds: dict[str, float] = {}
     algos: dict[str, str] = {}
-    for block in step_blocks(model, lo, s, device.impl):
+    for block in step_blocks(model, lo, s, device.impl, stage):
         b_fwd, b_bwd, b_step, b_shared, b_kinds, collectives = price_block(device, block)
         fwd, bwd, opt, shared_fwd = fwd + b_fwd, bwd + b_bwd, opt + b_step, shared_fwd + b_shared
         for kind, (t_mb, t_step) in b_kinds.items():
