@@ -16,10 +16,9 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
+import resource
+import time
 from pathlib import Path
-
-from moeforge.plan.device import measure_share
 
 # name -> moeforge train flags (besides the common ones below)
 RUNS = {
@@ -42,28 +41,23 @@ COMMON = ["--eval-every", "0", "--eval-batches", "1", "--sample-tokens", "0", "-
 
 
 def make_run(name: str, out: Path, steps: int) -> None:
-    """Train the run, probing this process's CPU share every ~2 s meanwhile (the machine is shared: the
-    prediction needs the load the run saw, not the load at prediction time); kept in DIR/shares.json."""
+    """Train the run and record the CPU share its processes got (their CPU seconds, from rusage, over
+    wall seconds x ranks): the machine is shared, and the wall time of a step is its CPU time over that
+    share. Kept in DIR/shares.json; the prediction itself is in CPU seconds (docs/planner.md)."""
     run_dir = out / name
     if (run_dir / "summary.json").exists():
         return
-    shares, stop = [], threading.Event()
-
-    def probe():
-        while not stop.wait(2.0):
-            shares.append(measure_share(seconds=0.1, rounds=1))
-    th = threading.Thread(target=probe, daemon=True)
-    th.start()
-    try:
-        _train(name, run_dir, steps)
-    finally:
-        stop.set()
-        th.join()
-    if shares:
-        path = out / "shares.json"
-        table = json.loads(path.read_text()) if path.exists() else {}
-        table[name] = statistics.median(shares)
-        path.write_text(json.dumps(table, indent=1))
+    ranks = int(RUNS[name][RUNS[name].index("--nproc") + 1]) if "--nproc" in RUNS[name] else 1
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    _train(name, run_dir, steps)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    path = out / "shares.json"
+    table = json.loads(path.read_text()) if path.exists() else {}
+    table[name] = min(1.0, cpu / (wall * ranks))
+    path.write_text(json.dumps(table, indent=1))
 
 
 def _train(name: str, run_dir: Path, steps: int) -> None:

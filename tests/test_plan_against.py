@@ -6,37 +6,30 @@ table of benchmarks/planner_validation.py measures (docs/planner.md). Timings ar
 beyond that factor."""
 
 import json
-import statistics
-import threading
+import time
 
 import pytest
 import torch
 
 from moeforge.cli import main
 from moeforge.plan.against import compare
-from moeforge.plan.device import measure_share
 
 
 @pytest.fixture(scope="module")
 def debug_run(tmp_path_factory):
-    """A 5-step debug run, with this machine's CPU share probed while it trains (the machine is shared:
-    the prediction needs the load the run saw)."""
+    """A 5-step debug run, and the CPU share it got (CPU seconds over wall seconds: the machine is
+    shared, and a step's wall time is its CPU time over that share)."""
     run_dir = tmp_path_factory.mktemp("against") / "run"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the validation runs: one thread per process (docs/planner.md)
-    shares, stop = [], threading.Event()
-    probe = threading.Thread(target=lambda: [shares.append(measure_share(0.05, 1)) for _ in iter(
-        lambda: stop.wait(0.5), True)], daemon=True)
-    probe.start()
+    c0, w0 = time.process_time(), time.perf_counter()
     try:
         assert main(["train", "--preset", "debug", "--steps", "5", "--batch-size", "4", "--seq-len", "64",
                      "--eval-every", "0", "--eval-batches", "1", "--sample-tokens", "0", "--max-corpus-mb", "0.2",
                      "--device", "cpu", "--precision", "fp32", "--run-dir", str(run_dir)]) == 0
     finally:
-        stop.set()
-        probe.join()
         torch.set_num_threads(threads)
-    return run_dir, statistics.median(shares) if shares else None
+    return run_dir, min(1.0, (time.process_time() - c0) / (time.perf_counter() - w0))
 
 
 def test_against_predicts_a_finished_run_within_a_loose_factor(debug_run, capsys, tmp_path, monkeypatch):

@@ -270,7 +270,7 @@ class CPUDevice:
     impl: Impl = EAGER
     name: str = "cpu"
     can_overlap: bool = False  # gloo and the kernels share the cores: communication does not hide
-    run_share: float | None = None  # `measure_share` sampled while the run itself ran (benchmarks do)
+    run_share: float | None = None  # CPU share the run's processes got (rusage; benchmarks record it)
     rates: dict = field(default_factory=dict)
     cache: _ShapeCache | None = None
 
@@ -286,8 +286,8 @@ class CPUDevice:
         the load measured now: the runnable jobs besides this probe are cores / share - 1 (share =
         `measure_share`); the run adds its own ranks to them."""
         cores = os.cpu_count() or 1
-        if self.run_share is not None:  # probed while the run ran: its ranks are among the jobs seen
-            return max(1.0, (cores / self.run_share - 1) / cores)
+        if self.run_share is not None:  # the CPU share the run's own processes got (measured)
+            return 1.0 / self.run_share
         others = max(0.0, cores / self.rates["share"] - 1)
         return max(1.0, (others + self.ranks * self.threads) / cores)
 
