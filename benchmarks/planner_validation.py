@@ -1,6 +1,7 @@
 """Predicted vs measured step time of local runs: the planner's validation table (issue 17, item 2).
 
     python benchmarks/planner_validation.py [--runs DIR] [--only NAME,...] [--steps N]
+    python benchmarks/planner_validation.py --cpu-time    # in-process CPU seconds, debug and tiny
 
 Trains each run of RUNS below that DIR does not hold yet (`moeforge train`, gloo processes on this
 machine), then prints `moeforge plan --against` for each: predicted and measured median step time,
@@ -73,13 +74,59 @@ def _train(name: str, run_dir: Path, steps: int) -> None:
         print(f"  {name}: exit {done.returncode} (attempt {attempt})", flush=True)
 
 
+def cpu_time_check(preset: str, steps: int = 3) -> str:
+    """In-process, one thread: the CPU seconds of real trainer steps (process_time, after two warm-up
+    steps) next to the planner's predicted CPU seconds (share 1): the op model without the load noise."""
+    import tempfile
+
+    import torch
+    from rich.console import Console
+
+    from moeforge.config import resolve_run_config
+    from moeforge.plan import network as net
+    from moeforge.plan.against import local_cpu_hardware, run_layout
+    from moeforge.plan.device import CPUDevice
+    from moeforge.plan.models import from_moe
+    from moeforge.plan.steptime import step_time
+    from moeforge.train import Trainer
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = resolve_run_config({}, dict(preset=preset, batch_size=16, seq_len=256, device="cpu", precision="fp32",
+                                          max_corpus_mb=0.5, run_dir=tmp))
+        trainer = Trainer(run, run_dir=tmp, console=Console(quiet=True))
+        cpu, wall = [], []
+        for i in range(steps + 2):
+            c0, w0 = time.process_time(), time.perf_counter()
+            trainer.train_step()
+            trainer.step += 1
+            if i >= 2:
+                cpu.append(time.process_time() - c0)
+                wall.append(time.perf_counter() - w0)
+    lo, s = run_layout(run, 1)
+    dev = CPUDevice(threads=1, ranks=1, run_share=1.0)
+    link = net.Link(dev.rates["socket_bw"], dev.rates["socket_latency_s"])
+    st = step_time(from_moe(run.model, preset), local_cpu_hardware(dev), net.Topology("nvswitch", 1, 1, link, link),
+                   lo, s, device=dev)
+    measured = statistics.median(cpu)
+    return (f"{preset} 16 x 256 fp32, 1 thread: predicted {st.total:.3f} CPU s/step, measured {measured:.3f} "
+            f"(steps {', '.join(f'{c:.3f}' for c in cpu)}; wall {statistics.median(wall):.3f} s) -> "
+            f"{100 * (st.total / measured - 1):+.0f}%")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="runs/planner-validation", help="folder of the runs (made if missing)")
     ap.add_argument("--only", default="", help="comma-separated run names (default: all)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--make-only", action="store_true", help="train the missing runs, print nothing else")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="instead: predicted vs measured CPU seconds of in-process debug and tiny steps")
     args = ap.parse_args()
+    if args.cpu_time:
+        for preset in ("debug", "tiny"):
+            print(cpu_time_check(preset), flush=True)
+        return 0
     names = [n for n in args.only.split(",") if n] or list(RUNS)
     out = Path(args.runs)
     for name in names:
