@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from ..errors import ConfigError
 from .catalog import Hardware
 from .ops import EAGER, FUSED, Impl, Op
 
@@ -323,8 +322,19 @@ def _measure_bmm(g: int, m: int, n: int, k: int, dtype: str, threads: int) -> fl
         return _median_time(lambda: torch.bmm(a, b), 3)
 
 
-@lru_cache(maxsize=None)
-def gpu_device(hw: Hardware, impl_name: str = "fused") -> GPUDevice:
+_LOCAL: dict = {}
+
+
+def gpu_device(hw: Hardware):
+    """The device model for a catalogue entry; `cpu` is this machine, measured (one process using all
+    cores, eager PyTorch), as `--hardware cpu` plans it."""
     if hw.name == "cpu":
-        raise ConfigError("the cpu device is measured per run layout: use plan --against RUN_DIR")
-    return GPUDevice(hw, FUSED if impl_name == "fused" else EAGER)
+        if "cpu" not in _LOCAL:
+            _LOCAL["cpu"] = CPUDevice(threads=os.cpu_count() or 1, ranks=1)
+        return _LOCAL["cpu"]
+    return _gpu_device(hw)
+
+
+@lru_cache(maxsize=None)
+def _gpu_device(hw: Hardware) -> GPUDevice:
+    return GPUDevice(hw, FUSED)

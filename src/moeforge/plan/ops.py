@@ -158,7 +158,7 @@ def _mlp_ops(tokens: int, D: int, F: int, act: float, impl: Impl, precision: str
 
 def _moe_ops(model: ModelShape, tokens: int, lo: Layout, act: float, impl: Impl, precision: str,
              settings: TrainSettings, tag: str) -> list[Op]:
-    c, D, K = model.moe_config, model.hidden_size, model.experts_per_token
+    D, K = model.hidden_size, model.experts_per_token
     E, F = model.n_routed_experts, model.expert_intermediate
     ops = _linear(tag + "router", tokens, D, E, "fp32" if impl.name == "eager" else precision)
     ops += _ew("router", tokens * E, 4, impl, tag)
