@@ -46,7 +46,7 @@ def test_plan_table_layout_and_plot(capsys, tmp_path):
     (["--layout", "dp=32"], "32 ranks, but there are 16 GPUs"),
     (["--set", "speed=3"], "unknown field(s) speed"),
     (["--model", "gpt-5"], "unknown model 'gpt-5'"),
-    (["--layout", "dp=16,schedule=zb"], "choose one of: 1f1b, dualpipe"),
+    (["--layout", "dp=16,schedule=zb"], "choose one of: 1f1b, interleaved-1f1b, dualpipe"),
     (["--layout", "dp=16,tpp=2"], "--layout expects KEY=VALUE pairs"),
 ])
 def test_errors_are_one_line(extra, message, capsys):
@@ -71,3 +71,20 @@ def test_calibration_trace_counts_the_matmuls_costs_predicts():
     eager_extra = 3 * attention_half * (cfg.num_hidden_layers + cfg.num_nextn_predict_layers) * tokens
     assert trace.matmul_flops() == pytest.approx(analytic + eager_extra, rel=0.01)
     assert trace.other_ops > 100 and trace.other_bytes > 0
+
+    # The planner's analytic eager op list (plan/ops.py, what `plan --against` prices) against the same
+    # traced step: the same matmul FLOPs and, within its stated approximation (docs/planner.md), as many
+    # element-wise kernels and bytes.
+    from moeforge.config import resolve_run_config
+    from moeforge.plan.against import run_layout
+    from moeforge.plan.models import from_moe
+    from moeforge.plan.ops import EAGER, step_ops, summarize
+
+    run = resolve_run_config({}, dict(preset="debug", batch_size=batch, seq_len=seq, device="cpu", precision="fp32"))
+    lo, s = run_layout(run, 1)
+    ops = step_ops(from_moe(run.model, "debug"), lo, s, EAGER)
+    totals = summarize(ops, 1)
+    assert totals["flops"] == pytest.approx(trace.matmul_flops(), rel=0.02)
+    kernels = sum(o.kernels * o.count for o in ops if o.kind == "memory")
+    assert 0.6 < kernels / trace.other_ops < 1.5
+    assert 0.5 < totals["memory_bytes"] / trace.other_bytes < 1.5

@@ -34,8 +34,8 @@ def test_insights_table_3_network_sizes():
     assert net.topology_for(hw, 32768).kind == "fat-tree3"
     with pytest.raises(ConfigError, match="exceed"):
         net.topology_for(hw, 4096, "fat-tree2")
-    with pytest.raises(ConfigError, match="whole number"):
-        net.topology_for(hw, 12)
+    partial = net.topology_for(hw, 12)  # one full node and a half-used one
+    assert partial.placement(12) == (8, 2)
     with pytest.raises(ConfigError, match="choose one of"):
         net.topology_for(hw, 16, "hypercube")
 

@@ -35,7 +35,7 @@ def test_single_layout_is_evaluated_and_flagged():
     (Layout(dp=2, tp=3, pp=1), "valid tp: 1, 2, 4, 8, 16"),
     (Layout(dp=6, tp=1, pp=1, ep=3), "valid ep: 1, 2, 4, 8"),
     (Layout(dp=16, tp=1, pp=1), "16 ranks, but there are 8 GPUs"),
-    (Layout(dp=1, tp=1, pp=8, schedule="zb"), "choose one of: 1f1b, dualpipe"),
+    (Layout(dp=1, tp=1, pp=8, schedule="zb"), "choose one of: 1f1b, interleaved-1f1b, dualpipe"),
 ])
 def test_impossible_layouts_are_one_line_errors(layout, message):
     with pytest.raises(ConfigError, match=message) as e:

@@ -44,6 +44,7 @@ class Hardware:
     nic_latency_us: float = 2.8  # IB same leaf; cross leaf 3.7 (same source)
     nvlink_efficiency: float = 0.8  # achieved/peak: H800 ~160 of 200 GB/s one way (Insights, Sec. 4)
     nic_efficiency: float = 0.8  # ~40 of 50 GB/s per 400 Gb/s IB NIC (Insights, Sec. 4)
+    mxfp8: bool = False  # OCP microscaling FP8 in the tensor cores (Blackwell), at the FP8 rate
     note: str = ""
 
     @property
@@ -51,7 +52,14 @@ class Hardware:
         return self.bf16_tflops * 1e12
 
     def matmul_flops(self, precision: str) -> float:
-        """Peak for matmuls in `precision` (fp8 falls back to the BF16 rate without FP8 tensor cores)."""
+        """Peak for matmuls in `precision` (fp8 falls back to the BF16 rate without FP8 tensor cores;
+        mxfp8 needs hardware block scaling: NVIDIA Blackwell runs MXFP8 at its dense FP8 rate, per the
+        Blackwell architecture technical brief's 2nd-generation Transformer Engine)."""
+        if precision == "mxfp8":
+            if not self.mxfp8:
+                raise ConfigError(f"{self.name} has no MXFP8 tensor cores (Blackwell: b200, gb200-nvl72); "
+                                  "use precision fp8 (software block scales) or bf16")
+            return self.fp8_tflops * 1e12
         if precision == "fp8" and self.fp8_tflops > 0:
             return self.fp8_tflops * 1e12
         return self.bf16_tflops * 1e12
@@ -102,13 +110,13 @@ CATALOG: dict[str, Hardware] = {h.name: h for h in [
     # dense per GPU, 1,440 GB HBM3e total (180 GB/GPU) at 64 TB/s (8 TB/s/GPU), NVLink5 1.8 TB/s
     # bidirectional, 8x 400 Gb/s ConnectX-7; PCIe Gen5.
     Hardware("b200", bf16_tflops=2250, fp8_tflops=4500, hbm_gb=180, hbm_tbps=8.0, nvlink_gbps=900,
-             gpus_per_node=8, nics_per_node=8, nic_gbits=400, pcie_gbps=64, note="B200, DGX B200 node"),
+             gpus_per_node=8, nics_per_node=8, nic_gbits=400, pcie_gbps=64, mxfp8=True, note="B200, DGX B200 node"),
     # NVIDIA GB200 NVL72 datasheet: 72 GPUs in one NVLink domain; 360 PF BF16 / 720 PF FP8 (sparse) ->
     # 2.5 PF BF16 / 5 PF FP8 dense per GPU; 13.4 TB HBM3e (186 GB/GPU) at 576 TB/s (8 TB/s/GPU); NVLink5
     # 1.8 TB/s bidirectional = 900 GB/s per direction (the figure the Insights paper uses, Sec. 2.3.2);
     # one 400 Gb/s ConnectX-7 per GPU for scale-out; Grace-Blackwell NVLink-C2C instead of PCIe (450 GB/s).
     Hardware("gb200-nvl72", bf16_tflops=2500, fp8_tflops=5000, hbm_gb=186, hbm_tbps=8.0, nvlink_gbps=900,
-             gpus_per_node=72, nics_per_node=72, nic_gbits=400, pcie_gbps=450, note="GB200 NVL72 rack"),
+             gpus_per_node=72, nics_per_node=72, nic_gbits=400, pcie_gbps=450, mxfp8=True, note="GB200 NVL72 rack"),
 ]}
 
 ALIASES = {"h100-sxm": "h100", "gb200": "gb200-nvl72", "nvl72": "gb200-nvl72"}

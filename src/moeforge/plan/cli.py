@@ -40,6 +40,14 @@ def add_plan_commands(sub) -> dict:
     p.add_argument("--plot", metavar="OUT.png", help="draw a roofline and the step-time breakdown")
     p.add_argument("--calibrate", action="store_true",
                    help="measure this machine and predict a step of moeforge's own `tiny` training on it")
+    p.add_argument("--against", metavar="RUN_DIR",
+                   help="predict a finished local run (its config.toml) on this machine, measured now, and "
+                        "print predicted vs measured step time (metrics.jsonl) and memory")
+    p.add_argument("--threads", type=int, default=None,
+                   help="with --against: threads per rank the run used (default: OMP_NUM_THREADS, else the "
+                        "cores shared evenly, as --nproc does)")
+    p.add_argument("--processes", type=int, default=None,
+                   help="with --against: ranks of the run (default: from its distributed checkpoint)")
 
     k = sub.add_parser("compare-kv", help="KV-cache bytes per token of MLA vs GQA models (Insights, Table 1)")
     k.add_argument("models", nargs="*", default=list(KV_MODELS), metavar="MODEL",
@@ -69,6 +77,16 @@ def cmd_plan(args) -> int:
     from .planner import plan
     from .render import plan_json, plan_text
 
+    if args.against is None and (args.threads is not None or args.processes is not None):
+        raise ConfigError("--threads and --processes describe a run: use them with --against RUN_DIR")
+    if args.against is not None:
+        from .against import against_report
+
+        for name in ("threads", "processes"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1")
+        print(against_report(args.against, as_json=args.json, threads=args.threads, processes=args.processes))
+        return 0
     if args.calibrate:
         from .calibrate import calibrate_report
 

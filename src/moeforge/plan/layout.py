@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass
 from ..errors import ConfigError
 from .models import ModelShape
 
-SCHEDULES = ("1f1b", "dualpipe")
+SCHEDULES = ("1f1b", "interleaved-1f1b", "dualpipe")
+PRECISIONS = ("fp8", "mxfp8", "bf16", "fp32")
 RECOMPUTE = ("none", "selective", "full")
 
 
@@ -23,10 +24,11 @@ class Layout:
     pp: int = 1  # pipeline stages
     ep: int = 1  # expert parallel: routed experts split over ep of the dp*tp ranks
     zero: int = 1  # ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also weights (0 = none)
-    schedule: str = "1f1b"  # pipeline schedule: 1f1b or dualpipe
+    schedule: str = "1f1b"  # pipeline schedule: 1f1b, interleaved-1f1b (Megatron virtual stages) or dualpipe
     micro_batch: int = 1  # sequences per micro-batch per DP rank
     recompute: str = "none"  # none | selective (DeepSeek-V3: norms, MLA up-projections, SwiGLU; FP8 MoE
     #                           inputs) | full (keep only each layer's input)
+    virtual_stages: int = 2  # interleaved-1f1b: model chunks per pipeline rank (Narayanan et al. 2021)
 
     @property
     def gpus(self) -> int:
@@ -39,7 +41,8 @@ class Layout:
 
     def short(self) -> str:
         ck = "" if self.recompute == "none" else f" recompute-{self.recompute}"
-        return (f"DP{self.dp} TP{self.tp} PP{self.pp} EP{self.ep} ZeRO-{self.zero} {self.schedule} "
+        sched = f"interleaved-1f1b(v{self.virtual_stages})" if self.schedule == "interleaved-1f1b" else self.schedule
+        return (f"DP{self.dp} TP{self.tp} PP{self.pp} EP{self.ep} ZeRO-{self.zero} {sched} "
                 f"mb{self.micro_batch}{ck}")
 
     def to_json(self) -> dict:
@@ -52,13 +55,12 @@ class TrainSettings:
 
     seq_len: int = 4096
     global_batch: int = 1920  # sequences per optimizer step (DeepSeek-V3 ramped 3072 -> 15360; any works)
-    precision: str = "fp8"  # matmul precision: fp8 (DeepSeek-V3) or bf16; attention core is always BF16
-    # Achieved / peak of the step's kernels (GEMMs, attention, elementwise, at the matmul precision's peak);
-    # None = 0.5 for BF16 and 0.3 for FP8. Calibrated, not predicted: Llama 3 405B reports 38-43% BF16 MFU
-    # on H100 (arXiv 2407.21783, Table 4); DeepSeek-V3's 180K H800 GPU hours per trillion tokens (arXiv
-    # 2412.19437, Sec. 1) is ~39% of the BF16 peak, ~20% of the FP8 peak (tests/test_plan_steptime.py).
-    compute_efficiency: float | None = None
-    overlap: float = 0.8  # fraction of DP/EP/PP communication hidden behind compute (TP is never hidden)
+    # matmul precision: fp8 (DeepSeek-V3's 1x128 / 128x128 block scales), mxfp8 (OCP MX, 1x32 E8M0 scales in
+    # hardware: Blackwell), bf16 or fp32; the attention core is always BF16
+    precision: str = "fp8"
+    # fraction of DP/EP/PP communication hidden behind compute (TP is never hidden); None = what the
+    # schedule can hide (steptime.py docstring)
+    overlap: float | None = None
     node_limit: int | None = 4  # node-limited routing: a token reaches at most this many nodes (V3: 4)
     dispatch_bytes: float = 1.0  # per hidden element: FP8 dispatch (DeepSeek-V3), 2 for BF16
     combine_bytes: float = 2.0  # BF16 combine (and both backward all-to-alls)
@@ -70,19 +72,13 @@ class TrainSettings:
     grad_comm_bytes: float = 2.0  # gradient all-reduce / reduce-scatter payload per element
     memory_headroom: float = 0.9  # usable fraction of device memory (allocator, workspaces, NCCL buffers)
 
-    @property
-    def efficiency(self) -> float:
-        if self.compute_efficiency is not None:
-            return self.compute_efficiency
-        return 0.3 if self.precision == "fp8" else 0.5
-
     def validate(self) -> "TrainSettings":
         if self.seq_len < 1 or self.global_batch < 1:
             raise ConfigError("seq_len and global_batch must be >= 1")
-        if self.precision not in ("fp8", "bf16", "fp32"):
-            raise ConfigError(f"precision must be fp8, bf16 or fp32, got {self.precision!r}")
-        if not 0 < self.efficiency <= 1 or not 0 <= self.overlap <= 1:
-            raise ConfigError("compute_efficiency must be in (0, 1] and overlap in [0, 1]")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.overlap is not None and not 0 <= self.overlap <= 1:
+            raise ConfigError("overlap must be in [0, 1]")
         if not 0 < self.memory_headroom <= 1:
             raise ConfigError("memory_headroom must be in (0, 1]")
         return self
@@ -114,6 +110,16 @@ def check_layout(model: ModelShape, layout: Layout, gpus: int, settings: TrainSe
         raise ConfigError(f"pp={lo.pp} exceeds the {model.num_layers} layers of {model.name}")
     if lo.schedule not in SCHEDULES:
         raise ConfigError(f"unknown schedule {lo.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+    if lo.schedule == "interleaved-1f1b":
+        if lo.pp < 2 or lo.virtual_stages < 2:
+            raise ConfigError(f"interleaved-1f1b needs pp >= 2 and virtual_stages >= 2, got pp={lo.pp}, "
+                              f"virtual_stages={lo.virtual_stages}")
+        if lo.pp * lo.virtual_stages > model.num_layers:
+            raise ConfigError(f"pp x virtual_stages = {lo.pp * lo.virtual_stages} model chunks exceed the "
+                              f"{model.num_layers} layers of {model.name}")
+        if micro_batches(lo, settings) % lo.pp:
+            raise ConfigError(f"interleaved-1f1b needs the micro-batches per step ({micro_batches(lo, settings)}) "
+                              f"to be a multiple of pp={lo.pp} (Megatron's rule)")
     if lo.schedule == "dualpipe" and (lo.pp % 2 or lo.pp < 2):
         raise ConfigError(f"dualpipe needs an even pp >= 2, got pp={lo.pp}")
     if lo.recompute not in RECOMPUTE:

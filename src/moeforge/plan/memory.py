@@ -133,6 +133,8 @@ def activation_bytes(model: ModelShape, layout: Layout, settings: TrainSettings,
     else:
         one_mb = sum(per_layer) * scale
     in_flight = lo.pp + 1 if lo.schedule == "dualpipe" else min(lo.pp - stage, micro_batches_of(lo, settings))
+    if lo.schedule == "interleaved-1f1b":  # Megatron: the first stage holds (1 + (p-1)/(p v)) x p micro-batches
+        in_flight = min(micro_batches_of(lo, settings), lo.pp - stage) * (1 + (lo.pp - 1) / (lo.pp * lo.virtual_stages))
     act = one_mb * max(1, in_flight) + working
     if stage == lo.pp - 1:  # logits (activation dtype) and their FP32 copy for the loss, one micro-batch
         act += tokens * m.vocab_size * (settings.act_bytes + 4) / lo.tp

@@ -127,8 +127,8 @@ def topology_for(hw: Hardware, gpus: int, kind: str | None = None, radix: int = 
         raise ConfigError(f"{gpus} GPUs exceed a {kind} network of radix-{radix} switches "
                           f"({int(topo.max_endpoints())} endpoints); choose --gpus <= that or another topology "
                           f"({', '.join(TOPOLOGIES)})")
-    if gpus > g and gpus % g:
-        raise ConfigError(f"--gpus {gpus} is not a whole number of {g}-GPU {hw.name} nodes")
+    # A GPU count that is not a whole number of nodes (racks) leaves the last one partly used: nodes hold
+    # consecutive ranks, so groups keep their placement and only that node has fewer devices.
     return topo
 
 

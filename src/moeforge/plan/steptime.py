@@ -1,18 +1,21 @@
-"""Training step time for a layout: compute, pipeline bubble, and the communication left exposed.
+"""Training step time for a layout: the priced operations of one step, the pipeline bubble, and the
+communication the schedule cannot hide.
 
-The model, per optimizer step on the slowest rank:
+    step = micro-batches x (forward + backward of one micro-batch) + optimizer + bubble
+           + TP all-reduces + exposed EP / PP traffic + exposed DP gradient sync
 
-    step = compute + bubble + TP + exposed(EP + PP) + exposed(DP)
-
-* compute = micro-batches x t_mb, t_mb the forward+backward time of one micro-batch on one stage
-  (matmuls at the FP8 or BF16 peak, attention core at BF16, both x compute efficiency; +1/3 with full
-  recomputation; selective recomputation redoes norms, SwiGLU and MLA up-projections, <1% of the FLOPs,
-  taken as free). Stages are taken as equal (the embedding and head are left out of FLOPs per token).
-* bubble: 1F1B (PP-1)(F+B); DualPipe (PP/2-1)(F&B + B - 3W) with F = t/3, B = 2t/3, W = t/3 and
-  F&B = F+B (DualPipe README).
+* Each operation of `ops.step_ops` (GEMMs by shape, attention, memory-bound ops, launches) is priced by a
+  device model (`device.GPUDevice` from component benchmarks, `device.CPUDevice` measured here).
+* bubble: 1F1B (PP-1)(F+B); interleaved 1F1B (PP-1)(F+B)/v with v virtual stages (Narayanan et al. 2021);
+  DualPipe (PP/2-1)(F&B + B - 3W) with F = t/3, B = 2t/3, W = t/3 and F&B = F+B (DualPipe README).
 * TP all-reduces sit between dependent matmuls: never hidden.
-* EP all-to-all and PP sends overlap with compute: exposed = max((1-overlap) C, C - compute).
-* DP gradient sync can hide only behind the last backward and the bubble.
+* What the schedule hides (`overlap=None`, the default): DualPipe overlaps one micro-batch's EP/PP
+  traffic with another's compute, so only traffic beyond the compute is exposed; 1F1B hides pipeline
+  sends (asynchronous) but not the EP all-to-all, which sits between the router and the experts, except
+  the dispatch overlapped with the shared experts' compute. DP gradient sync hides behind the last
+  micro-batch's backward (bucketed) and the bubble; ZeRO-3 gathers are prefetched behind compute. On a
+  device that cannot compute while communicating (this CPU: gloo and the kernels share the cores)
+  nothing hides. `overlap=x` instead hides a fraction x of EP/PP/DP traffic, bounded by the compute.
 MFU = model FLOPs (no recomputation) per second / (GPUs x dense BF16 peak), the usual convention; FP8
 runs can therefore pass 50%.
 """
@@ -24,8 +27,9 @@ from dataclasses import asdict, dataclass, field
 from . import network as net
 from .catalog import Hardware
 from .layout import Layout, TrainSettings, micro_batches
-from .memory import Memory, memory_per_rank, stage_layers, stage_params
+from .memory import Memory, memory_per_rank, stage_layers
 from .models import ModelShape
+from .ops import Op, step_blocks
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,9 @@ class StepTime:
     flops_per_token: float
     memory: Memory
     algorithms: dict = field(default_factory=dict)
+    optimizer: float = 0.0  # clipping + AdamW, part of compute
+    by_kind: dict = field(default_factory=dict)  # compute seconds per step by op kind (gemm, attention, memory)
+    t_microbatch: float = 0.0  # forward + backward of one micro-batch on the fullest stage
 
     def parts(self) -> dict[str, float]:
         """Where the time goes; sums to `total`. Exposed EP/PP time is split by their shares."""
@@ -61,16 +68,6 @@ class StepTime:
         return d
 
 
-def microbatch_compute(model: ModelShape, hw: Hardware, layout: Layout, settings: TrainSettings) -> float:
-    """Forward + backward seconds of one micro-batch on one stage of one rank."""
-    tokens = layout.micro_batch * settings.seq_len
-    total = model.train_flops_per_token(settings.seq_len)
-    attn = model.attention_core_flops_per_token(settings.seq_len)
-    per_token = (total - attn) / hw.matmul_flops(settings.precision) + attn / hw.matmul_flops("bf16")
-    t = tokens * per_token / (layout.tp * layout.pp * settings.efficiency)
-    return t * (4 / 3 if layout.recompute == "full" else 1.0)
-
-
 def bubble_time(layout: Layout, t_mb: float) -> float:
     pp = layout.pp
     if pp <= 1:
@@ -79,68 +76,152 @@ def bubble_time(layout: Layout, t_mb: float) -> float:
         base = t_mb * (3 / 4 if layout.recompute == "full" else 1.0)  # F+B without the recompute
         f, b, w = base / 3, 2 * base / 3, base / 3
         return (pp / 2 - 1) * ((f + b) + b - 3 * w)
+    if layout.schedule == "interleaved-1f1b":
+        return (pp - 1) * t_mb / layout.virtual_stages
     return (pp - 1) * t_mb
 
 
+STRIDES = {"tp": lambda lo: (lo.tp, 1), "ep": lambda lo: (lo.ep, 1), "dp": lambda lo: (lo.dp, lo.tp),
+           "edp": lambda lo: (lo.edp, lo.ep), "pp": lambda lo: (lo.pp, lo.dp * lo.tp)}
+
+
+def collective_time(op: Op, topo: net.Topology, lo: Layout, settings: TrainSettings) -> tuple[float, str]:
+    """Alpha-beta time of one collective op over its group (network.py), and the algorithm chosen."""
+    p, stride = STRIDES[op.group](lo)
+    if op.collective == "p2p":
+        return net.p2p(topo, op.bytes, stride).time, "p2p"
+    if p <= 1:
+        return 0.0, "none"
+    if op.collective == "moe_a2a":
+        c = net.moe_all_to_all(topo, op.m, op.n, op.k, p, op.bytes / (op.m * op.n), stride=stride,
+                               node_limit=settings.node_limit)
+    else:
+        c = {"all_reduce": net.all_reduce, "all_gather": net.all_gather, "reduce_scatter": net.reduce_scatter,
+             "all_to_all": net.all_to_all}[op.collective](topo, op.bytes, p, stride)
+    return c.time, c.algorithm
+
+
+_PRICED: dict = {}
+
+
+def price_block(device, block: tuple[Op, ...]):
+    """(forward, backward, per-step, shared-expert forward seconds, {kind: (per micro-batch, per step)},
+    the block's collectives) for a block of `ops.step_blocks`; kept per (device, block) object, since
+    the planner meets the same blocks in thousands of layouts."""
+    key = (id(device), id(block))
+    hit = _PRICED.get(key)
+    if hit is not None and hit[0] is device and hit[1] is block:
+        return hit[2]
+    fwd = bwd = step = shared = 0.0
+    kinds: dict[str, list[float]] = {}
+    collectives = []
+    for op in block:
+        if op.kind == "collective":
+            collectives.append(op)
+            continue
+        t = device.op_time(op) * op.count
+        slot = kinds.setdefault(op.kind, [0.0, 0.0])
+        if op.phase == "step":
+            step += t
+            slot[1] += t
+            continue
+        slot[0] += t
+        if op.phase == "fwd":
+            fwd += t
+            shared += t if ".shared." in op.name else 0.0
+        else:
+            bwd += t
+    out = (fwd, bwd, step, shared, {k: tuple(v) for k, v in kinds.items()}, tuple(collectives))
+    if len(_PRICED) > 50000:
+        _PRICED.clear()
+    _PRICED[key] = (device, block, out)
+    return out
+
+
+def _hidden(comm: float, window: float, overlap: float | None, schedule_hides: bool) -> float:
+    """Exposed part of `comm` seconds that may run under `window` seconds of compute."""
+    if overlap is not None:
+        return max((1 - overlap) * comm, comm - window)
+    return max(0.0, comm - window) if schedule_hides else comm
+
+
+def candidate_stages(model: ModelShape, lo: Layout) -> list[int]:
+    """Stages that can be the slowest: the first (embedding), the last (head, loss, MTP), and the first
+    stage with the most layers and with the most MoE layers (the pipeline runs at its slowest stage)."""
+    ranges = stage_layers(model.num_layers, lo.pp)
+    most = max(range(lo.pp), key=lambda i: len(ranges[i]))
+    most_moe = max(range(lo.pp), key=lambda i: (sum(1 for j in ranges[i] if j >= model.dense_layers), -i))
+    stages = sorted({0, lo.pp - 1, most, most_moe})
+    if lo.schedule == "dualpipe":  # a rank holds stages s and PP-1-s
+        stages = sorted({min(x, lo.pp - 1 - x) for x in stages})
+    return stages
+
+
 def step_time(model: ModelShape, hw: Hardware, topo: net.Topology, layout: Layout,
-              settings: TrainSettings) -> StepTime:
-    s, lo, D = settings, layout, model.hidden_size
+              settings: TrainSettings, device=None) -> StepTime:
+    """The step time of the slowest pipeline stage's rank."""
+    from .device import gpu_device
+
+    device = device if device is not None else gpu_device(hw)
+    return max((_stage_step_time(model, hw, topo, layout, settings, device, st)
+                for st in candidate_stages(model, layout)), key=lambda t: t.total)
+
+
+def _stage_step_time(model, hw, topo, layout, settings, device, stage: int) -> StepTime:
+    s, lo = settings, layout
     m = micro_batches(lo, s)
-    tokens_mb = lo.micro_batch * s.seq_len
-    t_mb = microbatch_compute(model, hw, lo, s)
-    compute = m * t_mb
+    fwd = bwd = opt = shared_fwd = 0.0
+    tp_mb = ep_mb = pp_mb = zero3_mb = dispatch_mb = dp_comm = 0.0
+    kinds: dict[str, float] = {}
+    algos: dict[str, str] = {}
+    for block in step_blocks(model, lo, s, device.impl, stage):
+        b_fwd, b_bwd, b_step, b_shared, b_kinds, collectives = price_block(device, block)
+        fwd, bwd, opt, shared_fwd = fwd + b_fwd, bwd + b_bwd, opt + b_step, shared_fwd + b_shared
+        for kind, (t_mb, t_step) in b_kinds.items():
+            kinds[kind] = kinds.get(kind, 0.0) + m * t_mb + t_step
+        for op in collectives:
+            t, algo = collective_time(op, topo, lo, s)
+            t *= op.count
+            algos[op.group] = algo
+            if op.phase == "step":
+                dp_comm += t
+            elif op.group == "tp":
+                tp_mb += t
+            elif op.group == "ep":
+                ep_mb += t
+                if op.name.endswith("dispatch"):
+                    dispatch_mb += t
+            elif op.group == "pp":
+                pp_mb += t
+            else:
+                zero3_mb += t
+    if hasattr(device, "save"):
+        device.save()
+    t_mb = fwd + bwd
+    compute = m * t_mb + opt
     bubble = bubble_time(lo, t_mb)
-    layers = max(len(r) for r in stage_layers(model.num_layers, lo.pp))
-    moe_layers = max(sum(1 for i in r if i >= model.dense_layers) for r in stage_layers(model.num_layers, lo.pp))
-    passes = 3 if lo.recompute == "full" else 2  # forward (+ recomputed forward) and backward
-    algos = {}
-
-    # TP: two all-reduces per layer per pass of the micro-batch's activations
-    tp = net.all_reduce(topo, tokens_mb * D * s.act_bytes, lo.tp, stride=1)
-    tp_comm = m * layers * 2 * passes * tp.time
-    algos["tp"] = tp.algorithm
-
-    # EP: dispatch + combine per MoE layer per pass; forward dispatch in FP8, everything else BF16
-    ep_comm = 0.0
-    if lo.ep > 1 and moe_layers:
-        def a2a(nbytes):
-            return net.moe_all_to_all(topo, tokens_mb / lo.tp, D, model.experts_per_token, lo.ep, nbytes,
-                                      stride=1, node_limit=s.node_limit)
-        fwd = a2a(s.dispatch_bytes).time + a2a(s.combine_bytes).time
-        bwd = 2 * a2a(s.combine_bytes).time
-        ep_comm = m * moe_layers * (fwd * (passes - 1) + bwd)
-        algos["ep"] = a2a(s.dispatch_bytes).algorithm
-
-    # PP: activations forward, their gradients backward, between neighbouring stages
-    pp_comm = 0.0
-    if lo.pp > 1:
-        send = net.p2p(topo, tokens_mb * D * s.act_bytes / lo.tp, stride=lo.dp * lo.tp)
-        pp_comm = m * 2 * send.time
-        algos["pp"] = "p2p"
-
-    # DP: gradient all-reduce (ZeRO-1/2: reduce-scatter + all-gather, the same volume); ZeRO-3 also
-    # all-gathers the weights for every forward and backward
-    dense_p, expert_p = stage_params(model, lo, 0)
-    if lo.schedule == "dualpipe":
-        d2, e2 = stage_params(model, lo, lo.pp - 1)
-        dense_p, expert_p = dense_p + d2, expert_p + e2
-    dp = net.all_reduce(topo, dense_p * s.grad_comm_bytes, lo.dp, stride=lo.tp)
-    edp = net.all_reduce(topo, expert_p * s.grad_comm_bytes, lo.edp, stride=lo.ep)
-    dp_comm = dp.time + edp.time
-    algos["dp"], algos["edp"] = dp.algorithm, edp.algorithm
-    if lo.zero == 3:
-        ag = net.all_gather(topo, dense_p * s.weight_bytes, lo.dp, stride=lo.tp).time
-        eag = net.all_gather(topo, expert_p * s.weight_bytes, lo.edp, stride=lo.ep).time
-        dp_comm += m * 2 * (ag + eag)
-
-    c = ep_comm + pp_comm
-    exposed_ep_pp = max((1 - s.overlap) * c, c - compute)
-    window = bubble + t_mb * 2 / 3 if lo.zero < 3 else compute
-    exposed_dp = max((1 - s.overlap) * dp_comm, dp_comm - window)
+    tp_comm = m * tp_mb
+    ep_comm, pp_comm = m * ep_mb, m * pp_mb
+    overlaps = getattr(device, "can_overlap", True)
+    if not overlaps and s.overlap is None:
+        exposed_ep_pp = ep_comm + pp_comm
+        exposed_dp = dp_comm + m * zero3_mb
+    else:
+        if lo.schedule == "dualpipe":
+            exposed_ep_pp = _hidden(ep_comm + pp_comm, m * t_mb, s.overlap, True)
+        else:  # the EP all-to-all is on the critical path except behind the shared experts; PP sends are async
+            if s.overlap is None:
+                exposed_ep = ep_comm - m * min(dispatch_mb, shared_fwd)
+            else:
+                exposed_ep = _hidden(ep_comm, m * t_mb, s.overlap, True)
+            exposed_ep_pp = exposed_ep + _hidden(pp_comm, m * t_mb, s.overlap, True)
+        window = bubble + bwd  # the last micro-batch's backward and the bubble
+        exposed_dp = _hidden(dp_comm, window, s.overlap, True) + _hidden(m * zero3_mb, m * t_mb, s.overlap, True)
     total = compute + bubble + tp_comm + exposed_ep_pp + exposed_dp
 
     flops = model.train_flops_per_token(s.seq_len)
     tokens = s.global_batch * s.seq_len
     mfu = flops * tokens / total / (lo.gpus * hw.peak_flops)
-    return StepTime(compute, bubble, tp_comm, ep_comm, pp_comm, dp_comm, exposed_ep_pp, exposed_dp, total,
-                    tokens / total, mfu, flops, memory_per_rank(model, lo, s), algos)
+    return StepTime(compute, bubble, tp_comm, ep_comm, pp_comm, dp_comm + m * zero3_mb, exposed_ep_pp, exposed_dp,
+                    total, tokens / total, mfu, flops, memory_per_rank(model, lo, s), algos,
+                    optimizer=opt, by_kind=kinds, t_microbatch=t_mb)

@@ -1,0 +1,144 @@
+"""Predicted vs measured step time of local runs: the planner's validation table (issue 17, item 2).
+
+    python benchmarks/planner_validation.py [--runs DIR] [--only NAME,...] [--steps N]
+    python benchmarks/planner_validation.py --cpu-time    # in-process CPU seconds, debug and tiny
+
+Trains each run of RUNS below that DIR does not hold yet (`moeforge train`, gloo processes on this
+machine), then prints `moeforge plan --against` for each: predicted and measured median step time,
+the error, and the mean absolute error over the table. Runs are short (a few optimizer steps); the
+median skips the first two steps (warm-up). On a shared machine, rerun and compare side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import resource
+import time
+from pathlib import Path
+
+# name -> moeforge train flags (besides the common ones below)
+RUNS = {
+    "debug-1": ["--preset", "debug"],
+    "debug-dp2": ["--preset", "debug", "--nproc", "2"],
+    "debug-ep2": ["--preset", "debug", "--nproc", "2", "--ep", "2"],
+    "debug-tp2": ["--preset", "debug", "--nproc", "2", "--tp", "2"],
+    "debug-zero3": ["--preset", "debug", "--nproc", "2", "--zero", "3"],
+    "debug-pp2": ["--preset", "debug", "--nproc", "2", "--pp", "2"],
+    "debug-ep4": ["--preset", "debug", "--nproc", "4", "--ep", "4"],
+    "debug-pp2dp2": ["--preset", "debug", "--nproc", "4", "--pp", "2"],
+    "tiny-1": ["--preset", "tiny"],
+    "tiny-ep2": ["--preset", "tiny", "--nproc", "2", "--ep", "2"],
+    "tiny-tp2": ["--preset", "tiny", "--nproc", "2", "--tp", "2"],
+    "tiny-zero3": ["--preset", "tiny", "--nproc", "2", "--zero", "3"],
+    "tiny-ep4": ["--preset", "tiny", "--nproc", "4", "--ep", "4"],
+}
+COMMON = ["--eval-every", "0", "--eval-batches", "1", "--sample-tokens", "0", "--max-corpus-mb", "1",
+          "--device", "cpu", "--precision", "fp32"]
+
+
+def make_run(name: str, out: Path, steps: int) -> None:
+    """Train the run and record the CPU share its processes got (their CPU seconds, from rusage, over
+    wall seconds x ranks): the machine is shared, and the wall time of a step is its CPU time over that
+    share. Kept in DIR/shares.json; the prediction itself is in CPU seconds (docs/planner.md)."""
+    run_dir = out / name
+    if (run_dir / "summary.json").exists():
+        return
+    ranks = int(RUNS[name][RUNS[name].index("--nproc") + 1]) if "--nproc" in RUNS[name] else 1
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    _train(name, run_dir, steps)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    path = out / "shares.json"
+    table = json.loads(path.read_text()) if path.exists() else {}
+    table[name] = min(1.0, cpu / (wall * ranks))
+    path.write_text(json.dumps(table, indent=1))
+
+
+def _train(name: str, run_dir: Path, steps: int) -> None:
+    cmd = [sys.executable, "-m", "moeforge", "train", *RUNS[name], *COMMON, "--steps", str(steps),
+           "--run-dir", str(run_dir)]
+    print("$", " ".join(cmd[1:]), flush=True)
+    # One thread per process: the machine is shared, and OpenMP teams spin-waiting on oversubscribed cores
+    # make multi-threaded steps erratic (measured 9-28 s for a 1 s step). --nproc runs get 1 thread each anyway.
+    for attempt in (1, 2):  # a shared machine: a run can fail for reasons of its own (retry once)
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if done.returncode == 0:
+            return
+        print(f"  {name}: exit {done.returncode} (attempt {attempt})", flush=True)
+
+
+def cpu_time_check(preset: str, steps: int = 3) -> str:
+    """In-process, one thread: the CPU seconds of real trainer steps (process_time, after two warm-up
+    steps) next to the planner's predicted CPU seconds (share 1): the op model without the load noise."""
+    import tempfile
+
+    import torch
+    from rich.console import Console
+
+    from moeforge.config import resolve_run_config
+    from moeforge.plan import network as net
+    from moeforge.plan.against import local_cpu_hardware, run_layout
+    from moeforge.plan.device import CPUDevice
+    from moeforge.plan.models import from_moe
+    from moeforge.plan.steptime import step_time
+    from moeforge.train import Trainer
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = resolve_run_config({}, dict(preset=preset, batch_size=16, seq_len=256, device="cpu", precision="fp32",
+                                          max_corpus_mb=0.5, run_dir=tmp))
+        trainer = Trainer(run, run_dir=tmp, console=Console(quiet=True))
+        cpu, wall = [], []
+        for i in range(steps + 2):
+            c0, w0 = time.process_time(), time.perf_counter()
+            trainer.train_step()
+            trainer.step += 1
+            if i >= 2:
+                cpu.append(time.process_time() - c0)
+                wall.append(time.perf_counter() - w0)
+    lo, s = run_layout(run, 1)
+    dev = CPUDevice(threads=1, ranks=1, run_share=1.0)
+    link = net.Link(dev.rates["socket_bw"], dev.rates["socket_latency_s"])
+    st = step_time(from_moe(run.model, preset), local_cpu_hardware(dev), net.Topology("nvswitch", 1, 1, link, link),
+                   lo, s, device=dev)
+    measured = statistics.median(cpu)
+    return (f"{preset} 16 x 256 fp32, 1 thread: predicted {st.total:.3f} CPU s/step, measured {measured:.3f} "
+            f"(steps {', '.join(f'{c:.3f}' for c in cpu)}; wall {statistics.median(wall):.3f} s) -> "
+            f"{100 * (st.total / measured - 1):+.0f}%")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", default="runs/planner-validation", help="folder of the runs (made if missing)")
+    ap.add_argument("--only", default="", help="comma-separated run names (default: all)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--make-only", action="store_true", help="train the missing runs, print nothing else")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="instead: predicted vs measured CPU seconds of in-process debug and tiny steps")
+    args = ap.parse_args()
+    if args.cpu_time:
+        for preset in ("debug", "tiny"):
+            print(cpu_time_check(preset), flush=True)
+        return 0
+    names = [n for n in args.only.split(",") if n] or list(RUNS)
+    out = Path(args.runs)
+    for name in names:
+        make_run(name, out, args.steps)
+    if args.make_only:
+        return 0
+    from moeforge.plan.against import validation_table
+
+    shares = json.loads((out / "shares.json").read_text()) if (out / "shares.json").exists() else {}
+    print(validation_table([out / n for n in names if (out / n / "summary.json").exists()], threads=1, shares=shares))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

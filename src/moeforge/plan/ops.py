@@ -1,0 +1,362 @@
+"""The operations of one training step on one rank, from the model config and the layout.
+
+Why a list: a step is not FLOPs at an efficiency. Small grouped expert GEMMs run far below peak,
+norms, activations, routing and permutes are memory-bound, every kernel has a launch cost, and each
+collective has its own size and group. `step_ops` lists them; `device.py` prices each one.
+
+Per micro-batch on the fullest pipeline stage (phase "fwd" / "bwd"; a recomputed forward is listed
+again under "bwd"), plus once per optimizer step (phase "step": optimizer, clipping, gradient sync).
+GEMMs are (groups x) [m, k] @ [k, n]; the backward of y = x W is dX = dY W^T ([m, n] @ [n, k]) and
+dW = X^T dY ([k, m] @ [m, n]), so every linear contributes three GEMMs.
+
+Two implementations of the element-wise work (`Impl`):
+  fused  production GPU training (fused norms/SwiGLU/RoPE, flash attention, permute kernels,
+         FP8 quantisation fused into neighbours): one kernel and its minimal bytes per op;
+  eager  moeforge's own PyTorch trainer: each op as the ATen kernels `moeforge.model` runs (counted
+         from the model code: e.g. RMSNorm forward is vector_norm, square, div, add, rsqrt, two
+         multiplies), eager attention materialising the T x T scores, fused AdamW.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+from .layout import Layout, TrainSettings
+from .memory import stage_layers
+from .models import ModelShape
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    kind: str  # gemm | attention | memory | collective
+    phase: str  # fwd | bwd | step
+    count: float = 1.0  # repetitions (per micro-batch for fwd/bwd, per optimizer step for "step")
+    m: int = 0
+    n: int = 0
+    k: int = 0
+    groups: int = 1  # grouped GEMM: `groups` independent [m, k] @ [k, n]
+    precision: str = "bf16"  # GEMM input precision
+    bytes: float = 0.0  # memory traffic (memory ops) or payload per rank (collectives)
+    kernels: float = 1.0  # kernel launches (per count)
+    collective: str = ""  # all_reduce | all_gather | reduce_scatter | all_to_all | moe_a2a | p2p
+    group: str = ""  # tp | ep | dp | edp | pp
+    hideable: bool = False  # may overlap with compute (EP/PP/DP traffic); TP all-reduces never are
+    causal: bool = False  # attention: only half of the T x T products are computed
+
+    @property
+    def flops(self) -> float:
+        f = 2.0 * self.groups * self.m * self.n * self.k
+        return f / 2 if self.causal else f
+
+
+@dataclass(frozen=True)
+class Impl:
+    """How the element-wise work is implemented (see the module docstring)."""
+
+    name: str = "fused"
+    flash_attention: bool = True  # fused causal attention (no T x T tensor); eager: baddbmm/softmax/bmm
+    sequence_parallel_experts: bool = True  # routed experts see tokens/tp (Megatron/DeepSeek); moeforge's
+    #                                          local TP replicates the routed experts on every TP rank
+    fp8_casts: bool = True  # fp8 precision: each GEMM input is quantised (one extra pass)
+
+
+FUSED = Impl()
+EAGER = Impl("eager", flash_attention=False, sequence_parallel_experts=False, fp8_casts=False)
+
+# (kernels, passes over the tensor) for forward and backward of each element-wise op, fused and eager.
+# A pass reads or writes the tensor once. Fused: what one kernel must move (norm: read x, write y;
+# backward: read x, dy, write dx). Eager: counted from moeforge.model (norm.py, moe.py, mla.py, rope.py).
+ELEMENTWISE = {
+    #            fused fwd  fused bwd   eager fwd  eager bwd
+    "rmsnorm": ((1, 2), (1, 3), (7, 6), (9, 14)),
+    "rope": ((1, 2), (1, 2), (10, 8), (10, 8)),
+    "concat_heads": ((0, 0), (0, 0), (2, 4), (2, 4)),  # q/k assembled from nope and rope parts
+    "swiglu": ((1, 3), (1, 5), (2, 5), (9, 16)),
+    "residual": ((1, 3), (1, 3), (1, 3), (1, 3)),
+    "softmax_scores": ((0, 0), (0, 0), (2, 3), (2, 4)),  # eager attention: mask + softmax over T x T
+    "attn_out_copy": ((0, 0), (0, 0), (1, 2), (1, 2)),  # transpose(1, 2).reshape
+    "router": ((2, 2), (2, 2), (20, 8), (10, 6)),  # on [T, E]: sigmoid, bias, group top-k, gather, norm
+    "permute": ((1, 2), (1, 2), (2, 2), (3, 4)),  # token -> expert order (dispatch) [T*K, D]
+    "unpermute": ((1, 3), (1, 4), (3, 6), (8, 9)),  # weighted combine [T*K, D] -> [T, D]
+    "embedding": ((1, 2), (1, 3), (1, 2), (3, 3)),
+    "loss": ((1, 2), (1, 2), (4, 5), (4, 5)),  # log-softmax + NLL over [T, V] (fp32)
+    "fp8_cast": ((1, 2), (1, 2), (0, 0), (0, 0)),
+}
+
+
+def _ew(name: str, elems: float, elem_bytes: float, impl: Impl, tag: str = "") -> list[Op]:
+    fused_f, fused_b, eager_f, eager_b = ELEMENTWISE[name]
+    fwd, bwd = (fused_f, fused_b) if impl.name == "fused" else (eager_f, eager_b)
+    out = []
+    for phase, (kernels, passes) in (("fwd", fwd), ("bwd", bwd)):
+        if kernels:
+            out.append(Op(f"{tag}{name}", "memory", phase, bytes=elems * elem_bytes * passes, kernels=kernels))
+    return out
+
+
+def _linear(name: str, m: int, k: int, n: int, precision: str, groups: int = 1) -> list[Op]:
+    """y[m, n] = x[m, k] @ W[k, n] and its two backward GEMMs."""
+    if min(m, n, k) <= 0:
+        return []
+    return [Op(name, "gemm", "fwd", m=m, n=n, k=k, groups=groups, precision=precision),
+            Op(name + ".dgrad", "gemm", "bwd", m=m, n=k, k=n, groups=groups, precision=precision),
+            Op(name + ".wgrad", "gemm", "bwd", m=k, n=n, k=m, groups=groups, precision=precision)]
+
+
+def _attention_ops(model: ModelShape, tokens: int, seqs: int, seq: int, tp: int, act: float, impl: Impl,
+                   precision: str, tag: str) -> list[Op]:
+    """Projections and the attention core of one layer for `tokens` = seqs x seq tokens."""
+    D, ops = model.hidden_size, []
+    c = model.moe_config
+    if c is not None:  # MLA
+        H = c.num_attention_heads // tp
+        qk, v = c.qk_head_dim, c.v_head_dim
+        if c.q_lora_rank:
+            ops += _linear(tag + "q_a_proj", tokens, D, c.q_lora_rank, precision)
+            ops += _ew("rmsnorm", tokens * c.q_lora_rank, act, impl, tag + "q_")
+            ops += _linear(tag + "q_b_proj", tokens, c.q_lora_rank, H * qk, precision)
+        else:
+            ops += _linear(tag + "q_proj", tokens, D, H * qk, precision)
+        ops += _linear(tag + "kv_a_proj", tokens, D, c.kv_lora_rank + c.qk_rope_head_dim, precision)
+        ops += _ew("rmsnorm", tokens * c.kv_lora_rank, act, impl, tag + "kv_")
+        ops += _linear(tag + "kv_b_proj", tokens, c.kv_lora_rank, H * (c.qk_nope_head_dim + v), precision)
+        ops += _ew("rope", tokens * (H + 1) * c.qk_rope_head_dim, act, impl, tag)
+        ops += _ew("concat_heads", tokens * H * qk, act, impl, tag)
+        o_in = H * v
+    else:  # GQA
+        H, KV, hd = model.num_heads // tp, model.num_kv_heads // tp, model.head_dim
+        qk = v = hd
+        ops += _linear(tag + "qkv_proj", tokens, D, (H + 2 * KV) * hd, precision)
+        ops += _ew("rope", tokens * (H + KV) * hd, act, impl, tag)
+        o_in = H * hd
+    # attention core: per sequence and head, scores [seq, qk] @ [qk, seq], then probs @ v; BF16 even in
+    # FP8 training (DeepSeek-V3 Sec. 3.3). Backward: two GEMMs per forward GEMM.
+    core_prec = "bf16" if precision in ("fp8", "mxfp8") else precision
+    groups = seqs * H
+    causal = impl.flash_attention
+    for name, (m, n, k) in (("scores", (seq, seq, qk)), ("probs_v", (seq, v, seq))):
+        ops.append(Op(tag + "attn." + name, "attention", "fwd", m=m, n=n, k=k, groups=groups,
+                      precision=core_prec, causal=causal, kernels=0 if impl.flash_attention and name == "probs_v" else 1))
+        ops.append(Op(tag + "attn." + name + ".bwd", "attention", "bwd", m=m, n=n, k=k, groups=2 * groups,
+                      precision=core_prec, causal=causal, kernels=0 if impl.flash_attention else 2))
+    if not impl.flash_attention:
+        ops += _ew("softmax_scores", groups * seq * seq, 4, impl, tag)
+        ops += _ew("attn_out_copy", tokens * o_in, act, impl, tag)
+    ops += _linear(tag + "o_proj", tokens, o_in, D, precision)
+    return ops
+
+
+def _mlp_ops(tokens: int, D: int, F: int, act: float, impl: Impl, precision: str, tag: str) -> list[Op]:
+    """A SwiGLU MLP (gate and up as one GEMM of width 2F)."""
+    if F <= 0:
+        return []
+    return (_linear(tag + "gate_up", tokens, D, 2 * F, precision) + _ew("swiglu", tokens * F, act, impl, tag)
+            + _linear(tag + "down", tokens, F, D, precision))
+
+
+def _moe_ops(model: ModelShape, tokens: int, lo: Layout, act: float, impl: Impl, precision: str,
+             settings: TrainSettings, tag: str) -> list[Op]:
+    D, K = model.hidden_size, model.experts_per_token
+    E, F = model.n_routed_experts, model.expert_intermediate
+    ops = _linear(tag + "router", tokens, D, E, "fp32" if impl.name == "eager" else precision)
+    ops += _ew("router", tokens * E, 4, impl, tag)
+    shared_f = F * model.n_shared_experts // lo.tp
+    ops += _mlp_ops(tokens, D, shared_f, act, impl, precision, tag + "shared.")
+    # routed experts: tokens of this rank (sequence-parallel under TP), K rows each, spread over the EP
+    # group; each rank runs E/ep experts on (on average) as many rows as it sends
+    routed_tokens = tokens // lo.tp if impl.sequence_parallel_experts else tokens
+    rows = routed_tokens * K
+    local = E // lo.ep
+    per_expert = max(1, round(rows / local))
+    ops += _ew("permute", rows * D, act, impl, tag)
+    if lo.ep > 1:
+        for name, nbytes in (("dispatch", settings.dispatch_bytes), ("combine", settings.combine_bytes)):
+            # m tokens of n = D elements to k = K experts; bytes = the rank's payload before routing
+            ops.append(Op(tag + "ep." + name, "collective", "fwd", m=routed_tokens, n=D, k=K,
+                          bytes=routed_tokens * D * nbytes, collective="moe_a2a", group="ep", hideable=True))
+            ops.append(Op(tag + "ep." + name + ".bwd", "collective", "bwd", m=routed_tokens, n=D, k=K,
+                          bytes=routed_tokens * D * settings.combine_bytes, collective="moe_a2a", group="ep",
+                          hideable=True))
+        if impl.name == "eager":  # received rows (source, expert) <-> (expert, source), both ways
+            ops += _ew("permute", rows * D, act, impl, tag + "ep.")
+    ops += _linear(tag + "experts.gate_up", per_expert, D, 2 * F, precision, groups=local)
+    ops += _ew("swiglu", rows * F, act, impl, tag + "experts.")
+    ops += _linear(tag + "experts.down", per_expert, F, D, precision, groups=local)
+    ops += _ew("unpermute", rows * D, act, impl, tag)
+    return ops
+
+
+@lru_cache(maxsize=4096)
+def layer_ops(model: ModelShape, moe: bool, lo: Layout, settings: TrainSettings, impl: Impl,
+              seqs: int, tag: str = "") -> tuple[Op, ...]:
+    """One transformer block on `seqs` sequences of one micro-batch (TP-sharded), forward + backward."""
+    s = settings
+    seq, act, prec = s.seq_len, s.act_bytes, s.precision
+    tokens = seqs * seq
+    D = model.hidden_size
+    sp_tokens = tokens // lo.tp if impl.sequence_parallel_experts else tokens  # norms under sequence parallel
+    ops = _ew("rmsnorm", sp_tokens * D, act, impl, tag + "attn_")
+    ops += _attention_ops(model, tokens, seqs, seq, lo.tp, act, impl, prec, tag)
+    ops += _ew("residual", sp_tokens * D, act, impl, tag + "attn_")
+    ops += _ew("rmsnorm", sp_tokens * D, act, impl, tag + "mlp_")
+    if moe:
+        ops += _moe_ops(model, tokens, lo, act, impl, prec, s, tag)
+    else:
+        ops += _mlp_ops(tokens, D, model.dense_intermediate // lo.tp, act, impl, prec, tag + "mlp.")
+    ops += _ew("residual", sp_tokens * D, act, impl, tag + "mlp_")
+    if lo.tp > 1:  # Megatron: one all-reduce (or RS + AG under sequence parallel) after attention and MLP,
+        # forward and backward
+        for where in ("attn", "mlp"):
+            for phase in ("fwd", "bwd"):
+                ops.append(Op(f"{tag}tp.{where}", "collective", phase, bytes=tokens * D * act,
+                              collective="all_reduce", group="tp"))
+    if prec in ("fp8", "mxfp8") and impl.fp8_casts:  # quantise each GEMM input (fused into neighbours
+        # on GPUs would be free; DeepSeek-V3 fuses most: one pass of the layer's inputs is kept)
+        ops += _ew("fp8_cast", tokens * D * 3 / lo.tp, act, impl, tag)
+    return tuple(ops)
+
+
+def step_ops(model: ModelShape, lo: Layout, settings: TrainSettings, impl: Impl = FUSED,
+             stage: int | None = None) -> list[Op]:
+    """The operations of one optimizer step on a rank of `stage` (default: the fullest one).
+
+    fwd/bwd ops are per micro-batch (`micro_batches(lo, settings)` of them per step); recomputation
+    adds the forward of what it rebuilds to the backward; "step" ops run once per optimizer step."""
+    return [op for block in step_blocks(model, lo, settings, impl, stage) for op in block]
+
+
+def step_blocks(model: ModelShape, lo: Layout, settings: TrainSettings, impl: Impl = FUSED,
+                stage: int | None = None) -> list[tuple[Op, ...]]:
+    """`step_ops` in blocks (identical layers folded into one block with counts): the planner prices
+    thousands of layouts that share blocks, so each block is built (and priced) once."""
+    s = settings
+    layers_by_stage = stage_layers(model.num_layers, lo.pp)
+    if stage is None:
+        stage = max(range(lo.pp), key=lambda i: (len(layers_by_stage[i]), i == 0))
+    stages = [stage, lo.pp - 1 - stage] if lo.schedule == "dualpipe" and lo.pp - 1 - stage != stage else [stage]
+    # DualPipe: a rank holds two stages, and each micro-batch passes through one of them (half of the
+    # micro-batches run each way): per micro-batch, half of each stage's work
+    share = 1.0 / len(stages)
+    blocks = []
+    for st in stages:
+        n_moe = sum(1 for i in layers_by_stage[st] if i >= model.dense_layers)
+        for moe, n in ((False, len(layers_by_stage[st]) - n_moe), (True, n_moe)):
+            if n:
+                blocks.append(layer_block(model, moe, lo.tp, lo.ep, lo.micro_batch, s, impl, n * share, lo.recompute))
+        if st == 0 or st == lo.pp - 1:
+            blocks.append(ends_block(model, lo.tp, lo.ep, lo.micro_batch, s, impl, st == 0, st == lo.pp - 1,
+                                     share, lo.recompute))
+    tokens = lo.micro_batch * s.seq_len
+    extra = []
+    if lo.pp > 1:
+        for phase in ("fwd", "bwd"):
+            extra.append(Op("pp.send", "collective", phase, bytes=tokens * model.hidden_size * s.act_bytes / lo.tp,
+                            collective="p2p", group="pp", hideable=True,
+                            count=lo.virtual_stages if lo.schedule == "interleaved-1f1b" else 1))
+    blocks.append(tuple(extra + _step_ops(model, lo, s, impl, stages)))
+    return blocks
+
+
+def _scaled(ops, factor: float, recompute: str) -> tuple[Op, ...]:
+    ops = list(ops)
+    if recompute != "none":
+        ops += _recompute(ops, recompute)
+    if factor != 1.0:
+        ops = [replace(o, count=o.count * factor) for o in ops]
+    return tuple(ops)
+
+
+@lru_cache(maxsize=8192)
+def layer_block(model: ModelShape, moe: bool, tp: int, ep: int, seqs: int, s: TrainSettings, impl: Impl,
+                factor: float, recompute: str) -> tuple[Op, ...]:
+    """`factor` identical layers (counts scaled), with what recomputation redoes in backward."""
+    ops = layer_ops(model, moe, Layout(tp=tp, ep=ep, dp=max(tp, ep)), s, impl, seqs, "moe." if moe else "dense.")
+    return _scaled(ops, factor, recompute)
+
+
+@lru_cache(maxsize=8192)
+def ends_block(model: ModelShape, tp: int, ep: int, seqs: int, s: TrainSettings, impl: Impl, first: bool,
+               last: bool, factor: float, recompute: str) -> tuple[Op, ...]:
+    """The embedding (first stage); final norm, head, loss and the MTP modules (last stage)."""
+    tokens = seqs * s.seq_len
+    D, V = model.hidden_size, model.vocab_size
+    head_prec = s.precision if impl.name == "eager" else "bf16"  # DeepSeek-V3 keeps the head in BF16
+    ops: list[Op] = []
+    if first:
+        ops += _ew("embedding", tokens * D, s.act_bytes, impl, "")
+    if last:
+        ops += _ew("rmsnorm", tokens * D, s.act_bytes, impl, "final_")
+        ops += _linear("lm_head", tokens, D, V // tp, head_prec)
+        ops += _ew("loss", tokens * V / tp, 4, impl, "")
+        depth = model.moe_config.num_nextn_predict_layers if model.moe_config is not None else 0
+        for d in range(depth):  # MTP: enorm, hnorm, eh_proj, one MoE block, final norm, head, loss
+            tag = f"mtp{d}."
+            ops += _ew("rmsnorm", 2 * tokens * D, s.act_bytes, impl, tag)
+            ops += _linear(tag + "eh_proj", tokens, 2 * D, D, s.precision)
+            ops += layer_ops(model, model.moe_layers > 0, Layout(tp=tp, ep=ep, dp=max(tp, ep)), s, impl, seqs, tag)
+            ops += _ew("rmsnorm", tokens * D, s.act_bytes, impl, tag + "final_")
+            ops += _linear(tag + "lm_head", tokens, D, V // tp, head_prec)
+            ops += _ew("loss", tokens * V / tp, 4, impl, tag)
+    return _scaled(ops, factor, recompute)
+
+
+RECOMPUTED = {"selective": ("rmsnorm", "swiglu", "q_b_proj", "kv_b_proj")}
+
+
+def _recompute(ops: list[Op], mode: str) -> list[Op]:
+    """The forward work recomputed in backward: everything (full) or norms, SwiGLU and MLA
+    up-projections (selective, DeepSeek-V3 Sec. 3.2.2)."""
+    out = []
+    for op in ops:
+        if op.phase != "fwd" or op.kind == "collective" and mode != "full":
+            continue
+        if mode == "full" or any(key in op.name for key in RECOMPUTED["selective"]):
+            out.append(replace(op, name=op.name + ".recompute", phase="bwd"))
+    return out
+
+
+def _step_ops(model: ModelShape, lo: Layout, s: TrainSettings, impl: Impl, stages: list[int]) -> list[Op]:
+    """Once per optimizer step: gradient sync over DP / expert-DP, ZeRO-3 gathers, clipping, AdamW."""
+    from .memory import stage_params
+
+    dense_p = expert_p = 0.0
+    for st in stages:
+        d, e = stage_params(model, lo, st)
+        dense_p, expert_p = dense_p + d, expert_p + e
+    depth = model.moe_config.num_nextn_predict_layers if model.moe_config is not None else 0
+    if depth and lo.pp - 1 in stages:  # MTP modules live with the head
+        dense_p += depth * (2 * model.hidden_size ** 2 + (model.attention_params + model.shared_expert_params) / lo.tp)
+        expert_p += depth * model.routed_expert_params / lo.ep
+    ops = []
+    for name, p, dp, group in (("dense", dense_p, lo.dp, "dp"), ("experts", expert_p, lo.edp, "edp")):
+        if dp > 1 and p:
+            kind = "all_reduce" if lo.zero == 0 else "reduce_scatter"
+            ops.append(Op(f"{group}.grad_sync", "collective", "step", bytes=p * s.grad_comm_bytes,
+                          collective=kind, group=group, hideable=True))
+            if lo.zero in (1, 2):
+                ops.append(Op(f"{group}.param_gather", "collective", "step", bytes=p * s.weight_bytes,
+                              collective="all_gather", group=group, hideable=True))
+            if lo.zero == 3:  # gather the weights for every forward and backward of every micro-batch
+                for phase in ("fwd", "bwd"):
+                    ops.append(Op(f"{group}.zero3_gather", "collective", phase, bytes=p * s.weight_bytes,
+                                  collective="all_gather", group=group, hideable=True))
+    shard = lambda p, dp: p / (dp if lo.zero >= 1 else 1)  # noqa: E731
+    local = shard(dense_p, lo.dp) + shard(expert_p, lo.edp)
+    grad_b, master_b, mom_b = s.grad_bytes, s.master_bytes or s.weight_bytes, s.moment_bytes
+    # clipping: a norm over the gradients (one read) and a scale (read + write); AdamW: read param,
+    # grad, two moments, write param and moments (one fused pass); BF16 working copy refreshed
+    ops.append(Op("clip_grad_norm", "memory", "step", bytes=local * grad_b * 3, kernels=4))
+    adam = local * (master_b * 2 + grad_b + mom_b * 4) + (local * s.weight_bytes if s.master_bytes else 0)
+    tensors = 12 * (model.num_layers + depth) // lo.pp + 4
+    ops.append(Op("adamw", "memory", "step", bytes=adam, kernels=tensors if impl.name == "eager" else 1))
+    return ops
+
+
+def summarize(ops: list[Op], micro: int) -> dict[str, float]:
+    """FLOPs and bytes of one optimizer step (for tests and the --against breakdown)."""
+    flops = sum(o.flops * o.count * (1 if o.phase == "step" else micro) for o in ops if o.kind in ("gemm", "attention"))
+    mem = sum(o.bytes * o.count * (1 if o.phase == "step" else micro) for o in ops if o.kind == "memory")
+    kernels = sum(o.kernels * o.count * (1 if o.phase == "step" else micro) for o in ops if o.kind != "collective")
+    return {"flops": flops, "memory_bytes": mem, "kernels": kernels}

@@ -1,0 +1,72 @@
+"""`moeforge plan --against RUN_DIR`: a real (tiny) run of the trainer, predicted on this machine.
+
+The bound is loose on purpose: it guards the composition (op list x measured device) against
+regressions such as a dropped backward or a doubled layer, not the accuracy, which the validation
+table of benchmarks/planner_validation.py measures (docs/planner.md). Timings are not asserted
+beyond that factor."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from moeforge.cli import main
+from moeforge.plan.against import compare
+
+
+@pytest.fixture(scope="module")
+def debug_run(tmp_path_factory):
+    """A 5-step debug run, and the CPU share it got (CPU seconds over wall seconds: the machine is
+    shared, and a step's wall time is its CPU time over that share)."""
+    from rich.console import Console
+
+    from moeforge.config import resolve_run_config
+    from moeforge.train import Trainer
+
+    run_dir = tmp_path_factory.mktemp("against") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the validation runs: one thread per process (docs/planner.md)
+    try:
+        run = resolve_run_config({}, dict(preset="debug", steps=5, batch_size=8, seq_len=128, eval_every=0,
+                                          eval_batches=1, sample_tokens=0, max_corpus_mb=0.2, device="cpu",
+                                          precision="fp32", run_dir=str(run_dir)))
+        trainer = Trainer(run, run_dir=run_dir, console=Console(quiet=True))
+        c0, w0 = time.process_time(), time.perf_counter()  # the training loop only, not the setup
+        trainer.fit()
+        share = min(1.0, (time.process_time() - c0) / (time.perf_counter() - w0))
+    finally:
+        torch.set_num_threads(threads)
+    return run_dir, share
+
+
+def test_against_predicts_a_finished_run_within_a_loose_factor(debug_run, capsys, tmp_path, monkeypatch):
+    debug_run, share = debug_run
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # GEMM timings cached here, not in ~/.cache
+    # a torn last line (a run killed while writing) is dropped with a warning, not an error
+    with open(debug_run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "loss": 3.1, "tokens_per')
+    assert main(["plan", "--against", str(debug_run), "--threads", "1", "--json"]) == 0
+    captured = capsys.readouterr()
+    r = json.loads(captured.out)
+    assert "torn last line" in captured.err
+    assert r["processes"] == 1 and r["layout"].startswith("DP1 TP1 PP1 EP1")
+    assert r["steps_timed"] == 5
+    r = compare(debug_run, threads=1, run_share=share)
+    assert 1 / 3 < r["predicted_s"] / r["measured_s"] < 3
+    assert r["by_kind"]["gemm"] > 0 and r["by_kind"]["memory"] > 0 and r["by_kind"]["attention"] > 0
+    assert sum(r["parts"].values()) == pytest.approx(r["predicted_s"])
+    assert (tmp_path / "moeforge" / "plan-cpu.json").is_file()  # measured shapes are kept
+    assert main(["plan", "--against", str(debug_run), "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "predicted" in text and "measured" in text and "error" in text and "memory per rank" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--against", "/nonexistent/run"], "not a run folder"),
+    (["--threads", "2"], "use them with --against"),
+])
+def test_against_errors_are_one_line(args, message, capsys):
+    assert main(["plan", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
