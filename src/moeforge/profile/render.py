@@ -46,11 +46,16 @@ def table(profile: dict) -> str:
         lines += ["", f"planner: no prediction ({pred['error']})"]
     else:
         lines += ["", f"measured (rank {profile['slowest_rank']}, the slowest) vs planner ({pred['hardware']}, "
-                      f"{pred['layout']}, assumed overlap {pred['assumed_overlap']:g}), ms per step",
+                      f"{pred['layout']}, overlap {_overlap(pred['assumed_overlap'])}), ms per step",
                   f"  {'component':<38} {'measured':>9} {'predicted':>9}"]
         for row in profile["comparison"]:
             lines.append(f"  {row['component']:<38} {_ms(row['measured_s']):>9} {_ms(row['predicted_s']):>9}")
     return "\n".join(lines)
+
+
+def _overlap(assumed: float | None) -> str:
+    """The planner's overlap setting: a fixed hidden fraction, or None = derived from the schedule."""
+    return "from the schedule" if assumed is None else f"{assumed:g} assumed"
 
 
 def timeline(lanes: list[dict], path: Path, title: str = "") -> Path:
