@@ -189,14 +189,7 @@ def hf_to_moeforge(tensors: Mapping[str, torch.Tensor], config: ModelConfig,
     used = {k for keys in sources.values() for k in keys}
     mtp_layers = {int(m[1]) for k in available if (m := _LAYER.match(k)) and m[2] == "eh_proj.weight"}
     unexpected = sorted(k for k in available - used if not _ignorable(k, config, mtp_layers))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}, e.g. {unexpected[:3]}")
-        raise CheckpointError(f"{getattr(tensors, 'folder', 'checkpoint')} does not match the model config: "
-                              + "; ".join(parts))
+    check_names_match(missing, unexpected, getattr(tensors, "folder", "checkpoint"))
     out: dict[str, torch.Tensor] = {}
     for name, keys in sources.items():
         target = like[name]
@@ -383,6 +376,18 @@ def from_pretrained(folder: str | Path, dtype: torch.dtype | None = None, device
     return model.eval()
 
 
+def check_names_match(missing: list[str], unexpected: list[str], source) -> None:
+    """One CheckpointError line naming (a few of) the missing and unexpected tensors, if there are any."""
+    if not missing and not unexpected:
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)}, e.g. {unexpected[:3]}")
+    raise CheckpointError(f"{source} does not match the model config: " + "; ".join(parts))
+
+
 def load_into(model: Transformer, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """load_state_dict with errors that say which tensors are missing, unexpected or the wrong shape."""
     expected = model.state_dict()
@@ -390,13 +395,7 @@ def load_into(model: Transformer, state: dict[str, torch.Tensor], source: str = 
         state.setdefault("lm_head.weight", state.get("embed_tokens.weight"))
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}, e.g. {unexpected[:3]}")
-        raise CheckpointError(f"{source} does not match the model config: " + "; ".join(parts))
+    check_names_match(missing, unexpected, source)
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)}, the config expects "
