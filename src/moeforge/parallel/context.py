@@ -235,6 +235,7 @@ def apply_context_parallel(model, group) -> ContextParallel:
         if isinstance(module, MLA):
             module.forward = partial(context_parallel_attention, module, cp, module.forward)
     model.forward = partial(context_parallel_forward, model, cp, model.forward)
+    model.context_parallel = cp
     return cp
 
 
