@@ -58,7 +58,8 @@ class ParallelLayout:
                 raise ConfigError(f"--{name} must be >= 1, got {value}")
         if dp == 0:
             if world_size % (cp * tp * pp):
-                raise ConfigError(f"cp x tp x pp = {cp} x {tp} x {pp} = {cp * tp * pp} does not divide the "
+                names, values = ("cp x tp x pp", (cp, tp, pp)) if cp > 1 else ("tp x pp", (tp, pp))
+                raise ConfigError(f"{names} = {' x '.join(map(str, values))} = {cp * tp * pp} does not divide the "
                                   f"{world_size} processes")
             dp = world_size // (cp * tp * pp)
         layout = cls(dp=int(dp), ep=int(ep), tp=int(tp), pp=int(pp), zero=int(zero), cp=int(cp))
