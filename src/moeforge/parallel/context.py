@@ -167,7 +167,9 @@ def context_parallel_attention(mla: MLA, cp: ContextParallel, plain_forward, x: 
     k = torch.cat((k_nope, k_rope[:, None].expand(B, H, T, R)), dim=-1)
     # Softmax does not care about key order: mask by real positions instead of reordering the gather.
     mask = cp.key_positions(T, x.device)[None, :] <= cp.positions(T, x.device)[:, None]  # [Tl, T]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=mla.softmax_scale)
+    pad = q.shape[-1] - V  # equal qk and v head dims let SDPA take a fused kernel (as MLA.attention_core)
+    out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)) if pad > 0 else v, attn_mask=mask,
+                                         scale=mla.softmax_scale)[..., :V]
     return mla.o_proj(out.transpose(1, 2).reshape(B, Tl, H * V))
 
 
