@@ -46,6 +46,7 @@ def test_context_parallel_run_matches_single_process(tmp_path, capfd):
     assert main(["train", *common, "--run-dir", str(run), "--nproc", "2", "--cp", "2"]) == 0
     assert "cp 2" in capfd.readouterr().err
     check_equal(run, single)
+    assert "dp 1, ep 1, tp 1, pp 1, cp 2" in (run / "checkpoints" / "step-000003" / "README.md").read_text()
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 4 and not os.environ.get("MOEFORGE_TEST_4RANK"),
