@@ -55,7 +55,7 @@ def run_config(name, cfg, args, caps, dtype):
 
     def step():
         with autocast():
-            out = model(batch[0], labels=batch[1])
+            out = model(batch[0], shift_labels=batch[1])
         out.loss.backward()
         model.zero_grad(set_to_none=True)
 
@@ -69,7 +69,7 @@ def run_config(name, cfg, args, caps, dtype):
     for key, plan in plans.items():
         ac = ActivationCheckpointing(model, plan.names)
         with ActivationRecorder(model) as rec, autocast():
-            out = model(batch[0], labels=batch[1])
+            out = model(batch[0], shift_labels=batch[1])
         kept = rec.profile().total_bytes
         out.loss.backward()
         model.zero_grad(set_to_none=True)
@@ -78,7 +78,7 @@ def run_config(name, cfg, args, caps, dtype):
         for _ in range(2):  # the first pass also warms the allocator up
             with PeakHeap() as ph:
                 with autocast():
-                    out = model(batch[0], labels=batch[1])
+                    out = model(batch[0], shift_labels=batch[1])
                 after_fwd.append(live_heap_bytes() - ph.base)
                 out.loss.backward()
                 del out

@@ -79,7 +79,7 @@ def worker(rank, world, args, init_file, path):
     tokens = torch.randint(0, model.config.vocab_size, (1, args.seq + 1), generator=g)
     x, y = tokens[:, :-1], tokens[:, 1:]
     with PeakHeap() as heap:
-        out, held = held_bytes(model, lambda: model(x, labels=y))
+        out, held = held_bytes(model, lambda: model(x, shift_labels=y))
         out.loss.backward()
     gathered = cp.pop_gathered_bytes() if cp else 0
     loss = out.loss.detach().clone()

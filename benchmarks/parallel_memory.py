@@ -109,7 +109,7 @@ def worker(rank: int, world: int, layout: str, args, init_file: str, out: str) -
         t0 = time.perf_counter()
         tracker = HeldActivations(model)
         with torch.autograd.graph.saved_tensors_hooks(tracker.pack, lambda t: t):
-            loss = model(tokens[:, :-1], labels=tokens[:, 1:]).loss
+            loss = model(tokens[:, :-1], shift_labels=tokens[:, 1:]).loss
         held = max(held, tracker.nbytes())
         del tracker
         loss.backward()

@@ -2,16 +2,18 @@
 
 Both models are built from one config with identical weights (the HF model is initialised, saved with
 `save_pretrained` and read back with `moeforge.from_pretrained`), get the same batch, the same loss
-(next-token cross-entropy over T-1 positions), the same AdamW settings and the same precision treatment:
-fp32, or bf16 autocast over fp32 master weights. One timed step = zero_grad + forward + backward +
-optimizer step. After warmup the variants run interleaved (A, B, A, B, ...) so that a noisy, shared
-machine slows them alike; each variant reports its median step.
+(next-token cross-entropy over T-1 positions, `labels=input_ids` for both), the same AdamW settings and
+the same precision treatment: fp32; bf16 autocast over fp32 master weights ("bf16"); or pure bf16, the
+weights and optimizer state themselves in bf16 and no autocast ("bf16-pure": both loaded with
+`from_pretrained(..., dtype=torch.bfloat16)`, which keeps both libraries' routers in fp32). One timed
+step = zero_grad + forward + backward + optimizer step. After warmup the variants run interleaved (A, B,
+A, B, ...) so that a noisy, shared machine slows them alike; each variant reports its median step.
 
 Achieved FLOP/s uses `moeforge.costs.training_flops_per_token` (6 x activated matmul parameters +
 causal attention) and is shown as a fraction of a dense matmul peak measured in the same rounds
 (an N^3 matmul in the step's compute dtype).
 
-    python benchmarks/train_throughput.py                       # fp32 and bf16, about 1.5 minutes on 2 cores
+    python benchmarks/train_throughput.py                       # fp32, bf16, bf16-pure: about 2 minutes on 2 cores
     python benchmarks/train_throughput.py --expert-impl grouped_mm --attn-impl eager   # fastest on a 2-core CPU
     python benchmarks/train_throughput.py --dtype bf16 --expert-impl bmm,grouped_mm,loop --attn-impl sdpa,eager
     python benchmarks/train_throughput.py --compile             # torch.compile the moeforge model
@@ -33,7 +35,6 @@ from dataclasses import dataclass, field
 import torch
 
 import moeforge
-from moeforge.model import IGNORE_INDEX
 from moeforge.model.moe import EXPERT_IMPLS
 
 try:
@@ -41,7 +42,9 @@ try:
 except ImportError:  # a moeforge from before MLA.attn_impl (to benchmark an older checkout)
     ATTN_IMPLS = ("sdpa",)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# precision name -> (weight dtype, autocast dtype or None)
+PRECISIONS = {"fp32": (torch.float32, None), "bf16": (torch.float32, torch.bfloat16),
+              "bf16-pure": (torch.bfloat16, None)}
 
 
 def hf_config(args):
@@ -59,16 +62,21 @@ def hf_config(args):
     )
 
 
-def build_models(args):
-    """The HF model and a moeforge model with the same weights (fp32, training mode)."""
+def build_models(args, weight_dtypes) -> dict:
+    """weight dtype -> (HF model, moeforge model) with the same weights, in training mode: the fp32 HF model
+    is initialised and saved once, and each library's own `from_pretrained(..., dtype=...)` reads it back."""
     import transformers
 
     torch.manual_seed(args.seed)
     hf = transformers.DeepseekV3ForCausalLM(hf_config(args)).float().train()
+    models = {}
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
-        ours = moeforge.from_pretrained(tmp).float().train()
-    return hf, ours
+        for dtype in weight_dtypes:
+            theirs = hf if dtype == torch.float32 else \
+                transformers.DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=dtype).train()
+            models[dtype] = (theirs, moeforge.from_pretrained(tmp, dtype=dtype).train())
+    return models
 
 
 def flops_per_token(config, seq_len: int) -> tuple[float, str]:
@@ -109,10 +117,7 @@ ADAMW = {"loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": di
 def make_step(model, forward, kind: str, ids, amp_dtype, lr: float, adamw: str = "fused"):
     """One training step for either model; returns (seconds, loss)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, **ADAMW[adamw])
-    if kind == "hf":
-        labels = ids  # HF shifts labels inside its loss
-    else:
-        labels = torch.cat((ids[:, 1:], torch.full_like(ids[:, :1], IGNORE_INDEX)), dim=1)
+    labels = ids  # both shift labels inside their loss (transformers' convention)
     autocast = (lambda: torch.autocast("cpu", dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
 
     def step():
@@ -169,7 +174,7 @@ def current_impls(model) -> tuple[str, str]:
 
 
 def run_dtype(dtype_name: str, hf, ours, ids, args) -> tuple[list[Variant], list[float]]:
-    amp = None if dtype_name == "fp32" else DTYPES[dtype_name]
+    weights, amp = PRECISIONS[dtype_name]
     if args.compile:  # a fresh compile per dtype (a recompile for the new autocast state could go dynamic)
         torch._dynamo.reset()
     ours_fwd = torch.compile(ours) if args.compile else ours
@@ -186,7 +191,7 @@ def run_dtype(dtype_name: str, hf, ours, ids, args) -> tuple[list[Variant], list
                 return step()
 
             variants.append(Variant(label, ours, run))
-    peak = matmul_peak_step(DTYPES[dtype_name], args.peak_n)
+    peak = matmul_peak_step(amp or weights, args.peak_n)
 
     for v in variants:
         for i in range(args.warmup):
@@ -221,7 +226,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant (interleaved), median reported")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
-    p.add_argument("--dtype", default="fp32,bf16", help="comma list of fp32, bf16 (bf16 = autocast, fp32 master weights)")
+    p.add_argument("--dtype", default="fp32,bf16,bf16-pure",
+                   help="comma list of fp32, bf16 (autocast over fp32 master weights), bf16-pure (weights and "
+                        "optimizer state in bf16, no autocast)")
     p.add_argument("--batch", type=int, default=8, help="sequences per step")
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     p.add_argument("--compile", action="store_true", help="torch.compile the moeforge model")
@@ -260,8 +267,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     for d in args.dtypes:
-        if d not in DTYPES:
-            p.error(f"--dtype: unknown {d!r}; choose from {', '.join(DTYPES)}")
+        if d not in PRECISIONS:
+            p.error(f"--dtype: unknown {d!r}; choose from {', '.join(PRECISIONS)}")
     args.expert_impl = None if args.expert_impl == "auto" else args.expert_impl
     args.attn_impl = None if args.attn_impl == "auto" else args.attn_impl
     if args.expert_impl:
@@ -286,9 +293,10 @@ def main(argv=None) -> int:
     import transformers
 
     t_start = time.perf_counter()
-    hf, ours = build_models(args)
+    models = build_models(args, sorted({PRECISIONS[d][0] for d in args.dtypes}, key=str))
+    hf, ours = next(iter(models.values()))
     config = ours.config
-    impl_source = apply_device_defaults(ours)
+    impl_source = [apply_device_defaults(m) for _, m in models.values()][0]  # the same kernels for each
     tokens = args.batch * args.seq
     fpt, fsource = flops_per_token(config, args.seq)
     step_flops = fpt * tokens
@@ -310,23 +318,20 @@ def main(argv=None) -> int:
           f"{','.join(args.attn_impl or [attn0])}" + ("" if args.expert_impl and args.attn_impl else
                                                       f"; defaults from {impl_source}"))
 
-    rows = []
-    for dtype_name in args.dtypes:
-        variants, peak_times = run_dtype(dtype_name, hf, ours, ids, args)
+    head = ("dtype", "model", "step ms", "min ms", "tokens/s", "vs HF", "TFLOP/s", "% peak", "peak TF/s", "loss@1")
+    fmt = "{:<9} {:<36} {:>8} {:>8} {:>9} {:>6} {:>8} {:>7} {:>9} {:>8}"
+    print()
+    print(fmt.format(*head), flush=True)
+    for dtype_name in args.dtypes:  # each precision's rows as soon as they are measured
+        variants, peak_times = run_dtype(dtype_name, *models[PRECISIONS[dtype_name][0]], ids, args)
         peak = 2 * args.peak_n ** 3 / statistics.median(peak_times)
         base = statistics.median(variants[0].times)
         for v in variants:
             med = statistics.median(v.times)
-            rows.append((dtype_name, v.name, med * 1e3, min(v.times) * 1e3, tokens / med, base / med,
-                         step_flops / med / 1e12, step_flops / med / peak, peak / 1e12, v.first_loss))
-
-    head = ("dtype", "model", "step ms", "min ms", "tokens/s", "vs HF", "TFLOP/s", "% peak", "peak TF/s", "loss@1")
-    fmt = "{:<5} {:<36} {:>8} {:>8} {:>9} {:>6} {:>8} {:>7} {:>9} {:>8}"
-    print()
-    print(fmt.format(*head))
-    for r in rows:
-        print(fmt.format(r[0], r[1], f"{r[2]:.0f}", f"{r[3]:.0f}", f"{r[4]:.0f}", f"{r[5]:.2f}x", f"{r[6]:.3f}",
-                         f"{100 * r[7]:.1f}%", f"{r[8]:.2f}", f"{r[9]:.4f}"))
+            print(fmt.format(dtype_name, v.name, f"{med * 1e3:.0f}", f"{min(v.times) * 1e3:.0f}",
+                             f"{tokens / med:.0f}", f"{base / med:.2f}x", f"{step_flops / med / 1e12:.3f}",
+                             f"{100 * step_flops / med / peak:.1f}%", f"{peak / 1e12:.2f}", f"{v.first_loss:.4f}"),
+                  flush=True)
     print(f"\n'vs HF' = moeforge tokens/s / transformers tokens/s (same dtype); peak = median {args.peak_n}^3 "
           f"matmul in that dtype, timed in the same rounds; loss@1 = loss of the first warmup step "
           f"(same weights and batch: should agree). Total {time.perf_counter() - t_start:.0f} s.")

@@ -42,6 +42,10 @@ def test_config_file_and_model_overrides(tmp_path):
     (["train", "--config", "/no/such.toml"], "config file not found"),
     (["generate", "--checkpoint", "/no/such/dir"], "checkpoint path not found"),
     (["info", "nonsense"], "neither a preset"),
+    # ZeRO-1 is not implemented: refused (today's main silently ran ZeRO-2), with and without processes to shard over
+    (["train", *SMALL, "--steps", "1", "--zero", "1"], "--zero 1 (shard only the optimizer state) is not implemented"),
+    (["train", *SMALL, "--steps", "1", "--nproc", "2", "--zero", "1"], "use --zero 2"),
+    (["memory", "--preset", "debug", "--zero", "1"], "--zero 1 (shard only the optimizer state)"),
 ])
 def test_user_errors_are_one_line(argv, message, capsys, tmp_path):
     assert main(argv + (["--run-dir", str(tmp_path / "x")] if argv[0] == "train" else [])) == 2

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from moeforge.data import BatchSampler, ByteTokenizer, HFTokenizer, load_corpus
@@ -72,3 +73,55 @@ def test_hf_tokenizer_json(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(DataError, match="not a valid tokenizer.json"):
         HFTokenizer(tmp_path / "bad.json")
+
+
+def _token_count(corpus) -> int:
+    return len(corpus.train) + len(corpus.val)
+
+
+def test_max_corpus_mb_caps_single_files_jsonl_and_folders(tmp_path):
+    """At most max_mb x 1e6 bytes of text, from any source (main applied it only between a folder's files):
+    ByteTokenizer gives one token per byte plus one end-of-document token per document."""
+    tok = ByteTokenizer()
+    single = tmp_path / "big.txt"
+    single.write_text("abcdefghij" * 300)  # 3000 bytes, one document
+    assert _token_count(load_corpus(str(single), tok, max_mb=0.001)) == 1000 + 1
+    jl = tmp_path / "docs.jsonl"
+    jl.write_text("\n".join(json.dumps({"text": "x" * 150}) for _ in range(50)))  # 7500 bytes of text
+    assert _token_count(load_corpus(str(jl), tok, max_mb=0.001)) == 1000 + 7  # 6 whole documents, a 7th cut
+    accents = tmp_path / "accents.txt"
+    accents.write_text("é" * 1000)  # 2000 bytes: a 999-byte budget keeps 499 whole characters
+    corpus = load_corpus(str(accents), tok, max_mb=0.000999)
+    assert _token_count(corpus) == 998 + 1 and tok.decode(np.concatenate([corpus.train, corpus.val])) == "é" * 499
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a" * 1200)
+    (folder / "b.txt").write_text("b" * 1600)
+    assert _token_count(load_corpus(str(folder), tok, max_mb=0.002)) == 2000 + 2
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".bin"])
+def test_token_files_stay_memory_mapped(tmp_path, suffix):
+    """A 4M-token file: the splits are views of the mapped file and a batch reads only its windows, so the
+    Python heap (numpy reports its buffers to tracemalloc) stays far below even one int32 copy (16 MB)."""
+    import tracemalloc
+
+    ids = (np.arange(4_000_000, dtype=np.uint32) * 7919 % 50_000).astype(np.uint16)
+    path = tmp_path / f"tokens{suffix}"
+    np.save(path, ids) if suffix == ".npy" else ids.tofile(path)
+    tracemalloc.start()
+    try:
+        corpus = load_corpus(str(path), ByteTokenizer(), val_fraction=0.01)
+        sampler = BatchSampler(corpus.train, seq_len=64, batch_size=8, seed=3)
+        batches = [sampler.batch(i) for i in range(3)]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert isinstance(corpus.train, np.memmap) and isinstance(sampler.tokens, np.memmap)
+    assert peak < 1_000_000, f"{peak} bytes allocated while loading and sampling a {ids.nbytes}-byte token file"
+    train = torch.from_numpy(ids[:len(corpus.train)].astype(np.int64))
+    for i, (x, y) in enumerate(batches):  # the same windows as main's in-memory sampler drew (resumes agree)
+        g = torch.Generator().manual_seed(3 * 1_000_003 + i)
+        starts = torch.randint(0, len(train) - 65, (8,), generator=g)
+        windows = train[starts[:, None] + torch.arange(65)]
+        assert x.dtype == torch.int64 and x.equal(windows[:, :-1]) and y.equal(windows[:, 1:])

@@ -26,7 +26,7 @@ def step(model, probe, batch, names, dtype=None):
         moe.tokens_per_expert.zero_()
     with ActivationRecorder(model) as rec, torch.autocast("cpu", dtype=dtype or torch.bfloat16,
                                                           enabled=dtype is not None):
-        out = model(batch[0], labels=batch[1])
+        out = model(batch[0], shift_labels=batch[1])
     aux = probe.pop_loss()
     (out.loss + aux).backward()
     ac.remove()
@@ -101,7 +101,7 @@ def test_recast_refuses_a_weight_changed_between_forward_and_backward(debug_mode
     ac = ActivationCheckpointing(model, bf16_plans(model)["casts"])
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(batch[0], labels=batch[1])
+            out = model(batch[0], shift_labels=batch[1])
         probe.pop_loss()
         with torch.no_grad():
             model.layers[1].mlp.experts.gate_up_proj.mul_(1.0)

@@ -104,3 +104,83 @@ def test_train_profile_memory_writes_memory_json(tmp_path, capsys):
     report = json.loads((run_dir / "memory.json").read_text())
     assert report["activations"] == sum(report["activations_by_layer"].values()) > 0
     assert "optimizer states" in capsys.readouterr().err
+
+
+def _memory_json(capsys, *flags):
+    rc = main(["memory", "--preset", "debug", "--batch-size", "2", "--seq-len", "32", "--device", "cpu",
+               "--profile-steps", "1", "--json", *flags])
+    assert rc == 0
+    return json.loads(capsys.readouterr().out)["report"]
+
+
+def test_memory_command_measures_fp8_with_the_fp8_modules(capsys):
+    """--precision fp8 swaps in the FP8 linears and experts (as the trainer does), so what they save for
+    backward (quantized copies, not the bf16 inputs) is what gets measured."""
+    from moeforge.precision import apply_fp8
+
+    bf16 = _memory_json(capsys, "--precision", "bf16")
+    fp8 = _memory_json(capsys, "--precision", "fp8")
+    swapped = Transformer(preset("debug"))
+    apply_fp8(swapped, "fp8")
+    plain_types = {type(m).__name__ for m in Transformer(preset("debug")).modules()}
+    fp8_types = {type(m).__name__ for m in swapped.modules()} - plain_types
+    assert fp8_types == {"Fp8Linear", "Fp8GroupedExperts"}
+    assert fp8_types <= set(fp8["activations_by_type"]) and not fp8_types & set(bf16["activations_by_type"])
+    assert "GroupedExperts" not in fp8["activations_by_type"]
+    assert fp8["parameters"] == bf16["parameters"]  # master weights stay fp32
+    assert fp8["activations"] < bf16["activations"]
+
+
+def _other_value(field):
+    """A valid value different from the field's default (to pass as a flag)."""
+    special = {"data": "corpus.txt", "tokenizer": "tokenizer.json", "schedule": "wsd", "routing": "balanced",
+               "pp_schedule": "gpipe", "offload": "optimizer", "run_dir": "somewhere", "sample_prompt": "x",
+               "ep_dispatch": ["fp8", "--ep", "2"], "bias_update_final_speed": "1e-4", "val_fraction": "0.1",
+               "min_lr_ratio": "0.5", "wsd_decay_fraction": "0.3", "bias_freeze_fraction": "0.5"}
+    if field.name in special:
+        value = special[field.name]
+        return value if isinstance(value, list) else [value]
+    if isinstance(field.default, bool):
+        return []  # the flag (or --no-flag) itself
+    if isinstance(field.default, int):
+        return [str(field.default + 1)]
+    return [str(field.default * 2)]
+
+
+# What one process measuring AdamW steps on random tokens can apply; every other train flag must be refused.
+APPLIED_BY_MEMORY = {"preset", "seq_len", "batch_size", "precision", "optimizer_state_dtype", "device", "seed", "lr",
+                     "weight_decay", "beta1", "beta2", "activation_checkpointing", "memory_budget"}
+
+
+def _unapplied_fields():
+    from moeforge.config import TrainConfig
+
+    return [f for f in dataclasses.fields(TrainConfig) if f.name not in APPLIED_BY_MEMORY]
+
+
+@pytest.mark.parametrize("field", _unapplied_fields(), ids=lambda f: f.name)
+def test_memory_command_refuses_every_train_flag_it_does_not_apply(field, capsys):
+    flag = "--" + field.name.replace("_", "-")
+    if isinstance(field.default, bool):
+        flag = flag if not field.default else "--no-" + flag[2:]
+    precision = "fp8" if field.name == "fp8_policy" else "fp32"  # the policy needs fp8
+    rc = main(["memory", "--preset", "debug", "--batch-size", "1", "--seq-len", "8", "--device", "cpu",
+               "--profile-steps", "1", "--precision", precision, flag, *_other_value(field)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and flag in err and "not applied by `moeforge memory`" in err
+
+
+def test_memory_command_refuses_a_config_file_that_distributes_or_offloads(tmp_path, capsys):
+    """A run's config.toml carries every field: the ones that do not change the measurement (data, steps)
+    are fine there, the ones that would change it (nproc, offload) are refused."""
+    toml = tmp_path / "run.toml"
+    toml.write_text('[train]\npreset = "debug"\ndata = "nowhere.txt"\nsteps = 5\nnproc = 2\noffload = "all"\n')
+    rc = main(["memory", "--config", str(toml), "--batch-size", "1", "--seq-len", "8", "--device", "cpu",
+               "--profile-steps", "1", "--precision", "fp32"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--nproc 2, --offload all" in err and "--data" not in err and len(err.strip().splitlines()) == 1
+    toml.write_text('[train]\npreset = "debug"\ndata = "nowhere.txt"\nsteps = 5\nnproc = 1\n')
+    assert main(["memory", "--config", str(toml), "--batch-size", "1", "--seq-len", "8", "--device", "cpu",
+                 "--profile-steps", "1", "--precision", "fp32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["report"]["tokens_per_micro_batch"] == 8

@@ -61,7 +61,7 @@ def test_tokens_per_expert_counts_every_assignment():
 def test_mtp_loss_is_weighted_into_the_total():
     model = Transformer(preset("debug"))
     ids = torch.randint(0, 256, (2, 16))
-    out = model(ids[:, :-1], labels=ids[:, 1:])
+    out = model(ids[:, :-1], shift_labels=ids[:, 1:])
     assert out.mtp_loss is not None
     torch.testing.assert_close(out.loss, out.lm_loss + model.config.mtp_loss_weight * out.mtp_loss)
     out.loss.backward()

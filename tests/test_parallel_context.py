@@ -19,12 +19,27 @@ from moeforge.model import Transformer
 from moeforge.parallel.context import (ContextParallelRouterProbe, apply_context_parallel, check_seq_len,
                                        load_balanced_positions)
 from moeforge.train import make_optimizer
-from parallel_helpers import init_gloo, one_thread, spread_router_model
+from moeforge.model import Router
+from parallel_helpers import init_gloo, one_thread
 
 BATCH, SEQ, STEPS = 2, 16, 2
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "beta_fast": 32, "beta_slow": 1,
         "mscale": 1.0, "mscale_all_dim": 0.707}
-CASES = [dict(yarn=False, seq_alpha=1e-2, batch_alpha=0.0), dict(yarn=True, seq_alpha=1e-2, batch_alpha=1e-2)]
+# Targets as the trainer passes them (shift_labels) and in transformers' unshifted convention (labels).
+CASES = [dict(yarn=False, seq_alpha=1e-2, batch_alpha=0.0, unshifted=False),
+         dict(yarn=True, seq_alpha=1e-2, batch_alpha=1e-2, unshifted=True)]
+
+
+def spread_router_model() -> Transformer:
+    """The debug preset with router weights x50: at init a token's expert scores differ by ~1e-3, so fp32
+    noise from another summation order (the split attention) could flip a near-tie; spread-out scores keep
+    every choice far from one (the layouts are compared, not the routing)."""
+    model = Transformer(preset("debug"))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, Router):
+                m.weight.mul_(50)
+    return model
 
 
 def build(case) -> Transformer:
@@ -45,7 +60,7 @@ def data():
     return [(s[:, :-1], s[:, 1:]) for s in t]
 
 
-def train(model, probe, group=None, size: int = 1):
+def train(model, probe, unshifted: bool, group=None, size: int = 1):
     """STEPS of loss + balance loss, backward, gradients averaged over `group`, clip, AdamW, bias update."""
     # AdamW's first steps move a weight by ~lr whatever the gradient's size, so fp32 noise in a tiny gradient
     # (the fused attention kernel sums in another order) shows up as ~lr x its relative error: lr 1e-4 keeps
@@ -54,7 +69,7 @@ def train(model, probe, group=None, size: int = 1):
     records = []
     for step, (x, y) in enumerate(data()):
         reset_counts(model)
-        out = model(x, labels=y)
+        out = model(x, labels=x) if unshifted else model(x, shift_labels=y)
         loss = out.loss + probe.pop_loss()
         loss.backward()
         if group is not None:
@@ -83,13 +98,13 @@ def worker(rank, world, init_file, out_dir):
         model = build(case)
         cp = apply_context_parallel(model, group)
         probe = ContextParallelRouterProbe(model, cp, case["seq_alpha"], case["batch_alpha"], seq_len=SEQ)
-        records, state = train(model, probe, group, world)
+        records, state = train(model, probe, case["unshifted"], group, world)
         gathered = cp.pop_gathered_bytes()  # of STEPS forward passes
         if rank == 0:
             torch.save({"records": records, "state": state, "gathered": gathered}, os.path.join(out_dir, f"cp{i}.pt"))
     x, y = data()[0]
     try:
-        model(x[:, :SEQ - 2], labels=y[:, :SEQ - 2])
+        model(x[:, :SEQ - 2], shift_labels=y[:, :SEQ - 2])
         refused = None
     except ConfigError as e:
         refused = str(e)
@@ -104,7 +119,8 @@ def references():
         out = []
         for case in CASES:
             model = build(case)
-            out.append(train(model, RouterProbe(model, case["seq_alpha"], case["batch_alpha"], seq_len=SEQ)))
+            out.append(train(model, RouterProbe(model, case["seq_alpha"], case["batch_alpha"], seq_len=SEQ),
+                             case["unshifted"]))
         return out
 
 

@@ -42,7 +42,7 @@ class ReplicaLoop(Loop):
 
     def train_step(self, x, y) -> dict:
         reset_counts(self.model)
-        out = self.model(self.shard(x), labels=self.shard(y))
+        out = self.model(self.shard(x), shift_labels=self.shard(y))
         loss = out.loss + self.probe.pop_loss()
         loss.backward()
         slots = slot_parameters(self.model)

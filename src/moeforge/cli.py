@@ -1,4 +1,4 @@
-"""`moeforge` command line: train, generate, serve, eval, report, balance, info, plan, memory.
+"""`moeforge` command line: train, generate, serve, eval, report, balance, info, plan, memory, profile.
 
 `train` flags are generated from `TrainConfig` (one definition, documented there); model fields are
 set in a TOML [model] section or with `-m FIELD=VALUE`. User errors print one line and exit 2.
@@ -15,9 +15,10 @@ from pathlib import Path
 from .config import PRESETS, ModelConfig, TrainConfig, decode_none, load_toml, resolve_run_config
 from .errors import ConfigError, MoeforgeError
 from .evaluation.cli import EVAL_HANDLERS, add_eval_command
-from .inference.cli import SERVE_HANDLERS, add_serve_command
+from .inference.cli import SERVE_HANDLERS, add_dtype_flag, add_serve_command, inference_precision
 from .memory.cli import add_memory_command, cmd_memory
 from .plan.cli import PLAN_HANDLERS, add_plan_commands
+from .profile.cli import PROFILE_HANDLERS, add_profile_command
 
 
 def parse_value(text: str):
@@ -88,8 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculative decoding with the model's MTP module as drafter (prints acceptance)")
     g.add_argument("--expert-budget", type=int, default=None, metavar="N",
                    help="keep only N routed experts resident, the rest memory-mapped from the checkpoint")
+    g.add_argument("--image", metavar="FILE", help="multimodal checkpoints: an image before the prompt")
+    g.add_argument("--audio", metavar="FILE.wav", help="multimodal checkpoints: a WAV clip before the prompt")
     g.add_argument("--no-cache", action="store_true",
                    help="re-run the whole sequence per token instead of the latent KV cache (reference)")
+    add_dtype_flag(g)
 
     r = sub.add_parser("report", help="summarise a run folder; --plot writes loss and expert-load PNGs")
     r.add_argument("run_dir", metavar="RUN_DIR")
@@ -115,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_memory_command(sub)  # memory
     add_serve_command(sub)  # serve
     add_eval_command(sub)  # eval
+    add_profile_command(sub)  # profile
     return parser
 
 
@@ -158,6 +163,10 @@ def cmd_generate(args) -> int:
         flag = "--mtp" if args.mtp else "--expert-budget"
         raise ConfigError(f"--no-cache runs the cache-free reference path, which has no {flag}; drop one of them")
     folder = resolve_checkpoint_dir(args.checkpoint)
+    if args.image or args.audio:
+        from .multimodal.cli import generate_with_media
+
+        return generate_with_media(folder, args)
     tokenizer_path = args.tokenizer
     if tokenizer_path is None and (folder / "tokenizer.json").is_file():
         tokenizer_path = str(folder / "tokenizer.json")
@@ -168,11 +177,11 @@ def cmd_generate(args) -> int:
                 break
     tokenizer = load_tokenizer(tokenizer_path)
     caps = hardware.probe(args.device)
-    model = hardware.configure(from_pretrained(folder, device=caps.device), caps)
+    weights, autocast = inference_precision(args.dtype, caps)
+    model = hardware.configure(from_pretrained(folder, dtype=weights, device=caps.device), caps)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
     stop = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
-    autocast = hardware.autocast_dtype("auto", caps)
     if args.no_cache:
         new = generate(model, tokenizer.encode(args.prompt), args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=stop, autocast_dtype=autocast)
@@ -216,7 +225,10 @@ def cmd_report(args) -> int:
     rows = read_metrics(Path(args.run_dir))
     print(summarize(rows))
     if args.plot:
-        for path in plot(rows, Path(args.out) if args.out else Path(args.run_dir) / "plots"):
+        from .multimodal.report import plot_modality_load
+
+        out = Path(args.out) if args.out else Path(args.run_dir) / "plots"
+        for path in plot(rows, out) + plot_modality_load(Path(args.run_dir), out):
             print(f"wrote {path}")
     return 0
 
@@ -270,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc N` re-runs it under torchrun
     handler = {"train": cmd_train, "generate": cmd_generate, "info": cmd_info, "report": cmd_report,
-               "balance": cmd_balance, "memory": cmd_memory, **PLAN_HANDLERS, **SERVE_HANDLERS, **EVAL_HANDLERS}[args.command]
+               "balance": cmd_balance, "memory": cmd_memory, **PLAN_HANDLERS, **SERVE_HANDLERS, **EVAL_HANDLERS,
+               **PROFILE_HANDLERS}[args.command]
     try:
         return handler(args)
     except MoeforgeError as e:

@@ -206,6 +206,12 @@ PRESETS: dict[str, dict] = {
                  num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=1.0,
                  first_k_dense_replace=1, q_lora_rank=128, kv_lora_rank=64, qk_rope_head_dim=16,
                  qk_nope_head_dim=32, v_head_dim=32, max_position_embeddings=1024, num_nextn_predict_layers=1),
+    # `tiny` with image and speech encoders in front (moeforge.multimodal; docs/multimodal.md).
+    "tiny-mm": dict(vocab_size=256, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+                    num_hidden_layers=4, num_attention_heads=4, n_shared_experts=1, n_routed_experts=16,
+                    num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=1.0,
+                    first_k_dense_replace=1, q_lora_rank=128, kv_lora_rank=64, qk_rope_head_dim=16,
+                    qk_nope_head_dim=32, v_head_dim=32, max_position_embeddings=1024, num_nextn_predict_layers=1),
     "v2-lite": dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
                     num_hidden_layers=27, num_attention_heads=16, n_shared_experts=2, n_routed_experts=64,
                     num_experts_per_tok=6, n_group=1, topk_group=1, routed_scaling_factor=1.0,
@@ -231,6 +237,8 @@ PRESETS: dict[str, dict] = {
 PRESET_TRAIN_DEFAULTS: dict[str, dict] = {
     "tiny": {"bias_update_speed": 1e-2, "bias_update_final_speed": 1e-3, "seq_aux_alpha": 1e-2},
     "debug": {"bias_update_speed": 1e-2},
+    "tiny-mm": {"bias_update_speed": 1e-2, "bias_update_final_speed": 1e-3, "seq_aux_alpha": 1e-2,
+                "multimodal": True, "batch_size": 4, "sample_tokens": 0},
 }
 
 
@@ -243,6 +251,8 @@ def preset(name: str) -> ModelConfig:
 # --- training --------------------------------------------------------------------------------------
 # Pipeline schedules of `moeforge.parallel.pipeline` -> stages each pipeline rank runs.
 PP_SCHEDULES = {"gpipe": 1, "1f1b": 1, "interleaved-1f1b": 2, "dualpipev": 2}
+ZERO_1_REFUSED = ("--zero 1 (shard only the optimizer state) is not implemented: FSDP2 shards the gradients with the "
+                  "optimizer state; use --zero 2 (same updates, less memory per rank) or --zero 3")
 
 
 @dataclass
@@ -255,7 +265,9 @@ class TrainConfig:
                            default=None)
     text_field: str = doc("The text column of .jsonl, parquet and Arrow data.", default="text")
     tokenizer: str | None = doc("Path to a Hugging Face tokenizer.json (default: byte-level).", default=None)
-    max_corpus_mb: float = doc("Read at most this many MB of text from the corpus.", default=16.0)
+    max_corpus_mb: float = doc("Read at most this many MB of text from the corpus (a file, a folder or JSONL; "
+                               "the last document is cut there). Token files are memory-mapped whole.",
+                               default=16.0)
     val_fraction: float = doc("Fraction of documents held out for validation.", default=0.05)
     seq_len: int = doc("Tokens per training sequence.", default=256)
     batch_size: int = doc("Sequences per micro-batch.", default=16)
@@ -279,8 +291,9 @@ class TrainConfig:
     seq_aux_alpha: float = doc("Weight of DeepSeek-V3's sequence-wise balance loss (0 = off).", default=1e-4)
     batch_aux_alpha: float = doc("Weight of the classic batch-level auxiliary balance loss (0 = off).",
                                  default=0.0)
-    routing: str = doc("learned, or balanced: force a perfectly even expert assignment (a diagnostic).",
-                       default="learned")
+    routing: str = doc("learned; balanced: force a perfectly even expert assignment; hot:F: expert 0 of every MoE "
+                       "layer gets F x the mean load, the rest share the remainder evenly (1 < F <= experts / "
+                       "top-k). The last two are diagnostics.", default="learned")
     precision: str = doc("auto (bf16 where bf16 matmuls are fast: CUDA, AMX or AVX512-BF16 CPUs; else fp32; resolved "
                          "once and saved in config.toml), fp32, bf16 (autocast; weights and optimizer stay fp32), fp8 "
                          "(DeepSeek-V3's fine-grained FP8 linears and experts, the rest bf16; docs/precision.md) or "
@@ -301,6 +314,11 @@ class TrainConfig:
     max_bad_steps: int = doc("Stop after this many consecutive non-finite steps.", default=5)
     sample_tokens: int = doc("Tokens to generate as a sample at the end (0 = none).", default=200)
     sample_prompt: str = doc("Prompt for the end-of-run sample.", default="def ")
+    multimodal: bool = doc("Also train image and speech encoders on synthetic image questions and espeak-ng "
+                           "digit speech, mixed with the text (docs/multimodal.md; one process only).",
+                           default=False)
+    mm_batch_size: int = doc("Multimodal: image and speech sequences per step (each).", default=16)
+    mm_examples: int = doc("Multimodal: training examples generated per modality.", default=4000)
     compile: bool = doc("torch.compile the model (faster steps, slower start).", default=False)
     tensorboard: bool = doc("Also log the metrics and expert-load heatmaps to RUN_DIR/tensorboard "
                             "(moeforge[logging]).", default=False)
@@ -329,7 +347,8 @@ class TrainConfig:
                                "interleaved-1f1b and dualpipev); must divide batch_size x grad_accum / dp.",
                                default=0)
     zero: int = doc("FSDP2 sharding over dp: 3 = reshard parameters after forward (ZeRO-3); 2 = keep them "
-                    "gathered until backward (ZeRO-2; 1 runs as 2).", default=2)
+                    "gathered until backward (ZeRO-2). ZeRO-1 (optimizer state only) is not implemented.",
+                    default=2)
     dist_timeout: float = doc("Seconds a collective waits for its peers before the run fails.", default=600.0)
     activation_checkpointing: str = doc("Recompute activations in backward: none, full (every block), selective "
                                         "(MLA up-projections, SwiGLUs) or auto (least recompute within "
@@ -352,8 +371,9 @@ class TrainConfig:
             raise ConfigError("min_lr_ratio must be in [0, 1]")
         if not 0 < self.val_fraction < 1:
             raise ConfigError("val_fraction must be in (0, 1)")
-        if self.routing not in ("learned", "balanced"):
-            raise ConfigError(f"routing must be learned or balanced, got {self.routing!r}")
+        from .balance.losses import parse_routing
+
+        parse_routing(self.routing)
         if self.bias_update_final_speed is not None and self.bias_update_final_speed < 0:
             raise ConfigError("bias_update_final_speed must be >= 0")
         if min(self.bias_update_speed, self.seq_aux_alpha, self.batch_aux_alpha) < 0:
@@ -382,6 +402,8 @@ class TrainConfig:
             raise ConfigError(f"offload must be none, optimizer, activations or all, got {self.offload!r}")
         if self.pp_schedule not in PP_SCHEDULES:
             raise ConfigError(f"pp_schedule must be {', '.join(PP_SCHEDULES)}, got {self.pp_schedule!r}")
+        if self.zero not in (2, 3):  # also in one process: a flag that is accepted must act
+            raise ConfigError(ZERO_1_REFUSED if self.zero == 1 else f"--zero must be 2 or 3, got {self.zero}")
         if self.pp_microbatches < 0:
             raise ConfigError(f"pp_microbatches must be >= 0 (0 = one per pipeline stage), got {self.pp_microbatches}")
         return self
@@ -483,7 +505,17 @@ def resolve_run_config(toml: dict | None = None, train_overrides: dict | None = 
     base = dataclasses.asdict(preset(train.preset))
     model_dict = {**base, **toml.get("model", {}), **(model_overrides or {})}
     model = ModelConfig.from_dict(model_dict).validate()
+    check_routing(train, model)
     return RunConfig(model=model, train=train)
+
+
+def check_routing(train: TrainConfig, model: ModelConfig) -> None:
+    """--routing hot:F against the model's experts (one line if F is out of range)."""
+    from .balance.losses import check_hot_factor, parse_routing
+
+    mode, factor = parse_routing(train.routing)
+    if mode == "hot":
+        check_hot_factor(factor, model.n_routed_experts, model.num_experts_per_tok)
 
 
 # TOML has no null. A field that may be None (q_lora_rank, rope_scaling, data, ...) is written as the string

@@ -8,6 +8,7 @@ changes with file order or corpus size. Batches are random windows drawn from a 
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import sysconfig
@@ -88,7 +89,8 @@ def is_validation(name: str, fraction: float) -> bool:
 
 def iter_documents(path: Path | None, max_bytes: int, text_field: str = "text"):
     """Yield (name, text) pairs: a file, the text files under a folder, the text field of JSONL, or the text
-    column of parquet / Arrow data (moeforge.arrow_data)."""
+    column of parquet / Arrow data (moeforge.arrow_data); at most max_bytes of UTF-8 text in all, wherever
+    it comes from (reading stops there, mid-document if need be)."""
     if path is None:
         root = default_corpus_root()
         files = sorted(p for p in root.rglob("*.py")
@@ -105,23 +107,39 @@ def iter_documents(path: Path | None, max_bytes: int, text_field: str = "text"):
             raise DataError(f"{path}: no text files ({', '.join(sorted(TEXT_SUFFIXES))}) in this folder")
     else:
         root, files = path.parent, [path]
-    total = 0
+    left = max_bytes
     for f in files:
-        if total >= max_bytes:
+        if left <= 0:
             return
         if f.suffix.lower() == ".jsonl":
-            yield from _jsonl_documents(f, text_field)
-            continue
-        try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            if len(files) == 1:
-                raise DataError(f"{f}: not UTF-8 text (for token files use .bin or .npy)") from None
-            continue
-        except OSError as e:
-            raise DataError(f"{f}: cannot read ({e.strerror})") from None
-        total += len(text)
-        yield str(f.relative_to(root)) if f != root else f.name, text
+            documents = _jsonl_documents(f, text_field)
+        else:
+            try:
+                text = _read_utf8(f, left)
+            except UnicodeDecodeError:
+                if len(files) == 1:
+                    raise DataError(f"{f}: not UTF-8 text (for token files use .bin or .npy)") from None
+                continue
+            except OSError as e:
+                raise DataError(f"{f}: cannot read ({e.strerror})") from None
+            documents = [(str(f.relative_to(root)) if f != root else f.name, text)]
+        for name, text in documents:
+            data = text.encode("utf-8", errors="replace")
+            if len(data) > left:  # the budget ends inside this document (drop a character cut in two)
+                text, data = data[:left].decode("utf-8", errors="ignore"), data[:left]
+            left -= len(data)
+            yield name, text
+            if left <= 0:
+                return
+
+
+def _read_utf8(path: Path, limit: int) -> str:
+    """At most `limit` bytes of a UTF-8 file (a character cut in two at the limit is dropped), so that a file
+    larger than the corpus budget is never read whole."""
+    with path.open("rb") as fh:
+        data = fh.read(limit)
+        truncated = bool(fh.read(1))
+    return codecs.getincrementaldecoder("utf-8")().decode(data, final=not truncated)
 
 
 def _jsonl_documents(path: Path, text_field: str = "text"):
@@ -139,7 +157,7 @@ def _jsonl_documents(path: Path, text_field: str = "text"):
 
 @dataclass
 class Corpus:
-    train: np.ndarray  # int32 token ids
+    train: np.ndarray  # token ids: int32 from text; a read-only np.memmap view of a .bin/.npy token file
     val: np.ndarray
     source: str
 
@@ -171,7 +189,9 @@ def load_corpus(path: str | None, tokenizer, max_mb: float = 16.0, val_fraction:
 
 
 def _token_file(p: Path, val_fraction: float) -> Corpus:
-    """Pre-tokenised ids: .npy (any integer dtype) or .bin (raw little-endian uint16, as nanoGPT writes)."""
+    """Pre-tokenised ids: .npy (any integer dtype) or .bin (raw little-endian uint16, as nanoGPT writes).
+    The splits stay views of the memory-mapped file: a file larger than RAM trains, each batch reads only its
+    windows (BatchSampler), and max_corpus_mb does not apply."""
     try:
         tokens = np.load(p, mmap_mode="r") if p.suffix == ".npy" else np.memmap(p, dtype=np.uint16, mode="r")
     except (ValueError, OSError) as e:
@@ -181,22 +201,26 @@ def _token_file(p: Path, val_fraction: float) -> Corpus:
     if len(tokens) == 0:
         raise DataError(f"{p}: empty token file")
     cut = int(len(tokens) * (1 - val_fraction))
-    return Corpus(train=np.asarray(tokens[:cut], dtype=np.int32), val=np.asarray(tokens[cut:], dtype=np.int32),
-                  source=str(p))
+    return Corpus(train=tokens[:cut], val=tokens[cut:], source=str(p))
 
 
 class BatchSampler:
-    """Random (input_ids, labels) windows of seq_len+1 tokens; batch `i` depends only on (seed, i)."""
+    """Random windows of seq_len+1 tokens as (input_ids, shift_labels), the targets already shifted (no
+    position loses its target); batch `i` depends only on (seed, i).
+
+    `tokens` is kept as given (an array, or a memory-mapped token file): each batch gathers its windows
+    and converts only them to int64, so memory does not grow with the corpus."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, name: str = "train"):
         if len(tokens) < seq_len + 2:
             raise DataError(f"the {name} split has {len(tokens)} tokens, fewer than seq_len+2 = {seq_len + 2}; "
                             "use more data or a shorter --seq-len")
-        self.tokens = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))
+        self.tokens = tokens
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         starts = torch.randint(0, len(self.tokens) - self.seq_len - 1, (self.batch_size,), generator=g)
-        windows = self.tokens[starts[:, None] + torch.arange(self.seq_len + 1)]
+        rows = starts.numpy()[:, None] + np.arange(self.seq_len + 1)
+        windows = torch.from_numpy(np.asarray(self.tokens[rows], dtype=np.int64))
         return windows[:, :-1], windows[:, 1:]

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import hardware
-from .balance import BiasBalancer, RouterProbe, gather_counts, install_balanced_routing, load_stats, reset_counts
+from .balance import BiasBalancer, RouterProbe, gather_counts, install_routing, load_stats, reset_counts
 from .checkpoint import latest_checkpoint, load_trainer_state, remove_stale_temporaries, save_checkpoint
 from .config import RunConfig, TrainConfig, check_resume_config, load_toml
 from .data import BatchSampler, load_corpus, load_tokenizer
@@ -137,8 +137,7 @@ class Trainer:
         self.balancer = BiasBalancer(cfg.bias_update_speed, freeze_after=freeze_after,
                                      final_gamma=cfg.bias_update_final_speed, total_steps=cfg.steps)
         self.router_probe = RouterProbe(self.model, cfg.seq_aux_alpha, cfg.batch_aux_alpha, seq_len=cfg.seq_len)
-        if cfg.routing == "balanced":
-            install_balanced_routing(self.model)
+        install_routing(self.model, cfg.routing)  # --routing balanced / hot:F (diagnostics)
         self.step, self.bad_steps = 0, 0
         self.initial_val_loss: float | None = None
         if resume:
@@ -150,6 +149,11 @@ class Trainer:
         if self.precision_policy:  # the planning pass above ran forwards: not a training step
             self.precision_policy.discard()
         self.forward = torch.compile(self.model) if self.cfg.compile else self.model
+
+    @property
+    def micro_batch_rows(self) -> int:
+        """Sequences in one forward of this process (DistributedTrainer: a data-parallel rank's share)."""
+        return self.cfg.batch_size
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         return make_optimizer(self.model, self.cfg)
@@ -183,13 +187,16 @@ class Trainer:
             raise ConfigError(f"--resume: no checkpoint in {self.run_dir}")
         state = load_trainer_state(ckpt)
         self._restore_state(state)
-        load_into(self.model, hf_to_moeforge(read_safetensors(ckpt), self.run.model), source=str(ckpt))
+        self.load_weights(ckpt)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
             raise TrainingError(f"{ckpt}: optimizer state does not match this model ({e})") from None
         self._continue_run_files()
         self.console.print(f"resuming {self.run_dir} from step {self.step}")
+
+    def load_weights(self, ckpt: Path) -> None:
+        load_into(self.model, hf_to_moeforge(read_safetensors(ckpt), self.run.model), source=str(ckpt))
 
     def _state(self) -> dict:
         """The training-loop state a checkpoint holds besides weights and optimizer (see _restore_state)."""
@@ -288,7 +295,7 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             x, y = self.train_batches.batch(self.step * cfg.grad_accum + micro)
             with self.autocast():
-                out = self.forward(x.to(self.device), labels=y.to(self.device))
+                out = self.forward(x.to(self.device), shift_labels=y.to(self.device))
             aux = self.router_probe.pop_loss()
             loss = out.loss if aux is None else out.loss + aux
             (loss / cfg.grad_accum).backward()
@@ -317,7 +324,7 @@ class Trainer:
 
     def validation_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Next-token loss of one validation batch (MTP and balance losses left out)."""
-        return self.model(x, labels=y).lm_loss.item()
+        return self.model(x, shift_labels=y).lm_loss.item()
 
     # --- the run ------------------------------------------------------------------------------------
     def fit(self) -> dict:

@@ -11,6 +11,23 @@ from .generation import generate
 from .sampling import SamplingParams
 from .speculative import MTPSpeculativeDecoder
 
+INFERENCE_DTYPES = ("auto", "fp32", "bf16")
+
+
+def add_dtype_flag(parser) -> None:
+    parser.add_argument("--dtype", choices=INFERENCE_DTYPES, default="auto",
+                        help="auto: fp32 weights, bf16 autocast where bf16 matmuls are fast; fp32; bf16: weights "
+                             "loaded in bf16 (half the memory; routers stay fp32), no autocast")
+
+
+def inference_precision(dtype: str, caps) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """--dtype -> (dtype to load the weights in, None = fp32; autocast dtype or None)."""
+    from .. import hardware
+
+    if dtype == "bf16":
+        return torch.bfloat16, None
+    return None, hardware.autocast_dtype(dtype, caps)
+
 
 def generate_cached(model, prompt: list[int], args, stop: tuple[int, ...], autocast: torch.dtype | None) -> list[int]:
     """`moeforge generate` with the latent KV cache, or MTP speculative decoding with --mtp (whose
@@ -57,9 +74,10 @@ def add_serve_command(sub) -> None:
     s.add_argument("--max-tokens", type=int, default=16, help="default max_tokens of a request")
     s.add_argument("--expert-budget", type=int, default=None, metavar="N",
                    help="keep only N routed experts resident (LFU), the rest memory-mapped from the checkpoint")
+    add_dtype_flag(s)
 
 
-def load_for_inference(checkpoint: str, tokenizer_path: str | None, device: str):
+def load_for_inference(checkpoint: str, tokenizer_path: str | None, device: str, dtype: str = "auto"):
     """(model, tokenizer, autocast dtype, folder) the way `moeforge generate` finds them: the tokenizer is
     --tokenizer, else the checkpoint's tokenizer.json, else the run's configured one, else bytes."""
     from pathlib import Path
@@ -81,10 +99,11 @@ def load_for_inference(checkpoint: str, tokenizer_path: str | None, device: str)
                 break
     tokenizer = load_tokenizer(tokenizer_path)
     caps = hardware.probe(device)
-    model = hardware.configure(from_pretrained(folder, device=caps.device), caps)
+    weights, autocast = inference_precision(dtype, caps)
+    model = hardware.configure(from_pretrained(folder, dtype=weights, device=caps.device), caps)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
-    return model, tokenizer, hardware.autocast_dtype("auto", caps), folder
+    return model, tokenizer, autocast, folder
 
 
 def cmd_serve(args) -> int:
@@ -98,7 +117,7 @@ def cmd_serve(args) -> int:
 
     if args.max_queue < 1 or args.max_batch < 1:
         raise ConfigError("--max-queue and --max-batch must be >= 1")
-    model, tokenizer, autocast, folder = load_for_inference(args.checkpoint, args.tokenizer, args.device)
+    model, tokenizer, autocast, folder = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype)
     if args.expert_budget is not None:
         from .expert_cache import apply_expert_cache
 

@@ -4,7 +4,7 @@ checkpointing plan would keep.
 `ActivationRecorder` is a context manager around a forward pass:
 * a `saved_tensors_hooks` pack hook sees every tensor autograd saves; tensors are identified by their
   storage (a view and its base, or one tensor saved by three ops, count once), parameters and buffers
-  are left out (they are counted as parameters);
+  are left out (they are counted as parameters; also the full parameters FSDP2 gathers for a forward);
 * global module pre/post forward hooks keep a stack of running modules, so each saved storage is
   attributed to the innermost module that saved it first (its type, and the Block it sits in);
 * optionally, every checkpointing candidate is instrumented: its forward time is measured and the
@@ -41,6 +41,14 @@ def storage_key(t: torch.Tensor) -> tuple:
         return (t.device.type, t.device.index, s.data_ptr()), s.nbytes()
     except (RuntimeError, NotImplementedError):
         return (t.device.type, t.device.index, ("no-storage", id(t))), 0
+
+
+def module_type(module: torch.nn.Module) -> str:
+    """The module's class name, as in the plain model (FSDP2 makes a sharded Block an FSDPBlock)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    name = type(module).__name__
+    return name.removeprefix("FSDP") if isinstance(module, FSDPModule) else name
 
 
 @dataclass
@@ -148,7 +156,7 @@ class ActivationRecorder:
     def __init__(self, model: torch.nn.Module, candidates: bool | list[Candidate] = False):
         self.model = model
         self.names = {id(m): n for n, m in model.named_modules()}
-        self.layers = {id(m): n for n, m in model.named_modules() if type(m).__name__ == "Block"}
+        self.layers = {id(m): n for n, m in model.named_modules() if module_type(m) == "Block"}
         self.static = {storage_key(t)[0] for t in (*model.parameters(), *model.buffers())}
         if candidates is True:
             candidates = find_candidates(model)
@@ -176,12 +184,12 @@ class ActivationRecorder:
         if recomputing() or t.numel() == 0:
             return t
         key, nbytes = storage_key(t)
-        if key in self.static:
+        if key in self.static or key in self._running_parameters():
             return t
         rec = self.saved.get(key)
         if rec is None:
             module = self._modules[-1] if self._modules else None
-            rec = self.saved[key] = SavedStorage(nbytes, type(module).__name__ if module is not None else "-",
+            rec = self.saved[key] = SavedStorage(nbytes, module_type(module) if module is not None else "-",
                                                  self._layer())
             p = cast_source(t)
             if p is not None:
@@ -189,6 +197,11 @@ class ActivationRecorder:
             self._keep.append(t)
         rec.contexts.add(frozenset(self._regions))
         return t
+
+    def _running_parameters(self) -> set:
+        """Storages of the running modules' parameters now: FSDP2 swaps in the full (gathered) parameters
+        for a forward, new storages that are parameters, not activations (checkpointing keeps them too)."""
+        return {storage_key(p)[0] for m in self._modules for p in m.parameters(recurse=False)}
 
     def _layer(self) -> str:
         for m in reversed(self._modules):
@@ -291,7 +304,7 @@ class ActivationRecorder:
         return prof
 
 
-def profile_forward(model, input_ids, labels, candidates: bool = False, repeats: int = 1,
+def profile_forward(model, input_ids, shift_labels, candidates: bool = False, repeats: int = 1,
                     autocast=None) -> ActivationProfile:
     """Record `repeats` forwards of one batch (the graph is dropped, no backward); timings are the fastest."""
     from contextlib import nullcontext
@@ -300,6 +313,6 @@ def profile_forward(model, input_ids, labels, candidates: bool = False, repeats:
         for i in range(repeats):
             rec.new_pass()
             with autocast or nullcontext():
-                out = model(input_ids, labels=labels)
+                out = model(input_ids, shift_labels=shift_labels)
             del out
         return rec.profile(tokens=input_ids.numel())

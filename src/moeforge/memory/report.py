@@ -178,14 +178,14 @@ def profile_trainer(trainer, steps: int = 3) -> MemoryReport:
 
 
 def profile_steps(model, optimizer, batch, steps: int = 2, autocast=None) -> MemoryReport:
-    """The same measurement without a Trainer: `steps` plain AdamW steps on one batch (input_ids, labels)."""
+    """The same measurement without a Trainer: `steps` plain AdamW steps on one batch (input_ids, shift_labels)."""
     probe = MemoryProbe(model, optimizer)
     forward = probe.wrap(model)
     model.train()
     for i in range(steps):
         with probe.arm() if i == steps - 1 else nullcontext():
             with autocast or nullcontext():
-                out = forward(batch[0], labels=batch[1])
+                out = forward(batch[0], shift_labels=batch[1])
             out.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

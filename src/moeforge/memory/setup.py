@@ -32,13 +32,15 @@ class CheckpointPlan:
     forward_s: float = 0.0  # forward time of all blocks, per micro-batch (for scale)
     budget_bytes: int | None = None
     candidates: list[dict] = field(default_factory=list)
+    sample_shape: list[int] = field(default_factory=list)  # [sequences, tokens] of the profiled micro-batch
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
 
     def summary(self) -> str:
         mib = 2**20
-        lines = [f"activation checkpointing: {self.mode}, {len(self.names)} region(s)"]
+        lines = [f"activation checkpointing: {self.mode}, {len(self.names)} region(s)"
+                 + (" (measured on {} x {} tokens per process)".format(*self.sample_shape) if self.sample_shape else "")]
         if self.baseline_bytes:
             lines.append(f"  activations {self.baseline_bytes / mib:.1f} MiB without checkpointing -> "
                          f"{self.held_bytes / mib:.1f} MiB kept + {self.transient_bytes / mib:.1f} MiB rebuilt at a time"
@@ -60,7 +62,7 @@ def sample_batch(vocab: int, batch: int, seq_len: int, device, seed: int = 0):
 
 def build_plan(model: torch.nn.Module, mode: str, budget: str | float | None, batch, autocast=None,
                repeats: int = 3, profile=None) -> CheckpointPlan:
-    """Measure the model on `batch` (input_ids, labels) and choose what to checkpoint for `mode` (`profile`:
+    """Measure the model on `batch` (input_ids, shift_labels) and choose what to checkpoint for `mode` (`profile`:
     reuse an ActivationProfile with candidates, e.g. to compare modes on the same measurements)."""
     if mode not in MODES:
         raise ConfigError(f"activation_checkpointing must be one of {', '.join(MODES)}, got {mode!r}")
@@ -84,7 +86,7 @@ def build_plan(model: torch.nn.Module, mode: str, budget: str | float | None, ba
     blocks = sum(r["forward_s"] for r in rows if r["kind"] == "block")
     return CheckpointPlan(mode, names, profile.saved_bytes, profile.held(names), transient,
                           sum(profile.seconds.get(n, 0.0) for n in names), blocks,
-                          None if budget_bytes is None else int(budget_bytes), rows)
+                          None if budget_bytes is None else int(budget_bytes), rows, list(batch[0].shape))
 
 
 def same_on_every_rank(names: list[str]) -> list[str]:
@@ -101,13 +103,16 @@ def same_on_every_rank(names: list[str]) -> list[str]:
 
 
 def setup_memory(trainer) -> CheckpointPlan:
-    """Apply the trainer's activation_checkpointing / memory_budget / offload settings to its model."""
+    """Apply the trainer's activation_checkpointing / memory_budget / offload settings to its model. The plan
+    is measured on the micro-batch one process runs (`trainer.micro_batch_rows`: a data-parallel rank's share
+    of the global batch), so a budget is memory per process."""
     cfg, model = trainer.cfg, trainer.model
     if cfg.offload not in OFFLOAD:
         raise ConfigError(f"offload must be one of {', '.join(OFFLOAD)}, got {cfg.offload!r}")
     plan = CheckpointPlan("none", [])
     if cfg.activation_checkpointing != "none" or cfg.memory_budget is not None:
-        batch = sample_batch(trainer.run.model.vocab_size, cfg.batch_size, cfg.seq_len, trainer.device, cfg.seed)
+        batch = sample_batch(trainer.run.model.vocab_size, trainer.micro_batch_rows, cfg.seq_len, trainer.device,
+                             cfg.seed)
         plan = build_plan(model, cfg.activation_checkpointing, cfg.memory_budget, batch, trainer.autocast())
         plan.names = same_on_every_rank(plan.names)
         trainer.router_probe.pop_loss()  # drop what the router probe saw during the measurement

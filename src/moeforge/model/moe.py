@@ -17,17 +17,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .fp32 import KeepsFP32
 from .norm import SwiGLU, silu_mul
 
 EXPERT_IMPLS = ("grouped_mm", "bmm", "loop")
 
 
-class Router(nn.Module):
+class Router(KeepsFP32):
     """Scores experts for each token and picks K of them (DeepSeek-V3 `Gate`, HF `DeepseekV3TopkRouter`).
 
     `e_score_correction_bias` steers *which* experts are chosen (auxiliary-loss-free balancing updates it
-    from outside); the gate weights always come from the unbiased scores.
+    from outside); the gate weights always come from the unbiased scores. Both it and the weight stay fp32
+    when the model is cast to bf16 (`KeepsFP32`): routing decisions do not depend on the weights' dtype.
     """
+
+    fp32_tensors = ("weight", "e_score_correction_bias")
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -216,12 +220,15 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-class MoE(nn.Module):
+class MoE(KeepsFP32):
     """Routed experts (top-K of E) plus always-on shared experts.
 
     `tokens_per_expert` accumulates how many tokens each expert received since the last reset: the
-    signal for load monitoring and balancing, which read and reset it from outside the model.
+    signal for load monitoring and balancing, which read and reset it from outside the model. It stays
+    fp32 under bf16 casts (bf16 counts are exact only up to 256).
     """
+
+    fp32_tensors = ("tokens_per_expert",)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -253,4 +260,5 @@ class MoE(nn.Module):
         out = _Combine.apply(y, weights, rank, order)  # [N, D], fp32 sum of the K weighted outputs
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        return out.view(shape[:-1] + out.shape[-1:])
+        # Back to the residual stream's dtype (bf16 weights: bf16; fp32 weights under autocast: fp32).
+        return out.to(x.dtype).view(shape[:-1] + out.shape[-1:])

@@ -70,7 +70,8 @@ class MTPModule(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A DeepSeek-V3-style causal LM. `model(input_ids, labels=None) -> ModelOutput`."""
+    """A DeepSeek-V3-style causal LM. `model(input_ids, labels=None) -> ModelOutput` (labels unshifted, as in
+    transformers)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -101,8 +102,19 @@ class Transformer(nn.Module):
                 b.zero_()
         self.rotary.reset()
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
-        """input_ids [B, T]; labels [B, T] = the token after each position (IGNORE_INDEX to skip)."""
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                shift_labels: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids [B, T] -> logits [B, T, V], and the loss when targets are given, either as
+
+        labels [B, T]        transformers' convention: unshifted, the model shifts (position i is scored on
+                             labels[:, i+1]), so `labels=input_ids` is next-token training;
+        shift_labels [B, T]  already shifted, shift_labels[:, i] = the token after position i (the name
+                             transformers' loss functions use): what a sampler of T+1-token windows
+                             passes, so that the last position keeps its target.
+
+        IGNORE_INDEX (-100) skips a target. MTP depth k at position i predicts the target of position i+k
+        from the embedding of token i+k, read from input_ids (targets may hold -100).
+        """
         T = input_ids.shape[1]
         if T > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {T} exceeds max_position_embeddings "
@@ -112,23 +124,27 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h = layer(h, cos, sin)
         logits = self.lm_head(self.norm(h))
-        if labels is None:
+        targets, known = shifted_targets(input_ids, labels, shift_labels)
+        if targets is None:
             return ModelOutput(logits=logits)
-
-        lm_loss = cross_entropy(logits, labels)
+        lm_loss = cross_entropy(logits, targets)
         if not self.mtp:
             return ModelOutput(logits=logits, loss=lm_loss, lm_loss=lm_loss)
-        # Depth k predicts token i+k+1 from h_i^{k-1} and the embedding of token i+k (= labels[:, i+k-1]).
-        mtp_losses = []
-        for k, module in enumerate(self.mtp, start=1):
-            if T - k <= 0:
-                break
-            h = module(h[:, :T - k], self.embed_tokens(labels[:, k - 1:T - 1].clamp(min=0)),
-                       cos[:T - k], sin[:T - k])
-            mtp_losses.append(cross_entropy(self.lm_head(module.norm(h)), labels[:, k:]))
-        mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else lm_loss.new_zeros(())
+        mtp_loss = mtp_losses(self, h, input_ids, targets, known, cos, sin)
         loss = lm_loss + self.config.mtp_loss_weight * mtp_loss
         return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss)
+
+    def logits_from_embeddings(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, T, D] input embeddings -> logits [B, T, V]: the blocks, norm and head without the token
+        embedding, for callers that build the input vectors themselves (e.g. `moeforge.multimodal`)."""
+        T = h.shape[1]
+        if T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {T} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        cos, sin = self.rotary(torch.arange(T, device=h.device))
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.lm_head(self.norm(h))
 
     def moe_layers(self) -> list[tuple[int, MoE]]:
         """(layer id, MoE module) for every MoE layer of the main model."""
@@ -138,5 +154,41 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def shifted_targets(input_ids: torch.Tensor, labels: torch.Tensor | None,
+                    shift_labels: torch.Tensor | None) -> tuple[torch.Tensor | None, int]:
+    """(targets [B, T] with targets[:, i] scored at position i, how many leading positions can have one):
+    labels are shifted as transformers' ForCausalLMLoss does (the last position gets IGNORE_INDEX)."""
+    if labels is not None and shift_labels is not None:
+        raise ValueError("pass labels (unshifted) or shift_labels (already shifted), not both")
+    given = labels if labels is not None else shift_labels
+    if given is None:
+        return None, 0
+    if given.shape != input_ids.shape:
+        name = "labels" if labels is not None else "shift_labels"
+        raise ValueError(f"{name} has shape {tuple(given.shape)}, input_ids {tuple(input_ids.shape)}")
+    T = input_ids.shape[1]
+    if shift_labels is not None:
+        return shift_labels, T
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX), T - 1
+
+
+def mtp_losses(model: nn.Module, h: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, known: int,
+               cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Mean MTP loss over the depths (DeepSeek-V3 sec. 2.2): depth k runs on positions i < known - k,
+    from its previous depth's hidden state h_i and the embedding of token i+k, and is scored on
+    targets[:, i+k] (= token i+k+1). `model` is anything with embed_tokens, lm_head and mtp (the
+    Transformer, or a pipeline's last stage)."""
+    losses = []
+    for k, module in enumerate(model.mtp, start=1):
+        n = known - k
+        if n <= 0:
+            break
+        h = module(h[:, :n], model.embed_tokens(input_ids[:, k:k + n]), cos[:n], sin[:n])
+        losses.append(cross_entropy(model.lm_head(module.norm(h)), targets[:, k:k + n]))
+    return torch.stack(losses).mean() if losses else h.new_zeros((), dtype=torch.float32)
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss in fp32 over the targets that are not IGNORE_INDEX; labels [B, T] already
+    aligned with logits [B, T, V]."""
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)

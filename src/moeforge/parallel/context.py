@@ -15,11 +15,11 @@ the full-sequence loss, whatever the split of ignored labels. The sequence-wise 
 per-sequence statistics over the group (`ContextParallelRouterProbe`), and the expert counts are summed
 over the group by the caller, as over data-parallel ranks.
 
-Labels arrive shifted on the full sequence (labels[t] = token t+1) and are split with the same indices as
-the tokens, so no shift crosses a chunk boundary; MTP depth k's input tokens and targets are shifted on
-the full sequence too, before splitting.
+Targets are shifted on the full sequence (unshifted `labels` as the model shifts them, or `shift_labels`)
+and split with the same indices as the tokens, so no shift crosses a chunk boundary; MTP depth k's input
+tokens and targets are shifted on the full sequence too, before splitting.
 
-    cp = apply_context_parallel(model, group)   # then model(input_ids, labels) takes full sequences
+    cp = apply_context_parallel(model, group)   # then model(input_ids, shift_labels=...) takes full sequences
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from ..errors import ConfigError
 from ..model.mla import MLA
 from ..model.moe import MoE
 from ..model.rope import rope_halves
-from ..model.transformer import IGNORE_INDEX, ModelOutput
+from ..model.transformer import IGNORE_INDEX, ModelOutput, shifted_targets
 
 
 def check_seq_len(seq_len: int, cp: int) -> None:
@@ -174,37 +174,44 @@ def context_parallel_attention(mla: MLA, cp: ContextParallel, plain_forward, x: 
 
 
 def context_parallel_forward(model, cp: ContextParallel, plain_forward, input_ids: torch.Tensor,
-                             labels: torch.Tensor | None = None) -> ModelOutput:
-    """The model's forward over full sequences [B, T] with this rank's share of the tokens; losses are this
-    rank's shares (their mean over the group is the plain model's loss). Without labels (generation) the
-    plain forward runs on the whole input."""
-    if labels is None:
+                             labels: torch.Tensor | None = None,
+                             shift_labels: torch.Tensor | None = None) -> ModelOutput:
+    """The model's forward over full sequences [B, T] with this rank's share of the tokens; targets as the
+    model takes them (unshifted `labels` or `shift_labels`), shifted on the full sequence before the split.
+    Losses are this rank's shares (their mean over the group is the plain model's loss). Without targets
+    (generation) the plain forward runs on the whole input."""
+    targets, known = shifted_targets(input_ids, labels, shift_labels)
+    if targets is None:
         return plain_forward(input_ids)
     B, T = input_ids.shape
     if T > model.config.max_position_embeddings:
         raise ValueError(f"sequence length {T} exceeds max_position_embeddings {model.config.max_position_embeddings}")
     check_seq_len(T, cp.size)
-    cos, sin = model.rotary(cp.positions(T, input_ids.device))
+    positions = cp.positions(T, input_ids.device)
+    cos, sin = model.rotary(positions)
     with cp.running():
         h = model.embed_tokens(cp.split(input_ids))
         for layer in model.layers:
             h = layer(h, cos, sin)
         logits = model.lm_head(model.norm(h))
-        lm_loss = cp.loss_share(logits, cp.split(labels))
+        lm_loss = cp.loss_share(logits, cp.split(targets))
         if not model.mtp:
             return ModelOutput(logits=logits, loss=lm_loss, lm_loss=lm_loss)
-        # Depth k at position i reads token i+k (= labels[i+k-1]) and predicts labels[i+k]. Both are shifted on
-        # the full sequence; the last k positions get no target (and, causal, never reach earlier positions).
-        mtp_losses = []
+        # Depth k at position i < known - k reads token i+k and is scored on targets[i+k] (as `mtp_losses`),
+        # both shifted on the full sequence; later positions get no target (and, causal, never reach earlier
+        # ones), and their routing is not counted.
+        mtp = []
         for k, module in enumerate(model.mtp, start=1):
-            if T - k <= 0:
+            n = known - k
+            if n <= 0:
                 break
-            nxt = F.pad(labels[:, k - 1:], (0, k - 1), value=0).clamp(min=0)
-            target = F.pad(labels[:, k:], (0, k), value=IGNORE_INDEX)
-            with uncounted_tail(module, cp.positions(T, input_ids.device) >= T - k):
+            nxt = F.pad(input_ids[:, k:], (0, k), value=0)
+            target = F.pad(targets[:, k:], (0, k), value=IGNORE_INDEX)
+            target[:, n:] = IGNORE_INDEX
+            with uncounted_tail(module, positions >= n):
                 h = module(h, model.embed_tokens(cp.split(nxt)), cos, sin)
-            mtp_losses.append(cp.loss_share(model.lm_head(module.norm(h)), cp.split(target)))
-    mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else lm_loss.new_zeros(())
+            mtp.append(cp.loss_share(model.lm_head(module.norm(h)), cp.split(target)))
+    mtp_loss = torch.stack(mtp).mean() if mtp else lm_loss.new_zeros(())
     loss = lm_loss + model.config.mtp_loss_weight * mtp_loss
     return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss)
 

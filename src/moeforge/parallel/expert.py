@@ -48,6 +48,7 @@ from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.tensor import DTensor, Shard
 from torch.func import functional_call
+from torch.profiler import record_function
 
 from ..model.moe import MoE, GroupedExperts
 from ..precision.logfmt import LogFmtPayload, logfmt_decode, logfmt_encode
@@ -197,7 +198,24 @@ class ExpertParallelExperts(nn.Module):
         self._kernel = (experts,)  # a tuple: not a submodule (its placeholders are not parameters of the model)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x [M, D] sorted by global expert, counts [E] -> [M, D] in the same order."""
+        """x [M, D] sorted by global expert, counts [E] -> [M, D] in the same order. The dispatch and the
+        combine run inside `moeforge.ep.dispatch` / `.combine` profiler ranges (`moeforge profile`)."""
+        with record_function("moeforge.ep.dispatch"):
+            local_in, index, inverse, recv_counts, splits = self._dispatch(x, counts)
+        kernel = self._kernel[0]
+        kernel.impl = self.impl
+        weights = {name: _local(getattr(self, name)) for name in ("gate_up_proj", "down_proj")}
+        local_out = functional_call(kernel, weights, (local_in, recv_counts.sum(0)))
+        with record_function("moeforge.ep.combine"):
+            back = _Permute.apply(local_out, inverse, index)
+            input_splits, output_splits = splits
+            me = self.ep_mesh.get_local_rank()
+            self.comm_bytes["combine"] += (sum(output_splits) - output_splits[me]) * x.shape[1] * back.dtype.itemsize
+            return all_to_all_single_autograd(back.contiguous(), input_splits, output_splits, self.ep_mesh.get_group())
+
+    def _dispatch(self, x: torch.Tensor, counts: torch.Tensor):
+        """Send x's rows to their experts' ranks -> (rows for the local experts in expert order, the
+        permutation and its inverse, recv_counts [S, El], (input_splits, output_splits))."""
         group = self.ep_mesh.get_group()
         ep, El = self.ep_mesh.size(), self.n_local
         with torch.no_grad():
@@ -226,14 +244,7 @@ class ExpertParallelExperts(nn.Module):
             self._run_shared()
             work.wait()
             recv = _ReceiveEncoded.apply(x, received, self.dispatch, input_splits, output_splits, group)
-        local_in = _Permute.apply(recv, index, inverse)
-        kernel = self._kernel[0]
-        kernel.impl = self.impl
-        weights = {name: _local(getattr(self, name)) for name in ("gate_up_proj", "down_proj")}
-        local_out = functional_call(kernel, weights, (local_in, recv_counts.sum(0)))
-        back = _Permute.apply(local_out, inverse, index)
-        self.comm_bytes["combine"] += (sum(output_splits) - output_splits[me]) * D * back.dtype.itemsize
-        return all_to_all_single_autograd(back.contiguous(), input_splits, output_splits, group)
+        return _Permute.apply(recv, index, inverse), index, inverse, recv_counts, (input_splits, output_splits)
 
     def _run_shared(self) -> None:
         """With overlap on: run the shared experts on the MoE input now (the dispatch is in flight) and

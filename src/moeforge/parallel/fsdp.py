@@ -2,7 +2,7 @@
 
 * ZeRO-2-like (`zero=2`): parameters stay gathered from forward to backward (no second all-gather);
   gradients and optimizer state are sharded. ZeRO-3-like (`zero=3`): parameters are resharded after
-  forward and gathered again for backward. (`zero=1` runs as 2: FSDP2 has no optimizer-state-only mode.)
+  forward and gathered again for backward. (`zero=1` is refused: FSDP2 has no optimizer-state-only mode.)
 * Expert weights (already DTensors over the ep mesh) are sharded over the expert-data-parallel mesh
   "edp": the ranks that hold the same experts. Their gradient reduction divides by the full dp degree,
   since every dp rank's tokens reached them through the all-to-all (torchtitan does the same).

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import PP_SCHEDULES, ModelConfig, TrainConfig
+from ..config import PP_SCHEDULES, ZERO_1_REFUSED, ModelConfig, TrainConfig
 from ..errors import ConfigError
 
-ZERO_LEVELS = (1, 2, 3)
+ZERO_LEVELS = (2, 3)
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,8 @@ class ParallelLayout:
     """Parallel degrees of a run (the `--dp/--ep/--tp/--pp/--zero` flags, documented in TrainConfig).
 
     zero: 3 = FSDP2 resharding parameters after forward (ZeRO-3); 2 = keep them gathered from
-    forward to backward (ZeRO-2: gradients and optimizer state sharded); 1 runs as 2, because FSDP2
-    shards gradients together with optimizer state and has no optimizer-state-only mode.
+    forward to backward (ZeRO-2: gradients and optimizer state sharded). 1 is refused: FSDP2 shards
+    gradients together with optimizer state and has no optimizer-state-only mode.
     """
 
     dp: int = 1
@@ -76,8 +76,10 @@ class ParallelLayout:
         if self.dp % self.ep:
             raise ConfigError(f"ep={self.ep} must divide dp={self.dp}: expert parallelism reuses the "
                               "data-parallel ranks")
+        if self.zero == 1:
+            raise ConfigError(ZERO_1_REFUSED)
         if self.zero not in ZERO_LEVELS:
-            raise ConfigError(f"--zero must be 1, 2 or 3, got {self.zero}")
+            raise ConfigError(f"--zero must be 2 or 3, got {self.zero}")
         return self
 
     def check_model(self, config: ModelConfig) -> "ParallelLayout":
@@ -155,8 +157,7 @@ class ParallelLayout:
 
     def describe(self) -> str:
         return (f"dp {self.dp} (ep {self.ep} x edp {self.edp}), {f'cp {self.cp}, ' if self.cp > 1 else ''}"
-                f"tp {self.tp}, pp {self.pp}, "
-                f"zero {self.zero}{' (as 2)' if self.zero == 1 else ''}")
+                f"tp {self.tp}, pp {self.pp}, zero {self.zero}")
 
 
 class ParallelMesh:

@@ -47,7 +47,7 @@ from ..config import PP_SCHEDULES
 from ..errors import ConfigError
 from ..model.moe import MoE
 from .grads import clip_grad_norm
-from ..model.transformer import Transformer, cross_entropy
+from ..model.transformer import Transformer, cross_entropy, mtp_losses
 
 # name -> (schedule class, stages per rank, stage placement: "loop" = rank r holds r, r+pp, ...;
 # "v" = rank r holds r and 2pp-1-r, so the first and last stage share rank 0)
@@ -64,7 +64,8 @@ class StageModule(nn.Module):
     """Blocks [start, end) of a Transformer, plus the embedding (first stage) or the head (last stage).
 
     forward: first stage input_ids [B, T] -> h [B, T, D]; other stages h -> h. The last stage returns the
-    final hidden state before the norm (MTP starts from it); `loss(h, labels)` turns it into the loss.
+    final hidden state before the norm (MTP starts from it); `loss(h, input_ids, shift_labels)` turns it
+    into the loss.
     Parameter names are those of the full model (layers keep their global index).
     """
 
@@ -102,27 +103,22 @@ class StageModule(nn.Module):
                 h = attach_aux_loss(h, aux)
         return h
 
-    def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Next-token loss + mtp_loss_weight x mean MTP loss, as in `Transformer.forward` (last stage)."""
-        T = h.shape[1]
-        lm_loss = self.lm_loss(h, labels)
+    def loss(self, h: torch.Tensor, input_ids: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
+        """Next-token loss + mtp_loss_weight x mean MTP loss, as `Transformer.forward(input_ids,
+        shift_labels=...)` computes them (last stage; MTP embeds tokens of input_ids)."""
+        lm_loss = self.lm_loss(h, shift_labels)
         if not self.mtp:
             self.loss_parts.append((lm_loss.detach(), None))
             return lm_loss
+        T = h.shape[1]
         cos, sin = self.rotary(torch.arange(T, device=h.device))
-        mtp_losses = []
-        for k, module in enumerate(self.mtp, start=1):
-            if T - k <= 0:
-                break
-            h = module(h[:, :T - k], self.embed_tokens(labels[:, k - 1:T - 1].clamp(min=0)), cos[:T - k], sin[:T - k])
-            mtp_losses.append(cross_entropy(self.lm_head(module.norm(h)), labels[:, k:]))
-        mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else lm_loss.new_zeros(())
+        mtp_loss = mtp_losses(self, h, input_ids, shift_labels, T, cos, sin)
         self.loss_parts.append((lm_loss.detach(), mtp_loss.detach()))
         return lm_loss + self.config.mtp_loss_weight * mtp_loss
 
-    def lm_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def lm_loss(self, h: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
         """The next-token loss alone (what evaluation reports), last stage."""
-        return cross_entropy(self.lm_head(self.norm(h)), labels)
+        return cross_entropy(self.lm_head(self.norm(h)), shift_labels)
 
     def moe_layers(self) -> list[tuple[int, MoE]]:
         """(layer id, MoE) of this stage's main-model blocks (what RouterProbe listens to)."""
@@ -176,7 +172,8 @@ def stage_ids(pp_rank: int, pp: int, per_rank: int, style: str) -> list[int]:
 class Pipeline:
     """This rank's share of a pipelined model: its stage modules (e.g. for the optimizer) and a schedule.
 
-    `step(input_ids, labels)` runs forward and backward of the whole batch over all micro-batches, then
+    `step(input_ids, shift_labels)` (targets already shifted, as `Transformer.forward` takes them)
+    runs forward and backward of the whole batch over all micro-batches, then
     sums the shared-embedding gradients; it returns the global loss (mean over micro-batches) on every
     rank of the pipeline group. Gradients are left in the stage modules for the optimizer.
     """
@@ -215,13 +212,14 @@ class Pipeline:
                     seen.add(id(p))
                     yield p
 
-    def step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def step(self, input_ids: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
         if tuple(input_ids.shape) != self.batch_shape:
             raise ConfigError(f"pipeline was built for batches of shape {self.batch_shape}, got "
                               f"{tuple(input_ids.shape)}")
         losses: list[torch.Tensor] = []
         args = (input_ids,) if self.has_first else ()
-        target = labels if self.has_last else None
+        # The last stage's MTP embeds tokens of input_ids: the schedule's target carries both, [B, 2, T].
+        target = torch.stack((input_ids, shift_labels), dim=1) if self.has_last else None
         self.schedule.step(*args, target=target, losses=losses if self.has_last else None,
                            return_outputs=False)
         self._make_grads_contiguous()
@@ -249,7 +247,7 @@ class Pipeline:
         return values[0]
 
     @torch.no_grad()
-    def forward_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward_loss(self, input_ids: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
         """Forward only, the whole batch at once through the stages in order (activations sent to the next
         stage's rank): the next-token loss on every rank of the pipeline group. For evaluation."""
         me, n = dist.get_rank(self.group), len(self.stage_ranks)
@@ -261,7 +259,7 @@ class Pipeline:
             if owner == me:
                 h = here[s](input_ids if s == 0 else h)
                 if s == n - 1:
-                    loss = here[s].lm_loss(h, labels).float()
+                    loss = here[s].lm_loss(h, shift_labels).float()
             nxt = self.stage_ranks[s + 1] if s + 1 < n else owner
             if nxt != owner and me == owner:
                 dist.send(h.to(self.hidden_dtype).contiguous(), dst=dist.get_global_rank(self.group, nxt),
@@ -432,10 +430,10 @@ def build_pipeline(model: Transformer, pp_mesh: DeviceMesh, batch_shape: tuple[i
                                     output_grads=None if s == n_stages - 1 else hidden))
     last_module = next((m for m in modules if m.is_last), None)
 
-    def loss_fn(h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss_fn(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if last_module is None:
             raise RuntimeError("pipeline loss requested on a rank without the last stage")
-        return last_module.loss(h, labels)
+        return last_module.loss(h, target[:, 0], target[:, 1])  # target: (input_ids, shift_labels)
 
     sched = cls(stages if per_rank > 1 else stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)
     # The last stage holds a copy of the embedding when the model reads it at both ends (StageModule).

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from rich.console import Console
 
 from .. import hardware
-from ..checkpoint import checkpoints_dir, latest_checkpoint, list_checkpoints
+from ..checkpoint import checkpoints_dir, latest_checkpoint, list_checkpoints, publish
 from ..config import RunConfig
 from ..errors import CheckpointError, ConfigError
 from ..model_card import training_facts
@@ -43,7 +43,7 @@ from . import dist_checkpoint, parallelize
 from .context import ContextParallelRouterProbe
 from .expert import pop_comm_bytes
 from .grads import clip_grad_norm
-from .launch import collective_errors, init_distributed
+from .launch import collective_errors, init_distributed, register_process
 from .mesh import ParallelLayout, build_mesh
 from .pipeline import PipelineRank, build_pipeline
 from .tensor import split_param_groups
@@ -71,6 +71,7 @@ class DistributedTrainer(Trainer):
         cfg = run.train
         caps = hardware.probe(cfg.device)
         self.rank, self.world = init_distributed(caps.dist_backend, cfg.dist_timeout)
+        register_process()  # lets a failed collective's message tell which peer exited
         if caps.device.startswith("cuda") and self.world > 1:  # one GPU per rank
             cuda = f"cuda:{torch.cuda.current_device()}"
             run = dataclasses.replace(run, train=dataclasses.replace(cfg, device=cuda))
@@ -109,6 +110,10 @@ class DistributedTrainer(Trainer):
                                f"{self.pipeline.batch_shape[0] // self.pipeline.n_microbatches} sequences per step")
 
     # --- hooks of Trainer ---------------------------------------------------------------------------
+    @property
+    def micro_batch_rows(self) -> int:
+        return self.cfg.batch_size // self.layout.dp
+
     def parallelize(self, model):
         # On 2-D meshes (EP x FSDP expert shards, TP x FSDP norms) DTensor warns, on every step and save, that
         # it reduces one mesh dim after the other; that is the expected cost here, not a problem to report.
@@ -270,11 +275,14 @@ class DistributedTrainer(Trainer):
             raise ConfigError(flag[0])
 
     def _resume(self) -> None:
+        if self.is_main:  # crashed saves' temporaries (checkpoint.remove_stale_temporaries)
+            self._remove_stale_temporaries()
+        dist.barrier()
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             raise ConfigError(f"--resume: no checkpoint in {self.run_dir}")
         if is_distributed_checkpoint(ckpt):
-            extra = dist_checkpoint.load(ckpt, self.model, self.optimizer)
+            extra = dist_checkpoint.load(ckpt, self.model, self.optimizer, alias=saved_name)
         else:
             extra = self._load_single_process_checkpoint(ckpt)
         self._restore_state(extra)
@@ -316,7 +324,9 @@ class DistributedTrainer(Trainer):
         return state
 
     def save(self) -> Path:
-        """DCP shards + extra.pt + (rank 0) a Hugging Face export, into checkpoints/step-N, atomically."""
+        """DCP shards + extra.pt + (rank 0) a Hugging Face export, into checkpoints/step-N, atomically: all
+        ranks write into a temporary folder, and rank 0 publishes it once every rank is done (as the
+        single-process save does: fsync, rename)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         base = checkpoints_dir(self.run_dir)
@@ -335,9 +345,7 @@ class DistributedTrainer(Trainer):
                                                                                   cpu_offload=True))
         if self.is_main:
             export_hf(full, self.run.model, tmp, card=training_facts(self))
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
+            publish(tmp, final)  # fsync, then rename (the previous step-N goes only once this one is in)
             for stale in list_checkpoints(self.run_dir)[:-self.cfg.keep_checkpoints]:
                 shutil.rmtree(stale, ignore_errors=True)
         dist.barrier()
@@ -346,9 +354,8 @@ class DistributedTrainer(Trainer):
 
 def saved_name(name: str) -> str:
     """The full model's name of a parameter or buffer of this rank (DualPipeV's last-stage embedding copy
-    is the embedding)."""
-    prefix = PipelineRank.LAST_STAGE_COPY + "."
-    return "embed_tokens." + name[len(prefix):] if name.startswith(prefix) else name
+    is the embedding); also for state-dict keys holding the name (`state.<name>.exp_avg`)."""
+    return name.replace(PipelineRank.LAST_STAGE_COPY + ".", "embed_tokens.")
 
 
 def export_hf(state: dict, config, folder: Path, card: dict | None = None) -> None:
