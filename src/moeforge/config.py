@@ -336,6 +336,8 @@ class TrainConfig:
     ep_overlap_shared: bool = doc("Expert parallelism: compute the shared experts while the dispatch all-to-all "
                                   "is in flight (same results).", default=True)
     tp: int = doc("Tensor-parallel degree.", default=1)
+    cp: int = doc("Context-parallel degree: ranks sharing each sequence (2 x cp chunks, load-balanced; MLA's "
+                  "compressed KV all-gathered); composes with dp only (docs/long-context.md).", default=1)
     pp: int = doc("Pipeline-parallel degree: ranks holding consecutive blocks of the model (pp > 1 runs alone "
                   "or with data parallelism, --nproc = pp x dp, stages replicated over dp; not with ep or tp; "
                   "docs/parallel-tp-pp.md).", default=1)

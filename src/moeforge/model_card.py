@@ -31,7 +31,8 @@ def training_facts(trainer) -> dict:
         "balancing": (f"aux-loss-free bias update speed {cfg.bias_update_speed:g}, sequence-wise aux loss "
                       f"{cfg.seq_aux_alpha:g}" + (f", batch aux loss {cfg.batch_aux_alpha:g}"
                                                    if cfg.batch_aux_alpha else "")),
-        "parallelism": (f"dp {layout.dp}, ep {layout.ep}, tp {layout.tp}, pp {layout.pp}" if layout is not None
+        "parallelism": (f"dp {layout.dp}, ep {layout.ep}, tp {layout.tp}, pp {layout.pp}"
+                        + (f", cp {layout.cp}" if layout.cp > 1 else "") if layout is not None
                         else "single process"),
     }
 

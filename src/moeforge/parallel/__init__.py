@@ -1,6 +1,7 @@
 """Distributed training applied to the plain model from outside, in one fixed order:
 tensor parallelism (DTensor, by head / hidden width / vocabulary), expert parallelism (swap experts,
-exchange tokens), then FSDP2 (ZeRO-2/3) over the data-parallel mesh.
+exchange tokens), then FSDP2 (ZeRO-2/3) over the data-parallel mesh (x the context-parallel one), then
+context parallelism (each sequence split over the cp ranks, MLA's compressed KV all-gathered).
 
     layout = ParallelLayout.resolve(world_size, dp=0, ep=2)
     mesh = build_mesh(layout, "cpu")
@@ -17,6 +18,7 @@ from torch import nn
 from ..errors import ConfigError
 from . import dist_checkpoint
 from .expert import DISPATCH_FORMATS, ExpertParallelExperts, apply_expert_parallel, pop_comm_bytes
+from .context import apply_context_parallel
 from .fsdp import apply_fsdp, mixed_precision
 from .grads import clip_grad_norm
 from .mesh import ParallelLayout, ParallelMesh, build_mesh
@@ -24,7 +26,7 @@ from .replicated import apply_replicated_expert_parallel
 from .tensor import apply_tensor_parallel
 
 __all__ = ["DISPATCH_FORMATS", "ExpertParallelExperts", "ParallelLayout", "ParallelMesh", "apply_expert_parallel",
-           "apply_fsdp", "apply_replicated_expert_parallel", "apply_tensor_parallel", "build_mesh", "clip_grad_norm",
+           "apply_context_parallel", "apply_fsdp", "apply_replicated_expert_parallel", "apply_tensor_parallel", "build_mesh", "clip_grad_norm",
            "dist_checkpoint", "mixed_precision", "parallelize", "pop_comm_bytes"]
 
 
@@ -44,6 +46,8 @@ def parallelize(model: nn.Module, layout: ParallelLayout, mesh, param_dtype: tor
         apply_tensor_parallel(model, mesh["tp"])
     if layout.ep > 1:
         apply_expert_parallel(model, mesh["ep"], ep_dispatch, ep_overlap_shared)
-    if (layout.dp > 1 or layout.ep > 1) and layout.pp == 1:
+    if (layout.dp > 1 or layout.ep > 1 or layout.cp > 1) and layout.pp == 1:
         apply_fsdp(model, mesh, layout, mixed_precision(param_dtype))
+    if layout.cp > 1:
+        apply_context_parallel(model, mesh["cp"].get_group())
     return model

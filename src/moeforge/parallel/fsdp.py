@@ -32,7 +32,7 @@ def mixed_precision(param_dtype: torch.dtype | None, reduce_dtype: torch.dtype |
 
 def apply_fsdp(model: nn.Module, mesh, layout: ParallelLayout, mp_policy: MixedPrecisionPolicy | None = None):
     """Shard each block (experts separately over "edp"), the MTP projections and the output head, then
-    the root (embedding, norms) over "dp"."""
+    the root (embedding, norms) over "dp" (x "cp")."""
     # FP8 linears return their [B, T, N] output as a view of the [B*T, N] GEMM result, and FSDP2 warns that an
     # in-place op on such a view would skip its pre-backward hook. The model only uses them out of place (the
     # FP8 x EP x ZeRO-3 runs equal the single process), so the warning is noise for these modules.
@@ -40,7 +40,7 @@ def apply_fsdp(model: nn.Module, mesh, layout: ParallelLayout, mp_policy: MixedP
     kw = {"reshard_after_forward": layout.reshard_after_forward}
     if mp_policy is not None:
         kw["mp_policy"] = mp_policy
-    dp_mesh = mesh["dp"]
+    dp_mesh = mesh["dp_cp"]  # context-parallel ranks average their gradients like data-parallel ones
     mtp = list(getattr(model, "mtp", []))
     for block in list(model.layers) + [m.block for m in mtp]:
         for module in block.modules():

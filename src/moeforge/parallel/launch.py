@@ -226,8 +226,9 @@ def run_training(run, run_dir, resume: bool, argv: list[str], profile_memory: bo
         # Check the layout here, so a bad one is one line now rather than an error from every rank.
         from .mesh import ParallelLayout
 
-        layout = ParallelLayout.resolve(cfg.nproc, cfg.dp, cfg.ep, cfg.tp, cfg.pp, cfg.zero)
+        layout = ParallelLayout.resolve(cfg.nproc, cfg.dp, cfg.ep, cfg.tp, cfg.pp, cfg.zero, cfg.cp)
         layout.check_model(run.model).check_batch(cfg.batch_size).check_trainer().check_pipeline(cfg)
+        layout.check_context(cfg)
         return launch_torchrun(cfg.nproc, strip_launch_flags(argv))
     from .trainer import DistributedTrainer, is_distributed_checkpoint
 
@@ -238,9 +239,10 @@ def run_training(run, run_dir, resume: bool, argv: list[str], profile_memory: bo
                               "to resume; pass --run-dir")
         run_dir = run_dir or cfg.run_dir
         resume = latest_checkpoint(run_dir) is not None
-    layout_flags = cfg.dp > 1 or cfg.ep > 1 or cfg.tp > 1 or cfg.pp > 1
+    layout_flags = cfg.dp > 1 or cfg.ep > 1 or cfg.tp > 1 or cfg.pp > 1 or cfg.cp > 1
     if layout_flags and not under_torchrun():
-        raise ConfigError(f"--dp {cfg.dp} --ep {cfg.ep} --tp {cfg.tp} --pp {cfg.pp} needs several processes: add "
+        cp = f" --cp {cfg.cp}" if cfg.cp > 1 else ""
+        raise ConfigError(f"--dp {cfg.dp} --ep {cfg.ep} --tp {cfg.tp} --pp {cfg.pp}{cp} needs several processes: add "
                           "--nproc N or launch with torchrun (to resume in one process, pass --ep 1 ...)")
     dcp_resume = resume and run_dir is not None and is_distributed_checkpoint(latest_checkpoint(run_dir))
     if cfg.multimodal:

@@ -34,10 +34,11 @@ class ParallelLayout:
     tp: int = 1
     pp: int = 1
     zero: int = 2
+    cp: int = 1  # context parallelism: ranks sharing each sequence (parallel/context.py)
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.dp * self.cp * self.tp * self.pp
 
     @property
     def edp(self) -> int:
@@ -50,23 +51,27 @@ class ParallelLayout:
 
     @classmethod
     def resolve(cls, world_size: int, dp: int = 0, ep: int = 1, tp: int = 1, pp: int = 1,
-                zero: int = 2) -> "ParallelLayout":
-        """Fill in dp = world / (tp x pp) when dp is 0 ("auto"), then check against world_size."""
-        for name, value in (("ep", ep), ("tp", tp), ("pp", pp)):
+                zero: int = 2, cp: int = 1) -> "ParallelLayout":
+        """Fill in dp = world / (cp x tp x pp) when dp is 0 ("auto"), then check against world_size."""
+        for name, value in (("ep", ep), ("tp", tp), ("pp", pp), ("cp", cp)):
             if int(value) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {value}")
         if dp == 0:
-            if world_size % (tp * pp):
-                raise ConfigError(f"tp x pp = {tp} x {pp} = {tp * pp} does not divide the {world_size} processes")
-            dp = world_size // (tp * pp)
-        layout = cls(dp=int(dp), ep=int(ep), tp=int(tp), pp=int(pp), zero=int(zero))
+            if world_size % (cp * tp * pp):
+                names, values = ("cp x tp x pp", (cp, tp, pp)) if cp > 1 else ("tp x pp", (tp, pp))
+                raise ConfigError(f"{names} = {' x '.join(map(str, values))} = {cp * tp * pp} does not divide the "
+                                  f"{world_size} processes")
+            dp = world_size // (cp * tp * pp)
+        layout = cls(dp=int(dp), ep=int(ep), tp=int(tp), pp=int(pp), zero=int(zero), cp=int(cp))
         return layout.check_world(world_size)
 
     def check_world(self, world_size: int) -> "ParallelLayout":
         if self.dp < 1:
             raise ConfigError(f"--dp must be >= 1 (or 0 = auto), got {self.dp}")
         if self.world_size != world_size:
-            raise ConfigError(f"dp x tp x pp = {self.dp} x {self.tp} x {self.pp} = {self.world_size} must equal "
+            names, values = ("dp x cp x tp x pp", (self.dp, self.cp, self.tp, self.pp)) if self.cp > 1 else \
+                ("dp x tp x pp", (self.dp, self.tp, self.pp))
+            raise ConfigError(f"{names} = {' x '.join(map(str, values))} = {self.world_size} must equal "
                               f"the number of processes ({world_size})")
         if self.dp % self.ep:
             raise ConfigError(f"ep={self.ep} must divide dp={self.dp}: expert parallelism reuses the "
@@ -110,6 +115,24 @@ class ParallelLayout:
                               "drop --zero 3")
         return self
 
+    def check_context(self, cfg: TrainConfig) -> "ParallelLayout":
+        """Raise ConfigError naming the first setting context parallelism is not built for (nothing at cp = 1)."""
+        if self.cp == 1:
+            return self
+        others = [f"{name}={value}" for name, value in (("ep", self.ep), ("tp", self.tp), ("pp", self.pp)) if value > 1]
+        if others:
+            raise ConfigError(f"cp={self.cp} with {', '.join(others)}: context parallelism composes with data "
+                              "parallelism only (--nproc dp x cp); with expert, tensor or pipeline parallelism it is "
+                              "not implemented")
+        if cfg.seq_len % (2 * self.cp):
+            raise ConfigError(f"seq_len={cfg.seq_len} must be a multiple of 2 x cp = {2 * self.cp}: context "
+                              "parallelism cuts each sequence into 2 x cp equal chunks (padding is not supported)")
+        for flag, on in (("--compile", cfg.compile), ("--activation-checkpointing", cfg.activation_checkpointing != "none"),
+                         ("--offload", cfg.offload != "none")):
+            if on:
+                raise ConfigError(f"{flag} is not applied with context parallelism; drop it, or use --cp 1")
+        return self
+
     def pipeline_microbatches(self, cfg: TrainConfig) -> int:
         """Micro-batches per optimizer step: --pp-microbatches, or one per pipeline stage."""
         return cfg.pp_microbatches or self.pp * PP_SCHEDULES[cfg.pp_schedule]
@@ -133,22 +156,26 @@ class ParallelLayout:
         return self
 
     def describe(self) -> str:
-        return (f"dp {self.dp} (ep {self.ep} x edp {self.edp}), tp {self.tp}, pp {self.pp}, "
-                f"zero {self.zero}")
+        return (f"dp {self.dp} (ep {self.ep} x edp {self.edp}), {f'cp {self.cp}, ' if self.cp > 1 else ''}"
+                f"tp {self.tp}, pp {self.pp}, zero {self.zero}")
 
 
 class ParallelMesh:
     """The run's DeviceMesh with dims ("pp", "edp", "ep", "tp"), plus "dp" = edp x ep flattened.
 
     `mesh[name]` gives the 1-D sub-mesh of any of those names (torch asks callers to keep the flattened
-    mesh themselves rather than slice it from the root).
+    mesh themselves rather than slice it from the root). With context parallelism the root has a "cp" dim
+    after "ep", and "dp_cp" = dp x cp flattened: the ranks that average gradients (FSDP's mesh); without,
+    "dp_cp" is "dp".
     """
 
-    def __init__(self, root, dp):
-        self.root, self.dp = root, dp
+    def __init__(self, root, dp, dp_cp=None):
+        self.root, self.dp, self.dp_cp = root, dp, dp_cp or dp
 
     def __getitem__(self, name: str):
-        return self.dp if name == "dp" else self.root[name]
+        if name in ("dp", "dp_cp"):
+            return getattr(self, name)
+        return self.root[name]
 
     def __repr__(self) -> str:
         return f"ParallelMesh({self.root})"
@@ -162,6 +189,10 @@ def build_mesh(layout: ParallelLayout, device_type: str = "cpu") -> ParallelMesh
     if not dist.is_initialized():
         raise ConfigError("build_mesh needs torch.distributed to be initialised (run under torchrun)")
     layout.check_world(dist.get_world_size())
-    root = init_device_mesh(device_type, (layout.pp, layout.edp, layout.ep, layout.tp),
-                            mesh_dim_names=("pp", "edp", "ep", "tp"))
-    return ParallelMesh(root, root["edp", "ep"]._flatten("dp"))  # _flatten: as torchtitan does
+    if layout.cp == 1:
+        root = init_device_mesh(device_type, (layout.pp, layout.edp, layout.ep, layout.tp),
+                                mesh_dim_names=("pp", "edp", "ep", "tp"))
+        return ParallelMesh(root, root["edp", "ep"]._flatten("dp"))  # _flatten: as torchtitan does
+    root = init_device_mesh(device_type, (layout.pp, layout.edp, layout.ep, layout.cp, layout.tp),
+                            mesh_dim_names=("pp", "edp", "ep", "cp", "tp"))
+    return ParallelMesh(root, root["edp", "ep"]._flatten("dp"), root["edp", "ep", "cp"]._flatten("dp_cp"))

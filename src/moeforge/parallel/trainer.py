@@ -40,6 +40,7 @@ from ..errors import CheckpointError, ConfigError
 from ..model_card import training_facts
 from ..train import Trainer, decay_split, default_run_dir, resolve_run_precision
 from . import dist_checkpoint, parallelize
+from .context import ContextParallelRouterProbe
 from .expert import pop_comm_bytes
 from .grads import clip_grad_norm
 from .launch import collective_errors, init_distributed, register_process
@@ -74,11 +75,13 @@ class DistributedTrainer(Trainer):
         if caps.device.startswith("cuda") and self.world > 1:  # one GPU per rank
             cuda = f"cuda:{torch.cuda.current_device()}"
             run = dataclasses.replace(run, train=dataclasses.replace(cfg, device=cuda))
-        self.layout = ParallelLayout.resolve(self.world, cfg.dp, cfg.ep, cfg.tp, cfg.pp, cfg.zero)
+        self.layout = ParallelLayout.resolve(self.world, cfg.dp, cfg.ep, cfg.tp, cfg.pp, cfg.zero, cfg.cp)
         self.layout.check_model(run.model).check_batch(cfg.batch_size).check_trainer().check_pipeline(cfg)
+        self.layout.check_context(cfg)
         self.pipeline = None  # built in parallelize when pp > 1
         self.mesh = build_mesh(self.layout, "cuda" if caps.device.startswith("cuda") else "cpu")
-        self.dp_group = self.mesh["dp"].get_group()
+        # Losses, expert counts and the bias update span the ranks of one global batch: dp (x cp).
+        self.dp_group = self.mesh["dp_cp"].get_group()
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.is_main = self.rank == 0
         # Every rank must use rank 0's run folder (default names carry a timestamp).
@@ -93,6 +96,10 @@ class DistributedTrainer(Trainer):
         console = console or Console(stderr=True, quiet=not self.is_main)
         super().__init__(run, run_dir=chosen[0], resume=resume, console=console,
                          allow_config_change=allow_config_change)
+        if self.layout.cp > 1:  # each rank's routers see its share of every sequence
+            self.router_probe.remove()
+            self.router_probe = ContextParallelRouterProbe(self.model, self.model.context_parallel, cfg.seq_aux_alpha,
+                                                           cfg.batch_aux_alpha, seq_len=cfg.seq_len)
         self.train_batches = DataParallelSlice(self.train_batches, self.dp_rank, self.layout.dp)
         self.val_batches = DataParallelSlice(self.val_batches, self.dp_rank, self.layout.dp)
         self.console.print(f"  distributed: {self.world} processes, {self.layout.describe()}, "
@@ -251,7 +258,8 @@ class DistributedTrainer(Trainer):
         keys = [k for k in keys if k in metrics]
         values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(values, group=self.dp_group)
-        return {**metrics, **{k: float(v) / self.layout.dp for k, v in zip(keys, values.tolist())}}
+        size = dist.get_world_size(self.dp_group)
+        return {**metrics, **{k: float(v) / size for k, v in zip(keys, values.tolist())}}
 
     # --- run folder and checkpoints -----------------------------------------------------------------
     def _start_run_dir(self) -> None:

@@ -1,0 +1,73 @@
+"""`moeforge train --nproc 2 --cp 2` as a user runs it: each sequence is split over the two ranks; the logged
+losses, gradient norms, validation losses and expert counts, and the Hugging Face export, equal a
+single-process run's. Layouts context parallelism is not built for are refused in one line."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from moeforge.cli import main
+from moeforge.hf import read_safetensors
+from parallel_helpers import one_thread
+from test_parallel_train import SMALL
+
+KEYS = ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm", "val_loss")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_equal(run, single):
+    for a, b in zip(metrics(run), metrics(single), strict=True):
+        for key in KEYS:
+            if key in b:
+                assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
+        assert a["expert_counts"] == b["expert_counts"], a["step"]
+    got = read_safetensors(run / "checkpoints" / "step-000003")
+    want = read_safetensors(single / "checkpoints" / "step-000003")
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-5, msg=name)
+
+
+def test_context_parallel_run_matches_single_process(tmp_path, capfd):
+    single, run = tmp_path / "single", tmp_path / "cp"
+    common = [*SMALL, "--steps", "3", "--save-every", "3", "--log-expert-counts", "--seq-aux-alpha", "1e-2"]
+    assert main(["train", *common, "--run-dir", str(single)]) == 0
+    assert main(["train", *common, "--run-dir", str(run), "--nproc", "2", "--cp", "2"]) == 0
+    assert "cp 2" in capfd.readouterr().err
+    check_equal(run, single)
+    assert "dp 1, ep 1, tp 1, pp 1, cp 2" in (run / "checkpoints" / "step-000003" / "README.md").read_text()
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 4 and not os.environ.get("MOEFORGE_TEST_4RANK"),
+                    reason="4 processes on < 4 CPUs: set MOEFORGE_TEST_4RANK=1 to run anyway")
+def test_data_x_context_parallel_run_matches_single_process(tmp_path):
+    single, run = tmp_path / "single", tmp_path / "dpcp"
+    common = [*SMALL, "--steps", "3", "--save-every", "3", "--log-expert-counts", "--seq-aux-alpha", "1e-2"]
+    assert main(["train", *common, "--run-dir", str(single)]) == 0
+    assert main(["train", *common, "--run-dir", str(run), "--nproc", "4", "--cp", "2"]) == 0  # dp 2 x cp 2
+    check_equal(run, single)
+
+
+def test_layouts_context_parallelism_is_not_built_for_fail_in_one_line(tmp_path, capfd):
+    for nproc, flags, message in (
+            ("4", ["--cp", "2", "--ep", "2"], "cp=2 with ep=2: context parallelism composes with data parallelism only"),
+            ("4", ["--cp", "2", "--tp", "2"], "cp=2 with tp=2: context parallelism composes with data parallelism"),
+            ("4", ["--cp", "2", "--pp", "2"], "cp=2 with pp=2: context parallelism composes"),
+            ("2", ["--cp", "2", "--seq-len", "30"], "seq_len=30 must be a multiple of 2 x cp = 4"),
+            ("2", ["--cp", "2", "--activation-checkpointing", "full"], "--activation-checkpointing is not applied "
+                                                                       "with context parallelism"),
+            ("2", ["--cp", "3"], "does not divide the 2 processes")):
+        assert main(["train", *SMALL, "--steps", "1", "--run-dir", str(tmp_path / "x"), "--nproc", nproc, *flags]) == 2
+        err = capfd.readouterr().err
+        assert message in err and err.count("\n") == 1, err
