@@ -165,7 +165,5 @@ def test_two_ranks_context_parallel_match_single_process(tmp_path, references):
     check_cp(tmp_path, 2, references)
 
 
-@pytest.mark.skipif((os.cpu_count() or 1) < 4 and not os.environ.get("MOEFORGE_TEST_4RANK"),
-                    reason="4 processes on < 4 CPUs: set MOEFORGE_TEST_4RANK=1 to run anyway")
 def test_four_ranks_context_parallel_match_single_process(tmp_path, references):
     check_cp(tmp_path, 4, references)
