@@ -172,13 +172,14 @@ class ExpertCache:
         self.resident[key] = self._load(layer, expert)
         return self.resident[key]
 
-    def prefetch(self, layer: int, experts: list[int]) -> None:
-        """Start reading `experts` of `layer` (most wanted first) in the background; at most the budget."""
+    def prefetch(self, layer: int, experts: list[int], keep: frozenset = frozenset()) -> None:
+        """Start reading `experts` of `layer` (most wanted first) in the background, at most the budget,
+        evicting neither them nor `keep` (the experts the running layer still needs) if it can."""
         self.predictions[layer] = set(experts)
         if self.pool is None:
             return
         wanted = [(layer, e) for e in experts[:self.budget]]
-        protect = frozenset(wanted)
+        protect = frozenset(wanted) | keep
         for key in wanted:
             if key in self.resident:
                 continue
@@ -232,9 +233,9 @@ class CachedExperts(nn.Module):
         """x [M, D] sorted by expert, counts [E] -> [M, D]."""
         sizes = counts.tolist()
         self.cache.observe(self.layer, sizes, x.shape[0] // self.top_k)
-        if self._next_gate is not None and x.shape[0]:
-            self._predict_next(x)
         used = frozenset((self.layer, e) for e, n in enumerate(sizes) if n)
+        if self._next_gate is not None and x.shape[0]:
+            self._predict_next(x, used)
         outs = []
         for e, xe in enumerate(x.split(sizes)):
             if sizes[e]:
@@ -243,13 +244,13 @@ class CachedExperts(nn.Module):
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[1])
 
     @torch.no_grad()
-    def _predict_next(self, x: torch.Tensor) -> None:
+    def _predict_next(self, x: torch.Tensor, used: frozenset) -> None:
         # Rows are this layer's routed copies of its input (each token K times), so expert counts over the
         # rows rank the next layer's experts as counts over the tokens would.
         _, indices, _ = self._next_gate(x)
         votes = torch.bincount(indices.flatten(), minlength=self._next_gate.n_experts)
         ranked = votes.argsort(descending=True, stable=True)[:int((votes > 0).sum())]
-        self.cache.prefetch(self.next_layer, ranked.tolist())
+        self.cache.prefetch(self.next_layer, ranked.tolist(), keep=used)
 
 
 def moe_modules(model) -> dict[int, MoE]:
