@@ -11,6 +11,7 @@
          error vs an exact (float64) sum.
 
   python benchmarks/fp8_fidelity.py loss --steps 300 [--preset tiny --batch-size 16 --seq-len 256]
+  python benchmarks/fp8_fidelity.py loss --precisions fp8@emulated,fp8@rowwise   # FP8 GEMM paths
   python benchmarks/fp8_fidelity.py quant [--steps 30]
   python benchmarks/fp8_fidelity.py accum [--k 4096 --bits 14]
   python benchmarks/fp8_fidelity.py optim [--preset tiny]   # AdamW state memory, fp32 vs bf16 moments
@@ -20,6 +21,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import sys
 import tempfile
@@ -29,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moeforge import hardware
 from moeforge.config import resolve_run_config
 from moeforge.precision.gemm import limited_precision_dot
 from moeforge.precision.logfmt import logfmt_roundtrip
@@ -44,26 +48,45 @@ def run_settings(args, precision: str, run_dir: Path) -> dict:
 
 
 def cmd_loss(args) -> None:
+    """A precision may name its FP8 GEMM path, `fp8@rowwise` (precision/gemm.py; default: the probed one)."""
     results = {}
     root = Path(args.out or tempfile.mkdtemp(prefix="fp8_fidelity_"))
-    for precision in args.precisions.split(","):
-        run = resolve_run_config({}, run_settings(args, precision, root / precision))
+    for name in args.precisions.split(","):
+        precision, _, path = name.partition("@")
+        run = resolve_run_config({}, run_settings(args, precision, root / name))
         t0 = time.perf_counter()
-        summary = Trainer(run).fit()
-        rows = [json.loads(x) for x in (root / precision / "metrics.jsonl").read_text().splitlines()]
+        with fp8_gemm_path(path or None):
+            summary = Trainer(run).fit()
+        rows = [json.loads(x) for x in (root / name / "metrics.jsonl").read_text().splitlines()]
         tail = rows[-max(1, len(rows) // 10):]
-        results[precision] = {"val": summary["final_val_loss"], "train_tail": sum(r["loss"] for r in tail) / len(tail),
-                              "s_per_step": (time.perf_counter() - t0) / args.steps}
-        print(f"{precision}: {results[precision]}", flush=True)
+        results[name] = {"val": summary["final_val_loss"], "train_tail": sum(r["loss"] for r in tail) / len(tail),
+                         "s_per_step": (time.perf_counter() - t0) / args.steps}
+        print(f"{name}: {results[name]}", flush=True)
     print(f"\n{args.preset}, {args.steps} steps, batch {args.batch_size} x {args.seq_len}, seed {args.seed}")
     print_table(results)
     (root / "fidelity.json").write_text(json.dumps(results, indent=2))
     print(f"runs and fidelity.json in {root}")
 
 
+@contextlib.contextmanager
+def fp8_gemm_path(path: str | None):
+    """Make the trainer's device probe report `path` as the FP8 GEMM path (None: leave it alone)."""
+    if path is None:
+        yield
+        return
+    real = hardware.probe
+    hardware.probe = lambda device="auto": dataclasses.replace(real(device), fp8_gemm=path)
+    try:
+        yield
+    finally:
+        hardware.probe = real
+
+
 def print_table(results: dict) -> None:
-    base = results.get("bf16")
-    print(f"{'precision':16} {'val loss':>9} {'vs bf16':>9} {'train(last10%)':>15} {'vs bf16':>9} {'s/step':>7}")
+    ref = "bf16" if "bf16" in results else next(iter(results), "")
+    base = results.get(ref)
+    vs = f"vs {ref}"[:9]
+    print(f"{'precision':16} {'val loss':>9} {vs:>9} {'train(last10%)':>15} {vs:>9} {'s/step':>7}")
     for name, r in results.items():
         dv = (r["val"] - base["val"]) / base["val"] if base else float("nan")
         dt = (r["train_tail"] - base["train_tail"]) / base["train_tail"] if base else float("nan")

@@ -1,18 +1,28 @@
-"""Shared pieces of the distributed tests: a tiny deterministic training loop that runs the same way in
-one process and in a spawned gloo group, so the two can be compared number for number."""
+"""Shared pieces of the distributed tests.
+
+The equality claims (EP, ZeRO-2/3, TP, PP and their combinations compute what one process computes) are
+checked through the trainers themselves: `fit_in_gloo_group` runs `DistributedTrainer`s in a spawned gloo
+group, `fit_single` runs the plain `Trainer` on the same config, and `check_same_run` compares what they
+logged (metrics.jsonl) and saved (the Hugging Face export). `Loop` is a small training loop for the tests
+of library pieces the trainer does not expose (dispatch payloads, redundant experts, old checkpoints)."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from conftest import SMALL_CORPUS
 from moeforge.balance import BiasBalancer, RouterProbe, gather_counts, moe_modules, reset_counts
-from moeforge.config import TrainConfig, preset
-from moeforge.model import Router, Transformer
+from moeforge.config import TrainConfig, preset, resolve_run_config
+from moeforge.errors import TrainingError
+from moeforge.model import Transformer
 from moeforge.parallel import clip_grad_norm
 from moeforge.train import make_optimizer
 
@@ -83,17 +93,6 @@ def full_state(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def single_process_run(n: int = STEPS, snapshot_at: int | None = None):
-    """Records of n steps and the full state after them (and after `snapshot_at` steps, if given)."""
-    loop = Loop(build_model())
-    records, snapshot = [], None
-    for x, y in batches(n):
-        records.append(loop.train_step(x, y))
-        if loop.step == snapshot_at:
-            snapshot = full_state(loop.model)
-    return records, full_state(loop.model), snapshot
-
-
 def init_gloo(rank: int, world: int, init_file: str, timeout_s: float = 60):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -113,32 +112,121 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-def spread_router_model() -> Transformer:
-    """The debug preset with router weights x50. Routing is discrete: at init the expert scores of a token
-    differ by ~1e-3, so fp32 noise from summing in another order (heads split by TP, micro-batches in PP) can
-    flip a near-tie and the runs part ways by O(1e-4). Spread-out scores keep every choice far from a tie
-    (the layouts are compared, not the routing)."""
-    model = Transformer(preset("debug"))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, Router):
-                m.weight.mul_(50)
-    return model
+# --- runs of the trainers ---------------------------------------------------------------------------
+# The debug preset on a small real corpus, fp32. warmup_steps > steps keeps the learning rate a function of
+# the step alone (not of --steps), so a run stopped at step 2 and resumed to step 6 follows the same
+# schedule as 6 uninterrupted steps.
+TRAIN = dict(preset="debug", data=str(SMALL_CORPUS), seq_len=32, batch_size=4, warmup_steps=100, eval_every=1,
+             eval_batches=2, sample_tokens=0, precision="fp32", device="cpu", keep_checkpoints=20)
+COMPARED = ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm", "val_loss", "max_vio", "lr", "skipped")
 
 
-def reference_steps(model, opt, batch, steps: int, seq_len: int, clip=None, seq_alpha: float = 1e-2) -> list[float]:
-    """`steps` of the trainer's loop in one process: loss + sequence balance loss, clip to 1.0, AdamW, bias
-    update; the reference the TP and PP runs are compared with. batch(step) -> (input_ids, labels)."""
-    clip = clip or torch.nn.utils.clip_grad_norm_
-    probe = RouterProbe(model, seq_alpha=seq_alpha, seq_len=seq_len)
-    losses = []
-    for step in range(steps):
-        x, y = batch(step)
-        loss = model(x, y).loss + probe.pop_loss()
-        loss.backward()
-        clip(list(model.parameters()), 1.0)
-        opt.step()
-        opt.zero_grad()
-        BiasBalancer(0.01).update(model, step)
-        losses.append(loss.item())
-    return losses
+def train_config(run_dir, **train):
+    return resolve_run_config({}, {**TRAIN, "run_dir": str(run_dir), **train})
+
+
+def fit_single(run_dir, poison_steps=(), **train) -> Path:
+    """The plain single-process Trainer: the reference every layout is compared with."""
+    from moeforge.train import Trainer
+
+    with one_thread():
+        trainer = Trainer(train_config(run_dir, **train))
+        poison(trainer, poison_steps)
+        trainer.fit()
+    return Path(run_dir)
+
+
+def poison(trainer, steps) -> None:
+    """Make this process's loss NaN on the given (1-based) steps (an overflow on this rank only)."""
+    if not steps:
+        return
+    real = trainer.forward
+
+    def forward(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if trainer.step + 1 in steps:
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer.forward = forward
+
+
+def die_at(trainer, step: int) -> None:
+    real = trainer.forward
+
+    def forward(*args, **kwargs):
+        if trainer.step + 1 == step:
+            os._exit(0)  # no clean-up, no goodbye to the peers
+        return real(*args, **kwargs)
+
+    trainer.forward = forward
+
+
+def fit_in_gloo_group(tmp_path, world: int, jobs, timeout_s: float = 60) -> None:
+    """Spawn `world` gloo processes; each runs DistributedTrainer(train_config(**job)).fit() for the jobs in
+    turn (one process group for all: starting processes is the expensive part). A job is a dict of
+    TrainConfig fields plus `run_dir`, optionally `resume` (bool), `poison` ({rank: steps}: NaN losses) and
+    `exit_at` ({rank: step}: that rank's process ends when the step starts, as a crashed peer's does); or a
+    function(rank, world, out_dir) every rank runs. A run that fails with a TrainingError writes its message
+    to <out_dir>/error-rank<r>.txt and ends the process (the group is broken)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fit_worker, args=(world, str(tmp_path / "init"), jobs, str(tmp_path), timeout_s),
+             nprocs=world, join=True)
+
+
+def _fit_worker(rank, world, init_file, jobs, out_dir, timeout_s):
+    from moeforge.parallel.trainer import DistributedTrainer
+
+    init_gloo(rank, world, init_file, timeout_s)
+    for job in jobs:
+        if callable(job):  # a check of its own, run by every rank between two runs
+            job(rank, world, out_dir)
+            continue
+        job = dict(job)
+        resume, poisoned, exit_at = job.pop("resume", False), job.pop("poison", {}), job.pop("exit_at", {})
+        trainer = DistributedTrainer(train_config(**job), resume=resume)
+        poison(trainer, poisoned.get(rank, ()))
+        if rank in exit_at:
+            die_at(trainer, exit_at[rank])
+        try:
+            trainer.fit()
+        except TrainingError as e:
+            Path(out_dir, f"error-rank{rank}.txt").write_text(str(e))
+            os._exit(0)
+    dist.destroy_process_group()
+
+
+def read_metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_same_run(got_dir, want_dir, what: str, atol: float = 1e-5) -> None:
+    """The run in got_dir logged what the run in want_dir logged for the same steps (each step's loss parts,
+    gradient norm, validation loss, learning rate, skip flag and expert counts; got_dir's steps may be the
+    first of want_dir's), and its last checkpoint's Hugging Face export holds the weights of want_dir's
+    checkpoint of that step, within atol."""
+    from safetensors.torch import load_file
+
+    from moeforge.checkpoint import checkpoints_dir, latest_checkpoint
+
+    got = read_metrics(got_dir)
+    want = {m["step"]: m for m in read_metrics(want_dir)}
+    assert got and all(m["step"] in want for m in got), f"{what}: logged steps {[m['step'] for m in got]}"
+    for a in got:
+        b = want[a["step"]]
+        for key in COMPARED:
+            assert (key in a) == (key in b), f"{what}: step {b['step']} {key} logged in one run only"
+            if key not in b:
+                continue
+            if isinstance(b[key], float) and math.isfinite(b[key]):
+                assert abs(a[key] - b[key]) <= atol, f"{what}: step {b['step']} {key} {a[key]} != {b[key]}"
+            else:  # flags, and a skipped step's NaN loss
+                assert str(a[key]) == str(b[key]), f"{what}: step {b['step']} {key} {a[key]} != {b[key]}"
+        assert a["expert_counts"] == b["expert_counts"], f"{what}: step {b['step']} expert counts"
+    w_got = load_file(latest_checkpoint(got_dir) / "model.safetensors")
+    w_want = load_file(checkpoints_dir(want_dir) / f"step-{got[-1]['step']:06d}" / "model.safetensors")
+    assert w_got.keys() == w_want.keys(), f"{what}: exported tensor names"
+    for k, v in w_want.items():
+        err = (w_got[k] - v).abs().max().item()
+        assert err <= atol, f"{what}: exported {k} differs by {err:.2e}"

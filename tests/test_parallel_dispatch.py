@@ -3,7 +3,8 @@
 * `dispatch="fp8"` (E4M3 rows, one fp32 scale per 1x128 tile) and `"logfmt"` (LogFMT-8) at EP=2 compute
   what one process computes when the routed experts' inputs go through the same quantise -> dequantise
   (straight-through gradient): losses, gradient norms, expert counts, the first step's gradients and every
-  parameter after 3 AdamW steps, within 1e-5 (fp32). The bytes sent match the payload formats.
+  parameter after 3 AdamW steps, within 1e-5 (fp32; LogFMT's later steps within 1e-3, see the test for
+  why). The bytes sent match the payload formats.
 * The shared experts computed while the dispatch is in flight give bitwise the same losses, gradients and
   parameters as without overlap, and the overlap did happen.
 One process group runs every case in turn (starting processes dominates the cost).
@@ -107,12 +108,18 @@ def _one_thread():
         yield
 
 
-def check_matches(got, want, what, atol=1e-5, state_atol=None):
+def check_matches(got, want, what, atol=1e-5, drift_atol=None):
+    """Losses, gradient norms and expert counts of every step, the first step's gradients and the weights
+    after the last step. drift_atol (default atol): the tolerance for what follows the first update (the
+    later steps' losses and norms, the final weights), see test_low_precision_dispatch_and_shared_overlap_at_ep2."""
+    drift_atol = atol if drift_atol is None else drift_atol
     for step, (a, b) in enumerate(zip(got["records"], want["records"], strict=True)):
-        assert abs(a["loss"] - b["loss"]) <= atol, f"{what}: loss at step {step + 1}"
-        assert abs(a["grad_norm"] - b["grad_norm"]) <= atol, f"{what}: grad norm at step {step + 1}"
+        tol = atol if step == 0 else drift_atol
+        assert abs(a["loss"] - b["loss"]) <= tol, f"{what}: loss at step {step + 1}, {a['loss']} vs {b['loss']}"
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= tol, \
+            f"{what}: grad norm at step {step + 1}, {a['grad_norm']} vs {b['grad_norm']}"
         assert torch.equal(a["counts"], b["counts"]), f"{what}: expert counts at step {step + 1}"
-    for key, tol in (("grads", atol), ("state", atol if state_atol is None else state_atol)):
+    for key, tol in (("grads", atol), ("state", drift_atol)):
         assert got[key].keys() == want[key].keys(), f"{what}: {key} names"
         for name, b in want[key].items():
             torch.testing.assert_close(got[key][name], b, rtol=0, atol=tol, msg=f"{what}: {key} {name}")
@@ -124,13 +131,19 @@ def test_low_precision_dispatch_and_shared_overlap_at_ep2(tmp_path):
 
     plain = emulated_run(None)
     check_matches(got["compute"], plain, "EP=2 compute dispatch")
-    # LogFMT-8's levels are 2^(32/126) ~ 19% apart: once the weights differ in their last bits (sum order),
-    # an input near a rounding boundary can take the other code, and AdamW moves a weight by ~lr per step
-    # whatever the gradient's size. Losses, gradient norms, counts and the first step's gradients still
-    # agree within 1e-5; the expert weights after 3 steps within 1e-3 (measured 7e-4).
-    for fmt, state_atol in (("fp8", None), ("logfmt", 1e-3)):
+    # The first step starts from bitwise-equal weights: its loss, gradient norm and every gradient agree within
+    # 1e-5 (measured 5e-9 for the gradients) for both formats. After it the EP run's weights differ from the
+    # single process's in their last bits (gradients summed in another order; the compute dispatch ends 3
+    # steps 1.2e-6 apart), and a lossy code is a step function of its input: LogFMT-8's levels are
+    # 2^(32/126) ~ 19% apart, so an expert input near a rounding boundary takes the neighbouring code and
+    # that element moves by up to 19%, and AdamW moves a weight by ~lr per step whatever the gradient's size.
+    # This is deterministic (two runs of each side are bitwise identical) and a property of the lossy format,
+    # not a mismatch: steps 2-3 of the LogFMT run and its final weights agree within 1e-3 (measured: the
+    # step-3 gradient norm 4.1e-5 apart, the weights 1.4e-4 and 7e-4 on two machines). FP8's finer
+    # levels (3 mantissa bits, one scale per 128 values) stay within 1e-5 throughout.
+    for fmt, drift_atol in (("fp8", None), ("logfmt", 1e-3)):
         want = emulated_run(fmt)
-        check_matches(got[fmt], want, f"EP=2 {fmt} dispatch", state_atol=state_atol)
+        check_matches(got[fmt], want, f"EP=2 {fmt} dispatch", drift_atol=drift_atol)
         # The quantisation does change the numbers: the emulation is not the plain model.
         assert abs(want["records"][0]["loss"] - plain["records"][0]["loss"]) > 1e-6, fmt
 

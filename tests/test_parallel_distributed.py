@@ -1,163 +1,208 @@
-"""Acceptance: EP, FSDP (ZeRO-2/3) and EP x FSDP runs in real gloo process groups compute what one
-process computes on the same global batch: the losses of the first 3 steps, the gradient norms, the
-global expert counts and every updated parameter and routing bias, within 1e-5 (fp32).
-Distributed checkpoints resume exactly at another layout (2 ranks EP=2 -> 1 process, 1 -> 2).
-A stuck peer times out and a dead peer fails the others at once, each with one clear error.
+"""Acceptance: distributed runs of the trainer (`DistributedTrainer` in real gloo process groups) compute
+what the plain single-process `Trainer` computes on the same global batch, step for step within 1e-5
+(fp32): the loss parts, gradient norm, validation loss and expert counts it logs, and the weights of its
+Hugging Face export; across resumes that change the layout on the way.
 
-Starting processes dominates the cost on a small machine, so one 2-process group runs every check in
-turn; the 4-process EP x FSDP run (experts sharded within their ep group too) needs 4 CPUs or
-MOEFORGE_TEST_4RANK=1.
+* 2 processes, one run resumed at every layout in turn: EP 2 (ZeRO-2), ZeRO-2, ZeRO-3, TP 2, PP 2 with
+  1F1B, interleaved 1F1B and DualPipeV, then one process (DCP checkpoints reshard at each resume).
+* 4 processes, by default: EP 2 x edp 2 with ZeRO-3, TP 2 x EP 2 x ZeRO-3 and PP 2 x dp 2, the same way.
+* A step that is non-finite on one rank only is skipped on every rank, as the single process skips it
+  (the reference run has a NaN loss at step 2, the layouts on one rank), and the run goes on.
+* A stuck peer times out, and a dead one fails the others at once, each with one line naming it and
+  the collective.
+* DCP saves are atomic: fsynced, then renamed; a crash while replacing step-N keeps the old step-N,
+  and a resume recovers from a crash's leftovers (a torn metrics line, a temporary folder).
+
+Starting processes dominates the cost on a small machine, so each process group runs its runs in turn
+(one thread per rank).
 """
 
 import os
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from moeforge.cli import main
+from moeforge.config import preset
 from moeforge.errors import TrainingError
-from moeforge.parallel import ParallelLayout, build_mesh, dist_checkpoint, parallelize
+from moeforge.parallel import dist_checkpoint
 from moeforge.parallel.launch import collective_errors
-from parallel_helpers import STEPS, Loop, batches, build_model, full_state, init_gloo, one_thread, single_process_run
+from parallel_helpers import (Loop, batches, build_model, check_same_run, fit_in_gloo_group, fit_single, one_thread,
+                              read_metrics, train_config)
 
-RESUME_STEPS = 2  # steps run after loading a checkpoint saved at step STEPS
-TWO_RANK_LAYOUTS = [dict(ep=2, zero=2), dict(ep=1, zero=2), dict(ep=1, zero=3)]
+STEPS = 8
+POISONED = {2}  # a NaN loss at step 2 (in the layouts: on one rank only): every rank skips that update
+# One run, resumed at each layout for its steps (a DCP checkpoint at the end of each): (layout, last step).
+TWO_RANK_CHAIN = [(dict(ep=2, zero=2), 1), (dict(zero=2, poison={1: POISONED}), 2), (dict(zero=3), 3),
+                  (dict(tp=2), 4), (dict(pp=2, pp_schedule="1f1b"), 5), (dict(pp=2, pp_schedule="interleaved-1f1b"), 6),
+                  (dict(pp=2, pp_schedule="dualpipev"), 7)]  # step 8: one process
+FOUR_RANK_CHAIN = [(dict(ep=2, zero=3, poison={3: POISONED}), 2), (dict(tp=2, ep=2, zero=3), 3), (dict(pp=2), 4)]
 PEER_TIMEOUT_S = 3
-FOUR_RANK_LAYOUTS = [dict(ep=2, zero=3)]  # EP x FSDP: experts sharded over edp 2 within ep 2
 
 
-def parallel_loop(world, kw, param_dtype=None):
-    layout = ParallelLayout.resolve(world, **kw)
-    mesh = build_mesh(layout, "cpu")
-    model = parallelize(build_model(), layout, mesh, param_dtype=param_dtype)
-    return Loop(model, group=mesh["dp"].get_group(), rank=mesh["dp"].get_local_rank(), dp=layout.dp)
-
-
-def worker(rank, world, layouts, init_file, out_dir):
-    init_gloo(rank, world, init_file)
-    for i, kw in enumerate(layouts):
-        loop = parallel_loop(world, kw)
-        records = [loop.train_step(x, y) for x, y in batches()]
-        if i == 0 and world == 2:  # a checkpoint of the EP=2 run, for the 2 -> 1 resume test
-            dist_checkpoint.save(os.path.join(out_dir, "ckpt_ep2"), loop.model, loop.optimizer, {"step": loop.step})
-        state = full_state(loop.model)
-        if rank == 0:
-            torch.save({"records": records, "state": state}, os.path.join(out_dir, f"layout{i}.pt"))
-    if world == 2:  # FSDP mixed precision: bf16 compute copies, fp32 sharded weights and reduction
-        loop = parallel_loop(world, dict(ep=2, zero=3), param_dtype=torch.bfloat16)
-        records = [loop.train_step(x, y) for x, y in batches()]
-        dtypes = {p.dtype for p in loop.model.parameters()}
-        if rank == 0:
-            torch.save({"records": records, "dtypes": dtypes}, os.path.join(out_dir, "bf16.pt"))
-    if world == 2:  # 1 -> 2: continue the single-process checkpoint with EP=2
-        loop = parallel_loop(world, dict(ep=2, zero=2))
-        loop.step = dist_checkpoint.load(os.path.join(out_dir, "ckpt_single"), loop.model, loop.optimizer)["step"]
-        records = [loop.train_step(x, y) for x, y in batches(STEPS + RESUME_STEPS)[STEPS:]]
-        state = full_state(loop.model)
-        if rank == 0:
-            torch.save({"records": records, "state": state}, os.path.join(out_dir, "resumed_at_2.pt"))
-        lost_peers(rank, loop, out_dir)  # last: it breaks the group
-    dist.destroy_process_group()
-
-
-def lost_peers(rank, loop, out_dir):
-    """Rank 1 first stalls (never joins an all-reduce on a group with a 3 s timeout), then dies during
-    training; rank 0 records the error it gets each time and how long it took."""
-    stuck = dist.new_group(backend="gloo", timeout=timedelta(seconds=PEER_TIMEOUT_S))
-    if rank == 1:
-        time.sleep(PEER_TIMEOUT_S + 2)
-    else:
-        report(out_dir, "stuck", lambda: dist.all_reduce(torch.ones(1), group=stuck), "step 7")
-    dist.barrier()
-    if rank == 1:
-        os._exit(0)  # dies between steps
-    report(out_dir, "dead", lambda: loop.train_step(*batches(1)[0]), "step 8")
-    os._exit(0)
-
-
-def report(out_dir, name, fn, what):
-    start = time.perf_counter()
-    try:
-        with collective_errors(what, PEER_TIMEOUT_S):
-            fn()
-        message = "no error"
-    except TrainingError as e:
-        message = str(e)
-    torch.save({"elapsed": time.perf_counter() - start, "message": message}, os.path.join(out_dir, f"{name}.pt"))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+def chain_jobs(run_dir, chain):
+    return [dict(run_dir=run_dir, steps=last, resume=i > 0, **layout) for i, (layout, last) in enumerate(chain)]
 
 
 @pytest.fixture(scope="module")
-def reference():
-    """Single-process records of 5 steps, the state after 5 and the state after 3."""
+def reference(tmp_path_factory):
+    """The plain Trainer's run of STEPS steps (NaN loss at step 2), a checkpoint after each."""
+    run = fit_single(tmp_path_factory.mktemp("single") / "run", steps=STEPS, poison_steps=POISONED, save_every=1)
+    assert [m["skipped"] for m in read_metrics(run)] == [step in POISONED for step in range(1, STEPS + 1)]
+    return run
+
+
+def stall(rank, world, out_dir):
+    """A stuck peer: rank 1 never joins an all-reduce on a group with a 3 s timeout; rank 0 records the
+    error it gets and how long it took."""
+    stuck = dist.new_group(backend="gloo", timeout=timedelta(seconds=PEER_TIMEOUT_S))
+    if rank == 1:
+        time.sleep(PEER_TIMEOUT_S * 2 + 1)  # past rank 0's timeout and its wait for the others to check in
+    else:
+        start = time.perf_counter()
+        try:
+            with collective_errors("step 7", PEER_TIMEOUT_S):
+                dist.all_reduce(torch.ones(1), group=stuck)
+            message = "no error"
+        except TrainingError as e:
+            message = str(e)
+        torch.save({"elapsed": time.perf_counter() - start, "message": message}, os.path.join(out_dir, "stuck.pt"))
+    dist.barrier()
+
+
+def tp_shards_are_local(rank, world, out_dir):
+    """TP 2 really splits heads, MLA up projections and the vocabulary (a run that matches the single
+    process by not sharding anything would pass the comparisons too), and both ranks route every token to
+    the same experts (the router reads the all-reduced residual stream)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from moeforge.balance import moe_modules
+    from moeforge.config import preset
+    from moeforge.model import Transformer
+    from moeforge.parallel.tensor import apply_tensor_parallel
+
+    torch.manual_seed(0)
+    model = apply_tensor_parallel(Transformer(preset("debug")), init_device_mesh("cpu", (world,), mesh_dim_names=("tp",)))
+    attn = model.layers[0].self_attn
+    local = {"heads": attn.n_heads, "q_b_rows": attn.q_b_proj.weight.to_local().shape[0],
+             "vocab_rows": model.embed_tokens.weight.to_local().shape[0]}
+    tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    model(tokens, labels=tokens).loss.backward()
+    routed = [m.tokens_per_expert.tolist() for m in moe_modules(model)]
+    everyone = [None] * world
+    dist.all_gather_object(everyone, routed)
+    torch.save({**local, "same_routing": all(r == routed for r in everyone)},
+               os.path.join(out_dir, f"tp-local-rank{rank}.pt"))
+
+
+def fsdp_bf16_compute_copies(rank, world, out_dir):
+    """parallelize(param_dtype=bf16) (a library option; the trainer uses autocast): the layers compute with
+    bf16 copies, the sharded weights and their gradients stay fp32."""
+    from moeforge.parallel import ParallelLayout, build_mesh, parallelize
+
+    layout = ParallelLayout.resolve(world, ep=2, zero=3)
+    model = parallelize(build_model(), layout, build_mesh(layout, "cpu"), param_dtype=torch.bfloat16)
+    seen = set()
+    model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, args: seen.add(m.weight.dtype))
+    x, y = (t[rank * 2:(rank + 1) * 2] for t in batches(1)[0])  # this rank's half of the global batch
+    loss = model(x, labels=y).loss
+    loss.backward()
+    torch.save({"params": {p.dtype for p in model.parameters()}, "grads": {p.grad.dtype for p in model.parameters()
+                                                                           if p.grad is not None},
+                "compute": seen, "loss": loss.item()}, os.path.join(out_dir, f"bf16-rank{rank}.pt"))
+
+
+def test_two_ranks_every_layout_resumed_in_turn_matches_single_process(tmp_path, reference):
+    run = tmp_path / "chain"
+    jobs = [*chain_jobs(run, TWO_RANK_CHAIN),
+            tp_shards_are_local,
+            fsdp_bf16_compute_copies,
+            stall,
+            dict(run_dir=tmp_path / "dead", steps=3, ep=2, zero=2, exit_at={1: 2}, dist_timeout=PEER_TIMEOUT_S)]
+    fit_in_gloo_group(tmp_path, 2, jobs)
+
+    # The last step in one process, from the DualPipeV run's DCP checkpoint.
+    assert main(["train", "--resume", "--run-dir", str(run), "--steps", str(STEPS), "--pp", "1"]) == 0
+    check_same_run(run, reference, "2 ranks: EP, ZeRO-2, ZeRO-3, TP, PP 1F1B / interleaved / DualPipeV, 1 process")
+
+    cfg = preset("debug")
+    for rank in range(2):
+        assert torch.load(tmp_path / f"tp-local-rank{rank}.pt") == {
+            "heads": cfg.num_attention_heads // 2, "q_b_rows": cfg.num_attention_heads // 2 * cfg.qk_head_dim,
+            "vocab_rows": cfg.vocab_size // 2, "same_routing": True}
+    bf16 = [torch.load(tmp_path / f"bf16-rank{rank}.pt") for rank in range(2)]
+    assert all(r["params"] == r["grads"] == {torch.float32} and r["compute"] == {torch.bfloat16} for r in bf16)
+    x, y = batches(1)[0]
+    fp32_loss = build_model()(x, labels=y).loss.item()
+    assert abs(sum(r["loss"] for r in bf16) / 2 - fp32_loss) < 2e-2  # bf16 rounding: close, not equal
+    assert read_metrics(run)[0]["ep_dispatch_bytes"] > 0  # the EP segment did exchange tokens
+
+    stuck = torch.load(tmp_path / "stuck.pt")
+    assert stuck["message"].startswith("rank 0 of 2: all_reduce failed during step 7: rank 1 did not answer "), \
+        stuck["message"]
+    assert PEER_TIMEOUT_S - 0.5 < stuck["elapsed"] < 2 * PEER_TIMEOUT_S + 10
+    dead = (tmp_path / "error-rank0.txt").read_text()
+    assert dead.startswith("rank 0 of 2: ") and "failed during step 2: rank 1 exited (" in dead, dead
+    assert "\n" not in dead and "a collective failed" not in dead  # it names the collective (an FSDP all-gather)
+
+
+def test_four_ranks_ep_x_fsdp_tp_x_ep_x_zero3_and_pp_x_dp_match_single_process(tmp_path, reference):
+    run = tmp_path / "chain4"
+    fit_in_gloo_group(tmp_path, 4, chain_jobs(run, FOUR_RANK_CHAIN))
+    check_same_run(run, reference, "4 ranks: EP 2 x edp 2 ZeRO-3, TP 2 x EP 2 x ZeRO-3, PP 2 x dp 2")
+
+
+def test_distributed_checkpoints_are_atomic_and_resume_after_a_crash(tmp_path, monkeypatch):
+    """A DCP save (here a 1-process group) fsyncs every file and the folder before renaming it into place;
+    saving step N again over an existing step-N keeps the old one until the new one is in place; a resume
+    recovers from what a crash leaves behind."""
+    from moeforge.parallel.trainer import DistributedTrainer
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.path.realpath(f"/proc/self/fd/{fd}")),
+                                                 real_fsync(fd))[1])
     with one_thread():
-        return single_process_run(STEPS + RESUME_STEPS, snapshot_at=STEPS)
+        try:
+            trainer = DistributedTrainer(train_config(tmp_path / "run", steps=1, eval_every=0))
+            trainer.fit()
+            ckpt = tmp_path / "run" / "checkpoints" / "step-000001"
+            files = {str(p) for p in ckpt.iterdir()}
+            assert {"model.safetensors", "extra.pt", ".metadata"} <= {Path(p).name for p in files}
+            published = {p.replace("/.tmp-step-000001/", "/step-000001/") for p in synced}
+            assert files <= published, files - published
+            assert str(ckpt.parent) in synced  # the rename itself
 
+            before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+            real_rename = Path.rename
 
-def check_matches(result, records, state, what):
-    for step, (got, want) in enumerate(zip(result["records"], records, strict=True)):
-        assert abs(got["loss"] - want["loss"]) < 1e-5, f"{what}: loss at step {step + 1}"
-        assert abs(got["grad_norm"] - want["grad_norm"]) < 1e-5, f"{what}: grad norm at step {step + 1}"
-        assert torch.equal(got["counts"], want["counts"]), f"{what}: expert counts at step {step + 1}"
-    assert result["state"].keys() == state.keys()
-    for name, want in state.items():
-        got = result["state"][name]
-        assert got.shape == want.shape, f"{what}: {name} shape"
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=f"{what}: {name}")
+            def crash_on_publish(self, target):  # the new folder's rename into place fails once
+                if self.name.startswith(".tmp-") and Path(target).name == "step-000001":
+                    raise OSError("power lost")
+                return real_rename(self, target)
 
+            monkeypatch.setattr(Path, "rename", crash_on_publish)
+            with pytest.raises(OSError, match="power lost"):
+                trainer.save()
+            monkeypatch.setattr(Path, "rename", real_rename)
+            assert ckpt.is_dir(), "the previous step-000001 was deleted before the new one was in place"
+            assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
 
-def run_layouts(tmp_path, world, layouts):
-    mp.spawn(worker, args=(world, layouts, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
-    return [torch.load(tmp_path / f"layout{i}.pt") for i in range(len(layouts))]
-
-
-def test_two_ranks_ep_fsdp_and_checkpoint_resharding_match_single_process(tmp_path, reference):
-    records, final, after_3 = reference
-    assert records[0]["loss"] != records[STEPS - 1]["loss"]  # the parameters did move
-    single = Loop(build_model())  # the 1-process checkpoint the 2-rank run resumes from
-    for x, y in batches():
-        single.train_step(x, y)
-    dist_checkpoint.save(tmp_path / "ckpt_single", single.model, single.optimizer, {"step": single.step})
-
-    results = run_layouts(tmp_path, 2, TWO_RANK_LAYOUTS)
-    for kw, result in zip(TWO_RANK_LAYOUTS, results):
-        check_matches(result, records[:STEPS], after_3, f"2 ranks {kw}")
-    check_matches(torch.load(tmp_path / "resumed_at_2.pt"), records[STEPS:], final, "1 process -> 2 ranks EP=2")
-
-    resumed = Loop(build_model())  # 2 ranks EP=2 -> 1 process
-    resumed.step = dist_checkpoint.load(tmp_path / "ckpt_ep2", resumed.model, resumed.optimizer)["step"]
-    assert resumed.step == STEPS
-    after = [resumed.train_step(x, y) for x, y in batches(STEPS + RESUME_STEPS)[STEPS:]]
-    check_matches({"records": after, "state": full_state(resumed.model)}, records[STEPS:], final,
-                  "2 ranks EP=2 -> 1 process")
-
-    bf16 = torch.load(tmp_path / "bf16.pt")
-    assert bf16["dtypes"] == {torch.float32}
-    for got, want in zip(bf16["records"], records):  # bf16 rounding: close, not equal
-        assert abs(got["loss"] - want["loss"]) < 2e-2 and abs(got["grad_norm"] / want["grad_norm"] - 1) < 5e-2
-
-    stuck, dead = torch.load(tmp_path / "stuck.pt"), torch.load(tmp_path / "dead.pt")
-    assert stuck["message"].startswith("rank 0 of 2: all_reduce failed during step 7: "), stuck["message"]
-    assert PEER_TIMEOUT_S - 0.5 < stuck["elapsed"] < PEER_TIMEOUT_S + 10
-    assert dead["message"].startswith("rank 0 of 2: ") and "failed during step 8" in dead["message"], dead["message"]
-    assert "unknown collective" not in dead["message"]  # it names the collective (an FSDP all-gather, ...)
-    assert dead["elapsed"] < PEER_TIMEOUT_S + 10
-
-
-@pytest.mark.skipif((os.cpu_count() or 1) < 4 and not os.environ.get("MOEFORGE_TEST_4RANK"),
-                    reason="4 processes on < 4 CPUs: set MOEFORGE_TEST_4RANK=1 to run anyway (~40 s on 2 CPUs)")
-def test_four_ranks_ep_x_fsdp_matches_single_process(tmp_path, reference):
-    records, _, after_3 = reference
-    for kw, result in zip(FOUR_RANK_LAYOUTS, run_layouts(tmp_path, 4, FOUR_RANK_LAYOUTS)):
-        check_matches(result, records[:STEPS], after_3, f"4 ranks {kw}")
+            # A harder crash (power lost between moving step-1 aside and the rename, a half-written folder of
+            # the next save, a torn last metrics line): the resume puts step-1 back, removes the rest, goes on.
+            ckpt.rename(ckpt.parent / ".old-step-000001-999")
+            (ckpt.parent / ".tmp-step-000002").mkdir()
+            with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+                f.write('{"step": 2, "loss": 7.1')
+            DistributedTrainer(train_config(tmp_path / "run", steps=2, eval_every=0), resume=True).fit()
+            assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2]
+            assert sorted(p.name for p in ckpt.parent.iterdir()) == ["step-000001", "step-000002"]
+        finally:
+            dist.destroy_process_group()
 
 
 def test_checkpoints_with_unflattened_optimizer_state_still_load(tmp_path):

@@ -86,3 +86,19 @@ def test_parallel_flags_without_processes_are_a_one_line_error(capsys):
     assert err.startswith("moeforge train: error: --dp 0 --ep 2 --tp 1 --pp 1 needs several processes")
     assert main(["train", "--preset", "debug", "--nproc", "0"]) == 2
     assert "--nproc must be >= 1" in capsys.readouterr().err
+
+
+def test_a_failed_torchrun_job_names_the_rank_that_died():
+    """torchrun stops the other ranks as soon as one dies, often before they report: the launcher's one line
+    names the first failed rank and how it ended."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from moeforge.parallel.launch import describe_child_failure
+
+    killed = ProcessFailure(local_rank=1, pid=4242, exitcode=-9, error_file="<N/A>")
+    assert describe_child_failure(ChildFailedError("moeforge", {1: killed})) == \
+        "rank 1 (pid 4242) was killed by SIGKILL: the distributed run failed"
+    raised = ProcessFailure(local_rank=0, pid=4241, exitcode=1, error_file="<N/A>")
+    raised.timestamp = killed.timestamp - 1  # failed first
+    assert describe_child_failure(ChildFailedError("moeforge", {0: raised, 1: killed})) == \
+        "rank 0 (pid 4241) exited with code 1; rank 1 failed too: the distributed run failed (see the rank errors above)"

@@ -117,27 +117,40 @@ def remove_stale_temporaries(run_dir: Path) -> list[str]:
     return done
 
 
-def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, keep: int = 2) -> Path:
-    """Write step-N atomically, then prune all but the `keep` most recent checkpoints."""
+def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, keep: int = 2,
+                    card: dict | None = None) -> Path:
+    """Write step-N atomically, then prune all but the `keep` most recent checkpoints (`card`: training
+    facts for the model card)."""
     base = checkpoints_dir(run_dir)
     base.mkdir(parents=True, exist_ok=True)
     final = base / f"step-{step:06d}"
     tmp = base / f".tmp-step-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp)
+    save_pretrained(model, tmp, card=card)
     torch.save(trainer_state, tmp / STATE_FILE)
-    _fsync_tree(tmp)
-    if final.exists():  # re-saving the same step (e.g. after a resume): swap, then delete the old one
-        old = base / f".old-{final.name}-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-    _fsync_dir(base)
+    publish(tmp, final)
     for stale in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Make the complete folder `tmp` the checkpoint `final`: its files and entries fsynced, then renamed
+    into place. An existing `final` (the same step saved again, e.g. after a resume) is moved aside first
+    and deleted only once the new one is in place."""
+    _fsync_tree(tmp)
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        final.rename(old)
+        try:
+            tmp.rename(final)
+        except BaseException:
+            old.rename(final)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync_dir(final.parent)
 
 
 def load_trainer_state(ckpt: Path) -> dict:

@@ -1,4 +1,4 @@
-"""`moeforge` command line: train, generate, serve, report, balance, info, plan, memory.
+"""`moeforge` command line: train, generate, serve, eval, report, balance, info, plan, memory.
 
 `train` flags are generated from `TrainConfig` (one definition, documented there); model fields are
 set in a TOML [model] section or with `-m FIELD=VALUE`. User errors print one line and exit 2.
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .config import PRESETS, ModelConfig, TrainConfig, decode_none, load_toml, resolve_run_config
 from .errors import ConfigError, MoeforgeError
+from .evaluation.cli import EVAL_HANDLERS, add_eval_command
 from .inference.cli import SERVE_HANDLERS, add_serve_command
 from .memory.cli import add_memory_command, cmd_memory
 from .plan.cli import PLAN_HANDLERS, add_plan_commands
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_commands(sub)  # plan, compare-kv
     add_memory_command(sub)  # memory
     add_serve_command(sub)  # serve
+    add_eval_command(sub)  # eval
     return parser
 
 
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc N` re-runs it under torchrun
     handler = {"train": cmd_train, "generate": cmd_generate, "info": cmd_info, "report": cmd_report,
-               "balance": cmd_balance, "memory": cmd_memory, **PLAN_HANDLERS, **SERVE_HANDLERS}[args.command]
+               "balance": cmd_balance, "memory": cmd_memory, **PLAN_HANDLERS, **SERVE_HANDLERS, **EVAL_HANDLERS}[args.command]
     try:
         return handler(args)
     except MoeforgeError as e:

@@ -250,8 +250,10 @@ class TrainConfig:
     """One training run. Every field is also a `moeforge train --flag`."""
 
     preset: str = doc("Model preset (debug, tiny, v2-lite, v3); [model] in the TOML overrides fields.", default="tiny")
-    data: str | None = doc("Text file, folder, .jsonl ('text' field) or .bin/.npy tokens; default: the "
-                           "Python standard library's source files.", default=None)
+    data: str | None = doc("Text file, folder, .jsonl, .parquet (file or folder), a `datasets` save_to_disk "
+                           "folder, or .bin/.npy tokens; default: the Python standard library's source files.",
+                           default=None)
+    text_field: str = doc("The text column of .jsonl, parquet and Arrow data.", default="text")
     tokenizer: str | None = doc("Path to a Hugging Face tokenizer.json (default: byte-level).", default=None)
     max_corpus_mb: float = doc("Read at most this many MB of text from the corpus.", default=16.0)
     val_fraction: float = doc("Fraction of documents held out for validation.", default=0.05)
@@ -300,6 +302,10 @@ class TrainConfig:
     sample_tokens: int = doc("Tokens to generate as a sample at the end (0 = none).", default=200)
     sample_prompt: str = doc("Prompt for the end-of-run sample.", default="def ")
     compile: bool = doc("torch.compile the model (faster steps, slower start).", default=False)
+    tensorboard: bool = doc("Also log the metrics and expert-load heatmaps to RUN_DIR/tensorboard "
+                            "(moeforge[logging]).", default=False)
+    wandb: bool = doc("Also log to Weights & Biases (moeforge[wandb]; WANDB_MODE=offline needs no network).",
+                      default=False)
     run_dir: str | None = doc("Run folder (default: runs/<preset>-<time>).", default=None)
     # Distributed runs (docs/distributed.md); checked by moeforge.parallel.ParallelLayout.
     nproc: int = doc("Processes to start on this machine; > 1 launches torchrun for you.", default=1)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .arrow_data import arrow_documents, arrow_files
 from .errors import DataError
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".toml", ".c", ".h", ".html", ".css", ".js"}
@@ -85,14 +86,18 @@ def is_validation(name: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "little") / 2**64 < fraction
 
 
-def iter_documents(path: Path | None, max_bytes: int):
-    """Yield (name, text) pairs: a file, the text files under a folder, or the 'text' field of JSONL."""
+def iter_documents(path: Path | None, max_bytes: int, text_field: str = "text"):
+    """Yield (name, text) pairs: a file, the text files under a folder, the text field of JSONL, or the text
+    column of parquet / Arrow data (moeforge.arrow_data)."""
     if path is None:
         root = default_corpus_root()
         files = sorted(p for p in root.rglob("*.py")
                        if "site-packages" not in p.parts and "dist-packages" not in p.parts)
     elif not path.exists():
         raise DataError(f"data path not found: {path}")
+    elif (tables := arrow_files(path)) is not None:
+        yield from arrow_documents(path, tables, text_field, max_bytes)
+        return
     elif path.is_dir():
         root = path
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
@@ -105,7 +110,7 @@ def iter_documents(path: Path | None, max_bytes: int):
         if total >= max_bytes:
             return
         if f.suffix.lower() == ".jsonl":
-            yield from _jsonl_documents(f)
+            yield from _jsonl_documents(f, text_field)
             continue
         try:
             text = f.read_text(encoding="utf-8")
@@ -119,16 +124,16 @@ def iter_documents(path: Path | None, max_bytes: int):
         yield str(f.relative_to(root)) if f != root else f.name, text
 
 
-def _jsonl_documents(path: Path):
+def _jsonl_documents(path: Path, text_field: str = "text"):
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-                text = record["text"]
+                text = record[text_field]
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
+                raise DataError(f"{path}:{lineno}: expected a JSON object with a {text_field!r} field") from None
             yield f"{path.name}:{lineno}", str(text)
 
 
@@ -139,7 +144,8 @@ class Corpus:
     source: str
 
 
-def load_corpus(path: str | None, tokenizer, max_mb: float = 16.0, val_fraction: float = 0.05) -> Corpus:
+def load_corpus(path: str | None, tokenizer, max_mb: float = 16.0, val_fraction: float = 0.05,
+                text_field: str = "text") -> Corpus:
     """Tokenise a corpus and split it into train/validation token streams."""
     p = Path(path) if path else None
     if p is not None and p.suffix in (".bin", ".npy") and p.is_file():
@@ -147,7 +153,7 @@ def load_corpus(path: str | None, tokenizer, max_mb: float = 16.0, val_fraction:
     max_bytes = int(max_mb * 1e6)
     eos = tokenizer.eos_id
     parts: dict[bool, list[np.ndarray]] = {True: [], False: []}
-    for name, text in iter_documents(p, max_bytes):
+    for name, text in iter_documents(p, max_bytes, text_field):
         if not text.strip():
             continue
         ids = tokenizer.encode_array(text)

@@ -25,12 +25,14 @@ class Capabilities:
     dist_backend: str  # "nccl" on CUDA, else "gloo"
     expert_impl: str  # GroupedExperts kernel: grouped_mm | bmm
     attn_impl: str = "sdpa"  # MLA attention core: sdpa | eager
+    fp8_gemm: str = "emulated"  # FP8 GEMM path (precision/gemm.py): blockwise | rowwise | emulated
 
     def summary(self) -> str:
         return (f"{self.device}: bf16 {'yes' if self.bf16 else 'no'}, grouped GEMM "
                 f"{'yes' if self.grouped_mm else 'no'}, FP8 matmul {'yes' if self.fp8_matmul else 'no'}, fused "
                 f"attention {'yes' if self.fused_attention else 'no'}, "
-                f"experts via {self.expert_impl}, attention via {self.attn_impl}, collectives via {self.dist_backend}")
+                f"experts via {self.expert_impl}, attention via {self.attn_impl}, FP8 GEMMs {self.fp8_gemm}, "
+                f"collectives via {self.dist_backend}")
 
 
 def resolve_device(name: str = "auto") -> str:
@@ -56,6 +58,7 @@ def probe(device: str = "auto") -> Capabilities:
     dev = resolve_device(device)
     grouped = _runs(lambda: _try_grouped_mm(dev))
     fp8 = _runs(lambda: _try_scaled_mm(dev))
+    fp8_gemm = _fp8_gemm_path(dev) if fp8 else "emulated"
     if dev.startswith("cuda"):
         bf16 = torch.cuda.is_bf16_supported()
     elif dev == "cpu":
@@ -71,7 +74,7 @@ def probe(device: str = "auto") -> Capabilities:
     fused = dev == "cpu" or (dev.startswith("cuda") and torch.backends.cuda.flash_sdp_enabled())
     return Capabilities(device=dev, bf16=bf16, grouped_mm=grouped, fp8_matmul=fp8, fused_attention=fused,
                         dist_backend="nccl" if dev.startswith("cuda") else "gloo", expert_impl=expert_impl,
-                        attn_impl=attn_impl)
+                        attn_impl=attn_impl, fp8_gemm=fp8_gemm)
 
 
 EAGER_ATTENTION_MAX_SEQ = 2048  # beyond this the [B*H, T, T] score tensor outweighs eager's speed
@@ -133,6 +136,17 @@ def _try_grouped_mm(dev: str) -> None:
     w = torch.randn(2, 16, 16, device=dev, dtype=dtype, requires_grad=True)
     offs = torch.tensor([16, 32], device=dev, dtype=torch.int32)
     torch._grouped_mm(x, w, offs=offs).square().sum().backward()
+
+
+def _fp8_gemm_path(dev: str) -> str:
+    """torch's native 1x128 x 128x128 scaled GEMM where it runs and matches the emulation; else, on CUDA,
+    row-wise scaled GEMMs over 128-wide K slices; else the emulation (precision/gemm.py). Not row-wise on
+    CPU: torch's CPU `_scaled_mm` dequantises to fp32 and runs an fp32 matmul, the emulation's own
+    arithmetic, so slicing K only adds calls (measured slower, benchmarks/fp8_step.py)."""
+    from .precision.gemm import BLOCKWISE, EMULATED, ROWWISE, check_backend
+
+    paths = (BLOCKWISE, ROWWISE) if dev.startswith("cuda") else (BLOCKWISE,)
+    return next((b for b in paths if _runs(lambda: check_backend(b, dev))), EMULATED)
 
 
 def _try_scaled_mm(dev: str) -> None:

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .model import Router, Transformer
+from .model_card import write_model_card
 from .safetensors_reader import SafetensorsReader
 
 log = logging.getLogger(__name__)
@@ -485,10 +486,11 @@ def moeforge_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig,
 
 
 def save_pretrained(model: Transformer, path: str | Path, dtype: torch.dtype | None = None,
-                    max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write config.json and model(-0000k-of-0000n).safetensors (+ index when sharded) in the layout
-    transformers reads (`export_layout`). dtype: cast to it (the router weight and bias stay fp32, as in
-    transformers' own files); None keeps each tensor's dtype. One shard is materialised at a time."""
+                    max_shard_bytes: int = 5 * 2**30, card: dict | None = None) -> None:
+    """Write config.json, README.md (model card; `card` = training facts) and
+    model(-0000k-of-0000n).safetensors (+ index when sharded) in the layout transformers reads
+    (`export_layout`). dtype: cast to it (the router weight and bias stay fp32, as in transformers' own
+    files); None keeps each tensor's dtype. One shard is materialised at a time."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     for stale in [*path.glob("model-*-of-*.safetensors"), path / "model.safetensors",
@@ -511,6 +513,7 @@ def save_pretrained(model: Transformer, path: str | Path, dtype: torch.dtype | N
     base = getattr(model, "hf_config", None)
     config = config_to_hf(model.config, out_dtype, layout, base)
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_model_card(path, model.config, card)
     itemsize = {k: torch.empty((), dtype=target_dtype(k, t)).element_size() for k, t in hf_state.items()}
     shards, current, size = [], [], 0
     for k, t in hf_state.items():
@@ -546,6 +549,7 @@ class PretrainedTransformer(Transformer):
         return from_pretrained(folder, dtype=dtype, device=device, cls=cls)
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None,
-                        max_shard_bytes: int = 5 * 2**30) -> None:
-        """Write the Hugging Face layout (config.json + safetensors), see `moeforge.hf.save_pretrained`."""
-        save_pretrained(self, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
+                        max_shard_bytes: int = 5 * 2**30, card: dict | None = None) -> None:
+        """Write the Hugging Face layout (config.json + safetensors + model card), see
+        `moeforge.hf.save_pretrained`."""
+        save_pretrained(self, path, dtype=dtype, max_shard_bytes=max_shard_bytes, card=card)

@@ -27,7 +27,9 @@ from .errors import ConfigError, TrainingError
 from .generate import generate
 from .hf import hf_to_moeforge, load_into, read_safetensors
 from .metrics_file import trim_metrics
+from .metrics_sinks import open_sinks
 from .model import Transformer
+from .model_card import training_facts
 from .precision import AdamWBF16Moments, apply_training_precision
 
 
@@ -111,7 +113,8 @@ class Trainer:
         if self.tokenizer.vocab_size > run.model.vocab_size:
             raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size "
                               f"is {run.model.vocab_size}; set [model] vocab_size")
-        corpus = load_corpus(self.cfg.data, self.tokenizer, self.cfg.max_corpus_mb, self.cfg.val_fraction)
+        corpus = load_corpus(self.cfg.data, self.tokenizer, self.cfg.max_corpus_mb, self.cfg.val_fraction,
+                             text_field=self.cfg.text_field)
         self.corpus_source = corpus.source
         top = max(int(corpus.train.max(initial=0)), int(corpus.val.max(initial=0)))
         if top >= run.model.vocab_size:
@@ -124,7 +127,8 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         model = hardware.configure(Transformer(run.model), self.caps, seq_len=self.cfg.seq_len).to(self.device)
         # --precision fp8*: FP8 linears and experts swapped in from outside (before sharding); optional policy.
-        self.precision_policy = apply_training_precision(model, self.cfg.precision, self.cfg.fp8_policy)
+        self.precision_policy = apply_training_precision(model, self.cfg.precision, self.cfg.fp8_policy,
+                                                         self.caps.fp8_gemm)
         self.model = self.parallelize(model)
         self.optimizer = self.build_optimizer()
         # Balancing wraps the model from outside: router hooks for losses, a bias update after each step.
@@ -226,7 +230,8 @@ class Trainer:
 
     def save(self) -> Path:
         state = {"optimizer": self.optimizer.state_dict(), **self._state()}
-        return save_checkpoint(self.run_dir, self.step, self.model, state, keep=self.cfg.keep_checkpoints)
+        return save_checkpoint(self.run_dir, self.step, self.model, state, keep=self.cfg.keep_checkpoints,
+                               card=training_facts(self))
 
     # --- steps --------------------------------------------------------------------------------------
     def autocast(self):
@@ -307,7 +312,8 @@ class Trainer:
             with self.autocast():
                 losses.append(self.validation_loss(x.to(self.device), y.to(self.device)))
         self.model.train()
-        return sum(losses) / len(losses)
+        self.last_val_loss = sum(losses) / len(losses)  # for the model card
+        return self.last_val_loss
 
     def validation_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Next-token loss of one validation batch (MTP and balance losses left out)."""
@@ -329,6 +335,7 @@ class Trainer:
             console.print(f"  initial validation loss {self.initial_val_loss:.4f}")
         tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
         metrics_file = open(self.run_dir / "metrics.jsonl" if self.is_main else os.devnull, "a")
+        sinks = open_sinks(self.run, self.run_dir, self.step, enabled=self.is_main)  # --tensorboard, --wandb
         start, val_loss, last_report = time.perf_counter(), None, time.perf_counter()
         interactive = console.is_terminal
         columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
@@ -344,6 +351,8 @@ class Trainer:
                 if m["skipped"] and self.bad_steps >= cfg.max_bad_steps:
                     metrics_file.write(json.dumps(m) + "\n")
                     metrics_file.close()
+                    sinks.log(m)
+                    sinks.close()
                     raise TrainingError(f"{self.bad_steps} consecutive steps had a non-finite loss or gradient "
                                         f"(last at step {self.step}); stopped. Last good checkpoint: "
                                         f"{latest_checkpoint(self.run_dir) or 'none'}. Try a lower --lr.")
@@ -356,6 +365,7 @@ class Trainer:
                 if m.get("val_loss") is not None or self.step % cfg.log_every == 0 or final:
                     metrics_file.write(json.dumps(m) + "\n")
                     metrics_file.flush()
+                    sinks.log(m)
                 # No checkpoint in the middle of a non-finite streak: the last good one stays the newest.
                 if cfg.save_every and self.step % cfg.save_every == 0 and not final and self.bad_steps == 0:
                     self.save()
@@ -366,6 +376,7 @@ class Trainer:
                     console.print(f"step {self.step}/{cfg.steps}  {stats}")
                     last_report = time.perf_counter()
         metrics_file.close()
+        sinks.close()
         if val_loss is None:
             val_loss = self.evaluate()
         ckpt = self.save()

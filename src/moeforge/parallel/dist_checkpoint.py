@@ -15,11 +15,13 @@ Checkpoints written before this (unflattened, `optim.param_groups.0.params`) sti
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from ..errors import CheckpointError
@@ -42,9 +44,13 @@ def save(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
         dist.barrier()
 
 
-def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         alias: Callable[[str], str] | None = None) -> dict:
     """Load a checkpoint saved at any layout into this (already parallelised) model and optimizer (all
-    ranks call this); returns its `extra` dict. A fresh optimizer is fine: its state is created first."""
+    ranks call this); returns its `extra` dict. A fresh optimizer is fine: its state is created first.
+
+    alias(key) -> the saved key holding the same values, for entries this layout has and others do not
+    (DualPipeV's second embedding on rank 0 takes the embedding's weights and optimizer state)."""
     path = Path(path)
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"{path}: not a distributed checkpoint (no .metadata)")
@@ -52,8 +58,30 @@ def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     options = StateDictOptions(flatten_optimizer_state_dict="optim.param_groups.0.params" not in saved)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    copies = _take_out_aliases(state, saved, alias) if alias else []
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except (CheckpointException, RuntimeError, ValueError, KeyError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]  # DCP: each rank's traceback; the
+        reason = lines[-1] if lines else type(e).__name__                # last line says what is wrong
+        raise CheckpointError(f"{path}: does not match this model and layout ({reason[:300]})") from None
+    for part, key, source in copies:
+        value = state[part][source]
+        state[part][key] = value.detach().clone() if isinstance(value, torch.Tensor) else value
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=options)
     extra = path / EXTRA_FILE
     return torch.load(extra, map_location="cpu", weights_only=True) if extra.is_file() else {}
+
+
+def _take_out_aliases(state: dict, saved, alias) -> list[tuple[str, str, str]]:
+    """Remove the entries the checkpoint lacks but holds under alias(key) (also in this state dict); the
+    (part, key, source key) to copy after loading."""
+    copies = []
+    for part, entries in state.items():
+        for key in list(entries):
+            source = alias(key)
+            if f"{part}.{key}" not in saved and source != key and f"{part}.{source}" in saved and source in entries:
+                del entries[key]
+                copies.append((part, key, source))
+    return copies

@@ -1,15 +1,19 @@
 """Starting distributed runs: `moeforge train --nproc N` re-runs itself under torchrun; each rank joins
 the process group with a timeout, and a failed collective becomes one error naming the rank, the
-collective and what the trainer was doing, instead of a hang or a deep gloo/NCCL traceback.
+collective, what the trainer was doing and which peers are gone, instead of a hang or a deep gloo/NCCL
+traceback.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import time
 import traceback
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -42,13 +46,26 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     try:
         torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "moeforge", *argv])
     except Exception as e:  # torchrun raises ChildFailedError after printing each rank's error
-        print(f"moeforge train: error: {type(e).__name__}: the distributed run failed (see the rank errors above)",
-              file=sys.stderr)
+        print(f"moeforge train: error: {describe_child_failure(e)}", file=sys.stderr)
         return 1
     finally:  # torchrun sets OMP_NUM_THREADS etc. for its children in this process's environment
         os.environ.clear()
         os.environ.update(env)
     return 0
+
+
+def describe_child_failure(exc: BaseException) -> str:
+    """torchrun's ChildFailedError as one line naming the first rank that failed and how. (When a rank dies,
+    torchrun stops the others at once, usually before they can report the collective that broke.)"""
+    failures = getattr(exc, "failures", None)
+    if not failures:
+        return f"{type(exc).__name__}: the distributed run failed (see the rank errors above)"
+    rank, failure = exc.get_first_failure()
+    how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with code {failure.exitcode}"
+    others = sorted(set(failures) - {rank})
+    also = f"; rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} failed too" if others else ""
+    return (f"rank {rank} (pid {failure.pid}) {how}{also}: the distributed run failed"
+            + (" (see the rank errors above)" if failure.exitcode > 0 else ""))
 
 
 def strip_launch_flags(argv: list[str]) -> list[str]:
@@ -79,16 +96,19 @@ def init_distributed(backend: str, timeout_s: float) -> tuple[int, int]:
 
 
 def failed_collective(exc: BaseException) -> str | None:
-    """The innermost collective in the exception's traceback (and its causes), if any."""
-    found = None
+    """The innermost collective in the exception's traceback (and its causes), if any; else, when it came
+    out of autograd (collectives issued by C++ backward functions leave no Python frame), "a collective of
+    the backward pass"."""
+    found, backward = None, False
     while exc is not None:
         for frame in traceback.extract_tb(exc.__traceback__):
             if frame.name in COLLECTIVES:
                 found = frame.name
+            backward = backward or frame.name in ("_engine_run_backward", "backward")
         if found:
             return found
         exc = exc.__cause__ or exc.__context__
-    return None
+    return "a collective of the backward pass" if backward else None
 
 
 def is_comm_failure(exc: BaseException) -> bool:
@@ -101,18 +121,90 @@ def is_comm_failure(exc: BaseException) -> bool:
 
 @contextmanager
 def collective_errors(what: str, timeout_s: float):
-    """Turn a failed or timed-out collective inside the block into a TrainingError naming this rank, the
-    collective and `what` (e.g. "step 12"). Other exceptions pass through unchanged."""
+    """Turn a failed or timed-out collective inside the block into a one-line TrainingError naming this
+    rank, the collective, `what` (e.g. "step 12") and the peers that are gone (see `missing_peers`). Other
+    exceptions pass through unchanged."""
     try:
         yield
     except Exception as e:
         if not dist.is_initialized() or not is_comm_failure(e):
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        name = failed_collective(e) or "unknown collective"
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        first = lines[0] if lines else type(e).__name__
+        name = failed_collective(e) or "a collective"
+        wait_s = min(timeout_s, CHECK_IN_S)
+        gone = missing_peers(wait_s)
+        if gone is None:
+            who = "a peer process died, or did not join within the collective timeout"
+        else:
+            exited, silent = gone
+            who = "; ".join(([f"{_ranks(exited)} exited"] if exited else []) +
+                            ([f"{_ranks(silent)} did not answer within {wait_s:g} s (dead or stuck)"] if silent else [])
+                            ) or "every rank is still alive (a collective mismatch or a network error?)"
         raise TrainingError(f"rank {dist.get_rank()} of {dist.get_world_size()}: {name} failed during {what}: "
-                            f"{first[:300]} (a peer process died, or did not join within the {timeout_s:g} s "
-                            "collective timeout)") from e
+                            f"{who} ({first[:300]}; collective timeout {timeout_s:g} s)") from e
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+
+
+CHECK_IN_S = 5.0  # how long the survivors of a failed collective wait for each other to check in
+_failures = 0  # failed collectives seen by this process: one check-in round each
+
+
+def register_process() -> None:
+    """Note this rank's host and pid in the group's store (every rank, once), so that after a failure a
+    peer on the same host can tell that this rank's process has exited."""
+    try:
+        dist.distributed_c10d._get_default_store().set(f"moeforge/process/{dist.get_rank()}",
+                                                        f"{socket.gethostname()} {os.getpid()}")
+    except Exception:  # no store: failures are still reported, without telling exited ranks apart
+        pass
+
+
+def missing_peers(wait_s: float) -> tuple[list[int], list[int]] | None:
+    """After a failed collective: (ranks whose process has exited, ranks that did not answer). Every
+    surviving rank checks in under a key of the group's store (kept by torchrun's agent, or a file) and
+    waits up to wait_s until each rank has checked in or is seen to have exited (registered on this host,
+    process gone). None when the store cannot be reached (it lived in the dead rank)."""
+    global _failures
+    _failures += 1
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        prefix = f"moeforge/alive/{_failures}/"
+        store.set(prefix + str(dist.get_rank()), "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            silent = [r for r in range(dist.get_world_size()) if not store.check([prefix + str(r)])]
+            exited = [r for r in silent if _has_exited(store, r)]
+            silent = [r for r in silent if r not in exited]
+            if not silent or time.monotonic() > deadline:
+                return exited, silent
+            time.sleep(0.05)
+    except Exception:
+        return None
+
+
+def _has_exited(store, rank: int) -> bool:
+    key = f"moeforge/process/{rank}"
+    if not store.check([key]):
+        return False
+    host, pid = store.get(key).decode().split()
+    if host != socket.gethostname():
+        return False
+    try:  # a zombie (exited, not yet reaped by its launcher) has exited too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return False
 
 
 def run_training(run, run_dir, resume: bool, argv: list[str], profile_memory: bool = False,

@@ -34,14 +34,15 @@ import torch.distributed as dist
 from rich.console import Console
 
 from .. import hardware
-from ..checkpoint import checkpoints_dir, latest_checkpoint, list_checkpoints
+from ..checkpoint import checkpoints_dir, latest_checkpoint, list_checkpoints, publish
 from ..config import RunConfig
 from ..errors import CheckpointError, ConfigError
+from ..model_card import training_facts
 from ..train import Trainer, decay_split, default_run_dir, resolve_run_precision
 from . import dist_checkpoint, parallelize
 from .expert import pop_comm_bytes
 from .grads import clip_grad_norm
-from .launch import collective_errors, init_distributed
+from .launch import collective_errors, init_distributed, register_process
 from .mesh import ParallelLayout, build_mesh
 from .pipeline import PipelineRank, build_pipeline
 from .tensor import split_param_groups
@@ -69,6 +70,7 @@ class DistributedTrainer(Trainer):
         cfg = run.train
         caps = hardware.probe(cfg.device)
         self.rank, self.world = init_distributed(caps.dist_backend, cfg.dist_timeout)
+        register_process()  # lets a failed collective's message tell which peer exited
         if caps.device.startswith("cuda") and self.world > 1:  # one GPU per rank
             cuda = f"cuda:{torch.cuda.current_device()}"
             run = dataclasses.replace(run, train=dataclasses.replace(cfg, device=cuda))
@@ -261,11 +263,14 @@ class DistributedTrainer(Trainer):
             raise ConfigError(flag[0])
 
     def _resume(self) -> None:
+        if self.is_main:  # crashed saves' temporaries (checkpoint.remove_stale_temporaries)
+            self._remove_stale_temporaries()
+        dist.barrier()
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             raise ConfigError(f"--resume: no checkpoint in {self.run_dir}")
         if is_distributed_checkpoint(ckpt):
-            extra = dist_checkpoint.load(ckpt, self.model, self.optimizer)
+            extra = dist_checkpoint.load(ckpt, self.model, self.optimizer, alias=saved_name)
         else:
             extra = self._load_single_process_checkpoint(ckpt)
         self._restore_state(extra)
@@ -307,7 +312,9 @@ class DistributedTrainer(Trainer):
         return state
 
     def save(self) -> Path:
-        """DCP shards + extra.pt + (rank 0) a Hugging Face export, into checkpoints/step-N, atomically."""
+        """DCP shards + extra.pt + (rank 0) a Hugging Face export, into checkpoints/step-N, atomically: all
+        ranks write into a temporary folder, and rank 0 publishes it once every rank is done (as the
+        single-process save does: fsync, rename)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         base = checkpoints_dir(self.run_dir)
@@ -325,10 +332,8 @@ class DistributedTrainer(Trainer):
                 full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
                                                                                   cpu_offload=True))
         if self.is_main:
-            export_hf(full, self.run.model, tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
+            export_hf(full, self.run.model, tmp, card=training_facts(self))
+            publish(tmp, final)  # fsync, then rename (the previous step-N goes only once this one is in)
             for stale in list_checkpoints(self.run_dir)[:-self.cfg.keep_checkpoints]:
                 shutil.rmtree(stale, ignore_errors=True)
         dist.barrier()
@@ -337,12 +342,11 @@ class DistributedTrainer(Trainer):
 
 def saved_name(name: str) -> str:
     """The full model's name of a parameter or buffer of this rank (DualPipeV's last-stage embedding copy
-    is the embedding)."""
-    prefix = PipelineRank.LAST_STAGE_COPY + "."
-    return "embed_tokens." + name[len(prefix):] if name.startswith(prefix) else name
+    is the embedding); also for state-dict keys holding the name (`state.<name>.exp_avg`)."""
+    return name.replace(PipelineRank.LAST_STAGE_COPY + ".", "embed_tokens.")
 
 
-def export_hf(state: dict, config, folder: Path) -> None:
+def export_hf(state: dict, config, folder: Path, card: dict | None = None) -> None:
     """Write the gathered full weights as a Hugging Face folder (what `moeforge generate` reads)."""
     from ..hf import save_pretrained
     from ..model import Transformer
@@ -350,4 +354,4 @@ def export_hf(state: dict, config, folder: Path) -> None:
     with torch.device("meta"):
         plain = Transformer(config)
     plain.load_state_dict(state, strict=True, assign=True)
-    save_pretrained(plain, folder)
+    save_pretrained(plain, folder, card=card)

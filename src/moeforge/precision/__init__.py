@@ -20,11 +20,13 @@ __all__ = ["AdamWBF16Moments", "BLOCK", "DynamicPrecisionPolicy", "E4M3", "E5M2"
            "quantize_row_tiles"]
 
 
-def apply_training_precision(model: nn.Module, precision: str, policy: bool = False) -> DynamicPrecisionPolicy | None:
+def apply_training_precision(model: nn.Module, precision: str, policy: bool = False,
+                             fp8_gemm: str | None = None) -> DynamicPrecisionPolicy | None:
     """The trainer's hook, after hardware.configure: for --precision fp8 / fp8-tensorwise swap in the FP8
-    modules (the rest of the model runs under the trainer's bf16 autocast); returns the dynamic policy
-    when asked for, else None."""
+    modules (the rest of the model runs under the trainer's bf16 autocast), their GEMMs on `fp8_gemm`
+    (the device's probed path, `hardware.Capabilities.fp8_gemm`; None: the emulation); returns the
+    dynamic policy when asked for, else None."""
     if not precision.startswith("fp8"):
         return None
-    apply_fp8(model, get_recipe(precision))
+    apply_fp8(model, get_recipe(precision), backend=fp8_gemm)
     return DynamicPrecisionPolicy(model) if policy else None

@@ -7,7 +7,8 @@ All three GEMMs take FP8 operands (DeepSeek-V3 fig. 6):
   Wgrad  dW = dy^T @ x     dy and x in 128x1 tiles along the tokens (this GEMM's K), per expert group.
 The high-precision input x is kept for Wgrad and re-quantised along tokens there (DeepSeek caches an
 FP8 copy instead; that saves memory, not accuracy). Accumulation and outputs: fp32, then cast to the
-compute dtype (bf16 under autocast). Master weights and their gradients stay fp32.
+compute dtype (bf16 under autocast). Master weights and their gradients stay fp32. The GEMMs run on
+`Fp8Spec.backend` (precision/gemm.py: torch's blockwise or row-wise scaled matmul, or the emulation).
 
 A module switched off FP8 (`module.fp8 = False`, by the dynamic policy) runs the same GEMMs in the
 compute dtype; with `stats` attached it still measures what FP8 would have done, so the policy can
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from ..model.moe import GroupedExperts, compute_dtype, swiglu
-from .gemm import EMULATED, fp8_mm, grouped_mm, grouped_wgrad
+from .gemm import EMULATED, fp8_mm, fp8_wgrad, grouped_mm, grouped_wgrad
 from .quant import BLOCK, E4M3, TENSOR, TILE, Fp8Format, Quantized, quantize, quantize_row_tiles
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -124,7 +125,7 @@ class _Fp8GroupedLinear(torch.autograd.Function):
                     else:
                         dyt = dyq
                         xt = quantize(x, TENSOR, spec.forward_format, spec.pow2_scales, check_finite=False)
-                    dw = grouped_wgrad(dyt.dequantize(), xt.dequantize(), counts, ctx.n_groups)
+                    dw = fp8_wgrad(dyt, xt, counts, ctx.n_groups, spec.backend)
             else:
                 dyq = None
                 w = w_saved[0]

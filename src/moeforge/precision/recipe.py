@@ -9,12 +9,13 @@ output head (and anything else named in `keep_high_precision`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
 from ..errors import ConfigError
 from ..model.moe import GroupedExperts
+from .gemm import BACKENDS
 from .modules import Fp8GroupedExperts, Fp8Linear, Fp8Spec
 from .quant import E4M3, E5M2
 
@@ -43,9 +44,15 @@ def get_recipe(name: str) -> Fp8Recipe:
     return RECIPES[name]
 
 
-def apply_fp8(model: nn.Module, recipe: Fp8Recipe | str = "fp8") -> list[str]:
-    """Swap nn.Linear and GroupedExperts modules for FP8 versions, in place; returns the swapped names."""
+def apply_fp8(model: nn.Module, recipe: Fp8Recipe | str = "fp8", backend: str | None = None) -> list[str]:
+    """Swap nn.Linear and GroupedExperts modules for FP8 versions, in place; returns the swapped names.
+    `backend` (gemm.BACKENDS; the trainer passes `hardware.probe(...).fp8_gemm`) overrides the recipe's
+    GEMM path, which is the emulation."""
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ConfigError(f"unknown FP8 GEMM backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+        recipe = replace(recipe, spec=replace(recipe.spec, backend=backend))
     swapped = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):

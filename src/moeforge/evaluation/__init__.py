@@ -1,0 +1,1 @@
+"""`moeforge eval`: lm-evaluation-harness tasks on a moeforge checkpoint (needs moeforge[eval])."""
