@@ -101,26 +101,27 @@ def main() -> None:
     limit = args.limit_mb * 1e6
     E, k = args.experts, args.top_k
     budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else sorted({E, E // 4, 2 * k, k}, reverse=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "big"
-        info = write_checkpoint(folder, int(args.times * limit), E, k)
-        print(json.dumps({**info, "limit_MB": args.limit_mb}))
-        full = run_case(folder, 0, False, args.new_tokens)
-        rows = [("all resident", "-", full)]
-        for b in budgets:
-            for prefetch in (False, True):
-                rows.append((f"{b}/layer", "on" if prefetch else "off", run_case(folder, b, prefetch, args.new_tokens)))
     print("| experts resident | prefetch | load peak MB | generate peak MB | fits limit | tok/s | hit rate "
           "| MB read/token | next-layer recall | prefetches used | identical |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, prefetch, r in rows:
-        tps = args.new_tokens / r["seconds"]
-        cache = (f"{r['hit_rate']:.1%} | {r['mb_per_token']:.2f} | {r['recall']:.0%} | "
-                 f"{r['prefetch_used']}/{r['prefetched']}" if "hit_rate" in r else "- | 0 | - | -")
-        print(f"| {name} | {prefetch} | {r['load_peak'] / 1e6:.0f} | {r['generate_peak'] / 1e6:.0f} | "
-              f"{'yes' if r['generate_peak'] <= limit else 'no'} | {tps:.1f} | {cache} | "
-              f"{'yes' if r['tokens'] == full['tokens'] else 'NO'} |")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "big"
+        info = write_checkpoint(folder, int(args.times * limit), E, k)
+        print(json.dumps({**info, "limit_MB": args.limit_mb}), flush=True)
+        full = run_case(folder, 0, False, args.new_tokens)
+        print_row("all resident", "-", full, full, args.new_tokens, limit)
+        for b in budgets:
+            for prefetch in (False, True):
+                r = run_case(folder, b, prefetch, args.new_tokens)
+                print_row(f"{b}/layer", "on" if prefetch else "off", r, full, args.new_tokens, limit)
 
+
+def print_row(name: str, prefetch: str, r: dict, full: dict, new: int, limit: float) -> None:
+    cache = (f"{r['hit_rate']:.1%} | {r['mb_per_token']:.2f} | {r['recall']:.0%} | "
+             f"{r['prefetch_used']}/{r['prefetched']}" if "hit_rate" in r else "- | 0 | - | -")
+    print(f"| {name} | {prefetch} | {r['load_peak'] / 1e6:.0f} | {r['generate_peak'] / 1e6:.0f} | "
+          f"{'yes' if r['generate_peak'] <= limit else 'no'} | {new / r['seconds']:.1f} | {cache} | "
+          f"{'yes' if r['tokens'] == full['tokens'] else 'NO'} |", flush=True)
 
 if __name__ == "__main__":
     main()
