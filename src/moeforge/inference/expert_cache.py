@@ -49,8 +49,10 @@ class MemoryExpertStore:
                 w_in, w_out = w_in.pin_memory(), w_out.pin_memory()
             self.weights[layer] = (w_in, w_out)
 
-    def load(self, layer: int, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def load(self, layer: int, expert: int, dtype: torch.dtype, out=None) -> tuple[torch.Tensor, torch.Tensor]:
         w_in, w_out = self.weights[layer]
+        if out is not None:
+            return out[0].copy_(w_in[expert]), out[1].copy_(w_out[expert])
         return w_in[expert].to(dtype), w_out[expert].to(dtype)
 
 
@@ -63,17 +65,18 @@ class SafetensorsExpertStore:
 
         self.files = read_safetensors(folder)
 
-    def load(self, layer: int, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def load(self, layer: int, expert: int, dtype: torch.dtype, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_in [2F, D], w_out [D, F]) in `dtype`, read into `out` (an evicted expert's pair) if given."""
         base = f"model.layers.{layer}.mlp.experts."
         if base + "gate_up_proj" in self.files:
-            return (self.files.expert(base + "gate_up_proj", expert).to(dtype),
-                    self.files.expert(base + "down_proj", expert).to(dtype))
+            w = (self.files.expert(base + "gate_up_proj", expert), self.files.expert(base + "down_proj", expert))
+            return tuple(o.copy_(t) for o, t in zip(out, w)) if out is not None else tuple(t.to(dtype) for t in w)
         names = [f"{base}{expert}.{p}_proj.weight" for p in ("gate", "up", "down")]
         missing = [n for n in names if n not in self.files]
         if missing:
             raise CheckpointError(f"expert tensor {missing[0]} is not in {self.files.folder}")
         (F, D), (D2, F2) = self.files.shape(names[0]), self.files.shape(names[2])
-        w_in, w_out = torch.empty(2 * F, D, dtype=dtype), torch.empty(D2, F2, dtype=dtype)
+        w_in, w_out = out if out is not None else (torch.empty(2 * F, D, dtype=dtype), torch.empty(D2, F2, dtype=dtype))
         self.files.read_into(names[0], w_in[:F])
         self.files.read_into(names[1], w_in[F:])
         self.files.read_into(names[2], w_out)
@@ -123,6 +126,7 @@ class ExpertCache:
         self.frequency: dict[tuple[int, int], int] = {}
         self.tokens_by_layer: dict[int, int] = {}
         self.unused_prefetch: set[tuple[int, int]] = set()
+        self.free: list[tuple[torch.Tensor, torch.Tensor]] = []  # evicted experts' memory, for reuse
         self.predictions: dict[int, set[int]] = {}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="moeforge-prefetch") if prefetch else None
         self.stats = CacheStats()
@@ -145,9 +149,9 @@ class ExpertCache:
         return sum(sum(w.numel() * w.element_size() for w in v) for v in self.resident.values()
                    if not isinstance(v, Future))
 
-    def _load(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Read one expert (main thread on a miss, the prefetch thread ahead of use)."""
-        w_in, w_out = self.store.load(layer, expert, self.dtype)
+    def _load(self, layer: int, expert: int, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read one expert (main thread on a miss, the prefetch thread ahead of use), into `out` if given."""
+        w_in, w_out = self.store.load(layer, expert, self.dtype, out)
         nb = self.device.type == "cuda"
         with self.lock:
             self.stats.bytes_moved += w_in.numel() * w_in.element_size() + w_out.numel() * w_out.element_size()
@@ -169,7 +173,7 @@ class ExpertCache:
             return w
         self.stats.misses += 1
         self._make_room(layer, keep | {key})
-        self.resident[key] = self._load(layer, expert)
+        self.resident[key] = self._load(layer, expert, self._free_slot())
         return self.resident[key]
 
     def prefetch(self, layer: int, experts: list[int], keep: frozenset = frozenset()) -> None:
@@ -184,10 +188,15 @@ class ExpertCache:
             if key in self.resident:
                 continue
             self._make_room(layer, protect)
-            self.resident[key] = self.pool.submit(self._load, *key)
+            self.resident[key] = self.pool.submit(self._load, *key, self._free_slot())
             self.resident.move_to_end(key, last=False)  # not used yet: first to go if the guess is wrong
             self.stats.prefetched += 1
             self.unused_prefetch.add(key)
+
+    def _free_slot(self):
+        """An evicted expert's (w_in, w_out) to read into, or None. Resident memory then stays at the
+        budget: fresh allocations per miss let the heap grow well past it (glibc keeps freed chunks)."""
+        return self.free.pop() if self.free else None
 
     def _make_room(self, layer: int, keep: frozenset) -> None:
         scope = [k for k in self.resident if self.scope == "model" or k[0] == layer]
@@ -199,6 +208,8 @@ class ExpertCache:
             entry = self.resident.pop(victim)
             if isinstance(entry, Future):
                 entry.cancel()
+            elif self.device.type == "cpu":  # its memory takes the next expert read: no allocator churn
+                self.free.append(entry)
             self.unused_prefetch.discard(victim)
             scope.remove(victim)
 
