@@ -169,4 +169,3 @@ def test_load_is_about_1x_and_a_budget_bounds_memory(tmp_path):
     bound = m["dense"] + m["budget_resident"] + 48e6
     assert m["budget_load"] <= bound and m["budget_generate"] <= bound, m
     assert m["budget_generate"] < 0.25 * m["model"], m
-    print(m)
