@@ -53,7 +53,8 @@ class MemoryExpertStore:
         w_in, w_out = self.weights[layer]
         if out is not None:
             return out[0].copy_(w_in[expert]), out[1].copy_(w_out[expert])
-        return w_in[expert].to(dtype), w_out[expert].to(dtype)
+        # copies, never views: the cache reuses an evicted expert's memory for the next read
+        return w_in[expert].to(dtype, copy=True), w_out[expert].to(dtype, copy=True)
 
 
 class SafetensorsExpertStore:
