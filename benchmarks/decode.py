@@ -36,7 +36,7 @@ import torch
 
 import moeforge
 from moeforge.inference import LatentKVCache, forward_cached, generate
-from moeforge.inference.expert_cache import apply_expert_cache, moe_modules
+from moeforge.inference.expert_cache import apply_expert_cache, expert_bytes, moe_modules
 from moeforge.inference.speculative import MTPSpeculativeDecoder
 
 
@@ -241,7 +241,8 @@ def part_experts(args, folder: Path) -> None:
         budget = max(1, round(fraction * n_main))
         for policy in ("lru", "lfu"):
             model = moeforge.from_pretrained(ckpt).float().eval()
-            cache = apply_expert_cache(model, budget, policy, checkpoint=ckpt)
+            # a budget over all MoE layers together, as a byte budget
+            cache = apply_expert_cache(model, policy=policy, checkpoint=ckpt, memory_bytes=budget * expert_bytes(model))
             seconds, out = run(model)
             s = cache.stats
             print(f"| {budget} ({fraction:.0%}) | {policy} | {s.hit_rate:.1%} | {s.bytes_per_token / 1e6:.3f} | "

@@ -213,7 +213,7 @@ def test_generate_and_serve_load_bf16_weights_with_dtype_flag(tmp_path, capsys, 
     from moeforge.inference.cli import load_for_inference
 
     _bf16_debug_model().float().save_pretrained(tmp_path)
-    model, _, autocast, _ = load_for_inference(str(tmp_path), None, "cpu", "bf16")  # what `serve --dtype bf16` runs
+    model, _, autocast, _ = load_for_inference(str(tmp_path), None, "cpu", dtype="bf16")  # what `serve --dtype bf16` runs
     assert model.embed_tokens.weight.dtype == BF16 and autocast is None
     assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "def ", "--max-new-tokens", "6",
                  "--temperature", "0", "--device", "cpu", "--dtype", "bf16"]) == 0

@@ -32,13 +32,14 @@ def test_cached_model_equals_resident_model(tmp_path, store, policy):
     if store == "disk":
         model.save_pretrained(tmp_path / "ckpt")
     n_experts = sum(m.gate.n_experts for m in moe_modules(model).values())  # 3 MoE layers x 8 (incl. MTP)
-    cache = apply_expert_cache(cached, budget=10, policy=policy,
+    cache = apply_expert_cache(cached, budget=4, policy=policy,  # per MoE layer
                                checkpoint=tmp_path / "ckpt" if store == "disk" else None)
     assert not any("gate_up_proj" in name for name, _ in cached.named_parameters())  # released
     assert torch.equal(decode_logits(cached, ids), reference)
     s = cache.stats
-    assert len(cache.resident) == 10 < n_experts
-    assert s.misses > 10 and s.hits > 0 and s.tokens == 2 * 12
+    assert len(cache.resident) == 2 * 4 < n_experts  # the 2 main MoE layers (decoding never runs MTP)
+    assert all(sum(k[0] == layer for k in cache.resident) == 4 for layer in (1, 2))
+    assert s.misses > 12 and s.hits > 0 and s.tokens == 2 * 12
     per_expert = 3 * 32 * 64 * 4  # gate + up + down, F=32, D=64, fp32
     assert s.bytes_moved == s.misses * per_expert
 
@@ -70,11 +71,19 @@ def test_lfu_keeps_the_hot_expert_and_lru_does_not():
 
 def test_warm_start_and_bad_budget():
     model = debug_model()
-    cache = apply_expert_cache(copy.deepcopy(model), budget=3, policy="lfu")
-    cache.warm({1: [0, 50, 0, 0, 0, 0, 0, 0], 2: [9, 0, 0, 0, 0, 0, 0, 40]})
+    loads = {1: [0, 50, 0, 0, 0, 0, 0, 0], 2: [9, 0, 0, 0, 0, 0, 0, 40]}
+    per_expert = 3 * 32 * 64 * 4
+    cache = apply_expert_cache(copy.deepcopy(model), memory_bytes=3.5 * per_expert, policy="lfu")  # 3 in all
+    cache.warm(loads)
     assert set(cache.resident) == {(1, 1), (2, 7), (2, 0)} and cache.stats.misses == 0
+    assert cache.resident_bytes() == 3 * per_expert
+    cache = apply_expert_cache(copy.deepcopy(model), budget=1, policy="lfu")  # 1 per layer
+    cache.warm(loads)
+    assert set(cache.resident) == {(1, 1), (2, 7)}
     with pytest.raises(ConfigError, match="budget"):
         apply_expert_cache(copy.deepcopy(model), budget=0)
+    with pytest.raises(ConfigError, match="holds no expert"):
+        apply_expert_cache(copy.deepcopy(model), memory_bytes=1000)
 
 
 def test_generation_with_expert_cache_is_unchanged():

@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.add_argument("--mtp", action="store_true",
                    help="speculative decoding with the model's MTP module as drafter (prints acceptance)")
-    g.add_argument("--expert-budget", type=int, default=None, metavar="N",
-                   help="keep only N routed experts resident, the rest memory-mapped from the checkpoint")
+    from .inference.cli import add_expert_arguments
+
+    add_expert_arguments(g)
     g.add_argument("--image", metavar="FILE", help="multimodal checkpoints: an image before the prompt")
     g.add_argument("--audio", metavar="FILE.wav", help="multimodal checkpoints: a WAV clip before the prompt")
     g.add_argument("--no-cache", action="store_true",
@@ -157,10 +158,10 @@ def cmd_generate(args) -> int:
     from .data import load_tokenizer
     from .generate import generate
     from .checkpoint import resolve_checkpoint_dir
-    from .hf import from_pretrained
+    from .inference.cli import expert_budgeted, load_model
 
-    if args.no_cache and (args.mtp or args.expert_budget is not None):
-        flag = "--mtp" if args.mtp else "--expert-budget"
+    if args.no_cache and (args.mtp or expert_budgeted(args)):
+        flag = "--mtp" if args.mtp else "--expert-budget/--expert-memory"
         raise ConfigError(f"--no-cache runs the cache-free reference path, which has no {flag}; drop one of them")
     folder = resolve_checkpoint_dir(args.checkpoint)
     if args.image or args.audio:
@@ -178,7 +179,7 @@ def cmd_generate(args) -> int:
     tokenizer = load_tokenizer(tokenizer_path)
     caps = hardware.probe(args.device)
     weights, autocast = inference_precision(args.dtype, caps)
-    model = hardware.configure(from_pretrained(folder, dtype=weights, device=caps.device), caps)
+    model, args.expert_cache = load_model(folder, caps, args, weights)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
     stop = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()

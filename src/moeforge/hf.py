@@ -18,13 +18,13 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .model import Router, Transformer
 from .model_card import write_model_card
+from .safetensors_reader import SafetensorsReader
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +169,12 @@ def _shell(config: ModelConfig, dtype: torch.dtype | None = None, cls: type = No
 
 # --- loading -----------------------------------------------------------------------------------------
 def hf_to_moeforge(tensors: Mapping[str, torch.Tensor], config: ModelConfig,
-                   like: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                   like: Mapping[str, torch.Tensor] | None = None, skip: frozenset[str] = frozenset()
+                   ) -> dict[str, torch.Tensor]:
     """A HF state dict (a dict, or the lazy `read_safetensors` folder) in this model's names, shapes and
     dtypes (`like`: the target's state dict, meta tensors are fine; default: a fresh fp32 model's). Read
-    one tensor at a time; routed experts are copied into one preallocated stack per layer."""
+    one tensor at a time; routed experts are read into one preallocated stack per layer. Entries in
+    `skip` are checked by name but not read (nor returned)."""
     like = like if like is not None else _shell(config).state_dict()
     available = set(tensors.keys())
     # Names first (cheap), so that a mismatched folder fails before any tensor is read.
@@ -192,6 +194,8 @@ def hf_to_moeforge(tensors: Mapping[str, torch.Tensor], config: ModelConfig,
     check_names_match(missing, unexpected, getattr(tensors, "folder", "checkpoint"))
     out: dict[str, torch.Tensor] = {}
     for name, keys in sources.items():
+        if name in skip:
+            continue
         target = like[name]
         if keys == [hf_name(name, config)]:  # one tensor (also a fused expert stack)
             out[name] = _check_shape(tensors[keys[0]], target, keys[0]).to(target.dtype)
@@ -202,7 +206,11 @@ def hf_to_moeforge(tensors: Mapping[str, torch.Tensor], config: ModelConfig,
             width = target.shape[1] // n_parts
             for i, key in enumerate(keys):
                 p, e = divmod(i, config.n_routed_experts)
-                stack[e, p * width:(p + 1) * width].copy_(_check_shape(tensors[key], stack[e, :width], key))
+                part = stack[e, p * width:(p + 1) * width]
+                if isinstance(tensors, SafetensorsFolder):  # straight from the file, no temporary
+                    tensors.read_into(key, part)
+                else:
+                    part.copy_(_check_shape(tensors[key], part, key))
         else:
             stack.zero_()
         out[name] = stack
@@ -298,20 +306,39 @@ class SafetensorsFolder(Mapping):
                 raise CheckpointError(f"{key} has no matching {key.removesuffix('_scale_inv')}")
         self._keys = [k for k in self._where if k not in scales]
 
-    def _open(self, path: Path):
+    def _open(self, path: Path) -> SafetensorsReader:
         if path not in self._files:
             try:
-                self._files[path] = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError, RuntimeError) as e:
+                self._files[path] = SafetensorsReader(path)
+            except (ValueError, OSError) as e:
                 raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupt ({e})") from None
         return self._files[path]
 
-    def _read(self, key: str) -> torch.Tensor:
+    def _read(self, key: str, out: torch.Tensor | None = None, index: int | None = None) -> torch.Tensor:
         path = self._where[key]
         try:
-            return self._open(path).get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError) as e:
+            if out is None:
+                return self._open(path).read(key, index)
+            self._open(path).read_into(key, out, index)
+            return out
+        except (ValueError, OSError) as e:
             raise CheckpointError(f"{path}: cannot read {key} ({e})") from None
+
+    def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
+        """Fill `out` with tensor `key` (any dtype and shape-compatible target), straight from the file
+        when the dtypes match (no temporary), through one converted temporary otherwise."""
+        if tuple(out.shape) != self.shape(key):
+            raise CheckpointError(f"{key} has shape {self.shape(key)}, the config expects {tuple(out.shape)}")
+        if self._open(self._where[key]).entries[key][0] == out.dtype and key + "_scale_inv" not in self._where:
+            return self._read(key, out)
+        return out.copy_(self[key])
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._open(self._where[key]).shape(key)
+
+    def expert(self, key: str, index: int) -> torch.Tensor:
+        """Slice [index] of a stacked [E, ...] tensor, reading only that slice."""
+        return self._read(key, index=index)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._where or key.endswith(".weight_scale_inv"):
@@ -360,17 +387,21 @@ def load_config(folder: Path) -> ModelConfig:
 
 
 def from_pretrained(folder: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    cls: type | None = None) -> "PretrainedTransformer":
+                    cls: type | None = None, routed_experts: bool = True) -> "PretrainedTransformer":
     """Build a model from a Hugging Face DeepseekV3 / DeepseekV2 folder (run folders: `moeforge.from_pretrained`).
 
     dtype None loads fp32; with a dtype every tensor is converted to it as it is read, except the router
-    weight and correction bias, which stay fp32 (as transformers keeps them)."""
+    weight and correction bias, which stay fp32 (as transformers keeps them). routed_experts=False checks
+    the routed experts' names but leaves their stacked weights unread, on the meta device (no memory):
+    for an expert cache that reads experts on demand (`moeforge.inference.expert_cache`)."""
     folder = Path(folder)
     raw = read_config_json(folder)
     tensors = read_safetensors(folder)
     config = config_for_checkpoint(config_from_hf(raw), set(tensors.keys()), source=str(folder))
     model = _shell(config, dtype, cls or PretrainedTransformer)
-    load_into(model, hf_to_moeforge(tensors, config, like=model.state_dict()), source=str(folder))
+    like = model.state_dict()
+    skip = frozenset() if routed_experts else frozenset(k for k in like if expert_parts(k, config) is not None)
+    load_into(model, hf_to_moeforge(tensors, config, like=like, skip=skip), source=str(folder), skip=skip)
     model = materialize(model, device)
     model.hf_config = raw
     return model.eval()
@@ -388,9 +419,11 @@ def check_names_match(missing: list[str], unexpected: list[str], source) -> None
     raise CheckpointError(f"{source} does not match the model config: " + "; ".join(parts))
 
 
-def load_into(model: Transformer, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """load_state_dict with errors that say which tensors are missing, unexpected or the wrong shape."""
-    expected = model.state_dict()
+def load_into(model: Transformer, state: dict[str, torch.Tensor], source: str = "checkpoint",
+              skip: frozenset[str] = frozenset()) -> None:
+    """load_state_dict with errors that say which tensors are missing, unexpected or the wrong shape
+    (`skip`: entries left as they are)."""
+    expected = {k: v for k, v in model.state_dict().items() if k not in skip}
     if model.config.tie_word_embeddings:
         state.setdefault("lm_head.weight", state.get("embed_tokens.weight"))
     missing = sorted(set(expected) - set(state))
@@ -402,7 +435,7 @@ def load_into(model: Transformer, state: dict[str, torch.Tensor], source: str = 
                                   f"{tuple(expected[k].shape)}")
     # assign=True only for a meta-device model; otherwise copy in place so optimizers keep their params.
     on_meta = any(p.is_meta for p in model.parameters())
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True, assign=on_meta)
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=not skip, assign=on_meta)
     if on_meta and model.config.tie_word_embeddings:  # assign made two Parameters: one again
         model.lm_head.weight = model.embed_tokens.weight
 
@@ -414,7 +447,7 @@ def materialize(model: Transformer, device) -> Transformer:
             if buf.is_meta:  # only non-persistent buffers are left on meta after load_into
                 setattr(module, name, torch.zeros(buf.shape, dtype=buf.dtype))
     model.rotary.reset()
-    return model.to(device)
+    return model._apply(lambda t: t if t.is_meta else t.to(device))  # tensors left unread stay on meta
 
 
 # --- saving ------------------------------------------------------------------------------------------

@@ -29,17 +29,57 @@ def inference_precision(dtype: str, caps) -> tuple[torch.dtype | None, torch.dty
     return None, hardware.autocast_dtype(dtype, caps)
 
 
+def add_expert_arguments(parser) -> None:
+    """The expert-budget flags of `moeforge generate` and `moeforge serve`."""
+    parser.add_argument("--expert-budget", type=int, default=None, metavar="N",
+                        help="keep only N routed experts per MoE layer resident, reading the others from the "
+                             "checkpoint on demand (the experts are never all loaded)")
+    parser.add_argument("--expert-memory", type=float, default=None, metavar="GB",
+                        help="like --expert-budget, as a memory budget for the resident experts of all layers")
+    parser.add_argument("--expert-policy", choices=("lru", "lfu"), default="lru",
+                        help="which resident expert a miss evicts (with a budget; default lru)")
+    parser.add_argument("--no-expert-prefetch", action="store_true",
+                        help="with a budget, do not read the next layer's predicted experts ahead")
+
+
+def expert_budgeted(args) -> bool:
+    return getattr(args, "expert_budget", None) is not None or getattr(args, "expert_memory", None) is not None
+
+
+def load_model(folder, caps, args, dtype: torch.dtype | None = None):
+    """(model configured for `caps`, its weights in `dtype` (None = as stored, fp32 for our own), ExpertCache
+    or None). With --expert-budget / --expert-memory the routed experts are not loaded: the cache reads
+    them from `folder` on demand."""
+    from .. import hardware
+    from ..errors import ConfigError
+    from ..hf import from_pretrained
+
+    budgeted = expert_budgeted(args)
+    if budgeted:
+        if args.expert_budget is not None and args.expert_memory is not None:
+            raise ConfigError("--expert-budget and --expert-memory: give one of them")
+        if args.expert_budget is not None and args.expert_budget < 1:
+            raise ConfigError(f"--expert-budget must be >= 1, got {args.expert_budget}")
+        if args.expert_memory is not None and not args.expert_memory > 0:
+            raise ConfigError(f"--expert-memory must be > 0 GB, got {args.expert_memory}")
+    model = hardware.configure(from_pretrained(folder, dtype=dtype, device=caps.device, routed_experts=not budgeted),
+                               caps)
+    if not budgeted:
+        return model, None
+    from .expert_cache import apply_expert_cache
+
+    memory = None if args.expert_memory is None else int(args.expert_memory * 1e9)
+    cache = apply_expert_cache(model, args.expert_budget, args.expert_policy, checkpoint=folder, memory_bytes=memory,
+                               prefetch=not args.no_expert_prefetch)
+    return model, cache
+
+
 def generate_cached(model, prompt: list[int], args, stop: tuple[int, ...], autocast: torch.dtype | None) -> list[int]:
     """`moeforge generate` with the latent KV cache, or MTP speculative decoding with --mtp (whose
-    acceptance rate and tokens per main-model forward go to stderr)."""
+    acceptance rate and tokens per main-model forward go to stderr); with an expert budget, the cache's
+    hit rate and bytes read per token too."""
     params = SamplingParams(args.temperature, args.top_k, args.top_p)
-    cache = None
-    if getattr(args, "expert_budget", None) is not None:
-        from ..checkpoint import resolve_checkpoint_dir
-        from .expert_cache import apply_expert_cache
-
-        store = None if next(model.parameters()).is_cuda else resolve_checkpoint_dir(args.checkpoint)
-        cache = apply_expert_cache(model, args.expert_budget, policy="lfu", checkpoint=store)
+    cache = getattr(args, "expert_cache", None)
     start = time.perf_counter()
     if args.mtp:
         decoder = MTPSpeculativeDecoder(model, params, seed=args.seed, autocast_dtype=autocast)
@@ -53,8 +93,11 @@ def generate_cached(model, prompt: list[int], args, stop: tuple[int, ...], autoc
     seconds = time.perf_counter() - start
     if cache is not None:
         st = cache.stats
-        print(f"expert cache: {args.expert_budget} resident, hit rate {st.hit_rate:.0%}, "
-              f"{st.bytes_per_token / 1e6:.2f} MB moved per token", file=sys.stderr)
+        scope = "per MoE layer" if cache.scope == "layer" else "in all"
+        print(f"expert cache: {cache.budget} experts {scope} ({cache.resident_bytes() / 1e6:.1f} MB resident), "
+              f"hit rate {st.hit_rate:.0%}, {st.bytes_per_token / 1e6:.2f} MB read per token"
+              + (f", prefetch: {st.prefetch_used}/{st.prefetched} used, next-layer prediction recall "
+                 f"{st.prediction_recall:.0%}" if cache.pool is not None else ""), file=sys.stderr)
     print(f"{len(new)} tokens in {seconds:.2f} s ({len(new) / max(seconds, 1e-9):.1f} tokens/s)", file=sys.stderr)
     return new
 
@@ -72,14 +115,16 @@ def add_serve_command(sub) -> None:
     s.add_argument("--max-queue", type=int, default=16, help="requests allowed to wait; more get HTTP 503")
     s.add_argument("--max-batch", type=int, default=4, help="requests decoded together as one batch (any sampling)")
     s.add_argument("--max-tokens", type=int, default=16, help="default max_tokens of a request")
-    s.add_argument("--expert-budget", type=int, default=None, metavar="N",
-                   help="keep only N routed experts resident (LFU), the rest memory-mapped from the checkpoint")
+    add_expert_arguments(s)
     add_dtype_flag(s)
 
 
-def load_for_inference(checkpoint: str, tokenizer_path: str | None, device: str, dtype: str = "auto"):
+def load_for_inference(checkpoint: str, tokenizer_path: str | None, device: str, args=None,
+                       dtype: str | None = None):
     """(model, tokenizer, autocast dtype, folder) the way `moeforge generate` finds them: the tokenizer is
-    --tokenizer, else the checkpoint's tokenizer.json, else the run's configured one, else bytes."""
+    --tokenizer, else the checkpoint's tokenizer.json, else the run's configured one, else bytes. `args`
+    with an expert budget: the model's routed experts are read on demand (see `load_model`); `dtype` (else
+    args.dtype, else auto): the --dtype of generate and serve."""
     from pathlib import Path
 
     from .. import hardware
@@ -87,7 +132,6 @@ def load_for_inference(checkpoint: str, tokenizer_path: str | None, device: str,
     from ..data import load_tokenizer
     from ..errors import ConfigError
     from ..checkpoint import resolve_checkpoint_dir
-    from ..hf import from_pretrained
 
     folder = resolve_checkpoint_dir(checkpoint)
     if tokenizer_path is None and (folder / "tokenizer.json").is_file():
@@ -99,8 +143,8 @@ def load_for_inference(checkpoint: str, tokenizer_path: str | None, device: str,
                 break
     tokenizer = load_tokenizer(tokenizer_path)
     caps = hardware.probe(device)
-    weights, autocast = inference_precision(dtype, caps)
-    model = hardware.configure(from_pretrained(folder, dtype=weights, device=caps.device), caps)
+    weights, autocast = inference_precision(dtype or getattr(args, "dtype", "auto"), caps)
+    model, _ = load_model(folder, caps, args, weights)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
     return model, tokenizer, autocast, folder
@@ -117,11 +161,7 @@ def cmd_serve(args) -> int:
 
     if args.max_queue < 1 or args.max_batch < 1:
         raise ConfigError("--max-queue and --max-batch must be >= 1")
-    model, tokenizer, autocast, folder = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype)
-    if args.expert_budget is not None:
-        from .expert_cache import apply_expert_cache
-
-        apply_expert_cache(model, args.expert_budget, "lfu", None if next(model.parameters()).is_cuda else folder)
+    model, tokenizer, autocast, folder = load_for_inference(args.checkpoint, args.tokenizer, args.device, args)
     name = folder.parent.parent.name if folder.name.startswith("step-") else folder.name  # run name
     engine = Engine(model, tokenizer, autocast, max_queue=args.max_queue, max_batch=args.max_batch)
     print(f"moeforge serve: {folder} on http://{args.host}:{args.port} (model id {name!r})", file=sys.stderr)
