@@ -2,14 +2,13 @@
 losses, gradient norms, validation losses and expert counts, and the Hugging Face export, equal a
 single-process run's. Layouts context parallelism is not built for are refused in one line."""
 
-import json
 
 import pytest
 import torch
 
 from moeforge.cli import main
 from moeforge.hf import read_safetensors
-from parallel_helpers import one_thread
+from parallel_helpers import one_thread, read_metrics
 from test_parallel_train import SMALL
 
 KEYS = ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm", "val_loss")
@@ -21,12 +20,8 @@ def _one_thread():
         yield
 
 
-def metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def check_equal(run, single):
-    for a, b in zip(metrics(run), metrics(single), strict=True):
+    for a, b in zip(read_metrics(run), read_metrics(single), strict=True):
         for key in KEYS:
             if key in b:
                 assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import SMALL_CORPUS
 from moeforge.cli import main
-from parallel_helpers import one_thread
+from parallel_helpers import one_thread, read_metrics
 
 TENSORBOARD = ["--tensorboard"] if importlib.util.find_spec("tensorboard") else []
 SMALL = ["--preset", "debug", "--data", str(SMALL_CORPUS), "--seq-len", "32", "--batch-size", "4",
@@ -23,10 +23,6 @@ SMALL = ["--preset", "debug", "--data", str(SMALL_CORPUS), "--seq-len", "32", "-
 def _one_thread():
     with one_thread():
         yield
-
-
-def metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_run_moves_from_one_process_to_two_and_back_and_matches_single_process(tmp_path, capfd):
@@ -47,7 +43,7 @@ def test_run_moves_from_one_process_to_two_and_back_and_matches_single_process(t
     assert "- steps: 4;" in (ckpt / "README.md").read_text() and "dp 2, ep 2" in (ckpt / "README.md").read_text()
     assert main(["train", "--resume", "--run-dir", str(run), "--steps", "6", "--ep", "1"]) == 0
 
-    want, got = metrics(single), metrics(run)
+    want, got = read_metrics(single), read_metrics(run)
     assert [m["step"] for m in got] == list(range(1, 7))  # one line per step: only rank 0 wrote
     for a, b in zip(got, want):
         for key in ("loss", "lm_loss", "grad_norm", "val_loss"):
@@ -95,7 +91,7 @@ def test_single_process_checkpoint_continues_under_pipeline_parallelism(tmp_path
     assert main(["train", *SMALL, "--steps", "2", "--save-every", "2", "--run-dir", str(run)]) == 0
     assert main(["train", "--resume", "--run-dir", str(run), "--steps", "4", "--nproc", "2", "--pp", "2",
                  "--pp-schedule", "dualpipev"]) == 0
-    for a, b in zip(metrics(run), metrics(single), strict=True):
+    for a, b in zip(read_metrics(run), read_metrics(single), strict=True):
         for key in ("loss", "grad_norm", "val_loss"):
             if key in b:
                 assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
@@ -109,7 +105,7 @@ def test_activation_checkpointing_under_ep_and_zero3_matches_single_process(tmp_
     assert main(["train", *SMALL, "--steps", "2", "--run-dir", str(run), "--nproc", "2", "--ep", "2", "--zero", "3",
                  "--activation-checkpointing", "auto", "--memory-budget", "0.5"]) == 0
     assert json.loads((run / "activation_checkpointing.json").read_text())["names"]
-    for a, b in zip(metrics(run), metrics(single), strict=True):
+    for a, b in zip(read_metrics(run), read_metrics(single), strict=True):
         for key in ("loss", "grad_norm", "val_loss"):
             if key in b:
                 assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
@@ -122,7 +118,7 @@ def test_fp8_experts_stay_fp8_under_expert_parallelism(tmp_path):
     def first_loss(name, precision, *flags):
         assert main(["train", *SMALL, "--precision", precision, "--steps", "1", "--eval-every", "0",
                      "--run-dir", str(tmp_path / name), *flags]) == 0
-        return metrics(tmp_path / name)[0]["loss"]
+        return read_metrics(tmp_path / name)[0]["loss"]
 
     fp8, bf16 = first_loss("fp8", "fp8"), first_loss("bf16", "bf16")
     ep = first_loss("ep", "fp8", "--nproc", "2", "--ep", "2")
@@ -137,7 +133,7 @@ def test_fp8_dispatch_through_the_cli_logs_the_bytes_it_saves(tmp_path, capfd):
     assert main(["train", *SMALL, "--steps", "2", "--eval-every", "0", "--run-dir", str(single)]) == 0
     assert main(["train", *SMALL, "--steps", "2", "--eval-every", "0", "--run-dir", str(run), "--nproc", "2",
                  "--ep", "2", "--ep-dispatch", "fp8"]) == 0
-    for a, b in zip(metrics(run), metrics(single), strict=True):
+    for a, b in zip(read_metrics(run), read_metrics(single), strict=True):
         assert 0 < abs(a["loss"] - b["loss"]) < 1e-2, (a["loss"], b["loss"])
         assert a["ep_combine_bytes"] > 0 and a["ep_combine_bytes"] % 256 == 0
         assert a["ep_dispatch_bytes"] == a["ep_combine_bytes"] // 256 * 68

@@ -70,10 +70,15 @@ class RouterProbe:
         total = 0.0
         for scores, indices in outputs:
             if self.seq_alpha > 0:
-                total = total + self.seq_alpha * balance_loss(scores, indices, self.seq_len or scores.shape[0])
+                total = total + self.seq_alpha * self.group_loss(scores, indices, self.seq_len)
             if self.batch_alpha > 0:
-                total = total + self.batch_alpha * balance_loss(scores, indices, scores.shape[0])
+                total = total + self.batch_alpha * self.group_loss(scores, indices, None)
         return total
+
+    def group_loss(self, scores: torch.Tensor, indices: torch.Tensor, tokens_per_group: int | None) -> torch.Tensor:
+        """The balance loss over groups of `tokens_per_group` tokens (None: the whole batch is one group); a
+        wrapper that splits sequences over ranks overrides this (parallel.context)."""
+        return balance_loss(scores, indices, tokens_per_group or scores.shape[0])
 
     def remove(self) -> None:
         for h in self._handles:

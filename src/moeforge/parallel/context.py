@@ -257,18 +257,10 @@ class ContextParallelRouterProbe(RouterProbe):
         super().__init__(model, seq_alpha, batch_alpha, seq_len)
         self.cp = cp
 
-    def pop_loss(self) -> torch.Tensor | None:
-        outputs, self._outputs = self._outputs, []
-        if not outputs:
-            return None
-        total = 0.0
-        for scores, indices in outputs:
-            local = self.seq_len // self.cp.size if self.seq_len else scores.shape[0]
-            if self.seq_alpha > 0:
-                total = total + self.seq_alpha * self._loss(scores, indices, local)
-            if self.batch_alpha > 0:
-                total = total + self.batch_alpha * self._loss(scores, indices, scores.shape[0])
-        return total
+    def group_loss(self, scores: torch.Tensor, indices: torch.Tensor, tokens_per_group: int | None) -> torch.Tensor:
+        """A sequence's tokens are spread over the CP ranks: this rank holds 1/C of each group."""
+        local = tokens_per_group // self.cp.size if tokens_per_group else scores.shape[0]
+        return self._loss(scores, indices, local)
 
     def _loss(self, scores: torch.Tensor, indices: torch.Tensor, local_group: int) -> torch.Tensor:
         """sum_i f_i P_i per group of tokens (a sequence, or the batch), the group's tokens spread over ranks."""
