@@ -41,7 +41,8 @@ def test_run_moves_from_one_process_to_two_and_back_and_matches_single_process(t
     ckpt = run / "checkpoints" / "step-000004"
     assert (ckpt / ".metadata").is_file() and (ckpt / "model.safetensors").is_file()
     assert "- steps: 4;" in (ckpt / "README.md").read_text() and "dp 2, ep 2" in (ckpt / "README.md").read_text()
-    assert main(["train", "--resume", "--run-dir", str(run), "--steps", "6", "--ep", "1"]) == 0
+    assert 'nproc = 2' in (run / "config.toml").read_text()  # the ranks record the launch, not nproc = 1
+    assert main(["train", "--resume", "--run-dir", str(run), "--steps", "6", "--nproc", "1", "--ep", "1"]) == 0
 
     want, got = read_metrics(single), read_metrics(run)
     assert [m["step"] for m in got] == list(range(1, 7))  # one line per step: only rank 0 wrote
