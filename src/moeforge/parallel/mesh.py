@@ -107,8 +107,9 @@ class ParallelLayout:
         ep and tp (pp x dp x ep x tp; stages replicated over their dp ranks, no ZeRO sharding of stages)."""
         if self.pp > 1 and self.dp > 1 and self.zero == 3:
             raise ConfigError(f"--zero 3 with pp={self.pp} x dp={self.dp}: pipeline stages are not sharded (ZeRO-3 "
-                              "of stages is not implemented: their gradients are all-reduced over dp, parameters "
-                              "stay replicated); drop --zero 3")
+                              "of stages is not implemented: FSDP2 units would not cover the last stage's head, MTP "
+                              "and loss, run outside its forward; stages are replicated over dp, gradients "
+                              "all-reduced); drop --zero 3")
         return self
 
     def check_context(self, cfg: TrainConfig) -> "ParallelLayout":
