@@ -171,7 +171,8 @@ def test_four_ranks_ep_x_fsdp_tp_x_ep_x_zero3_pp_x_dp_pp_x_ep_and_pp_x_tp_match_
     check_same_run(run, reference, "4 ranks: EP 2 x edp 2 ZeRO-3, TP 2 x EP 2 x ZeRO-3, PP 2 x dp 2")
 
     # The PP x EP x DP checkpoint of step 5 continues in one process.
-    assert main(["train", "--resume", "--run-dir", str(pp_run), "--steps", str(PP_STEPS), "--pp", "1", "--ep", "1"]) == 0
+    assert main(["train", "--resume", "--run-dir", str(pp_run), "--steps", str(PP_STEPS), "--nproc", "1", "--pp", "1",
+                 "--ep", "1"]) == 0
     check_same_run(pp_run, pp_reference, "1 process -> PP 2 x EP 2 DualPipeV -> PP 2 x TP 2 interleaved 1F1B -> "
                                          "PP 2 x TP 2 1F1B -> PP 2 x EP 2 GPipe -> 1 process")
     # Each segment ran at its layout (a trainer ignoring a flag would match too), and EP exchanged tokens.
