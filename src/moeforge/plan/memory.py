@@ -56,14 +56,19 @@ def stage_params(model: ModelShape, layout: Layout, stage: int) -> tuple[float, 
 def _stage_params(model: ModelShape, tp: int, ep: int, pp: int, stage: int) -> tuple[float, float]:
     """(non-expert, routed-expert) parameters held by one rank of a pipeline stage.
 
-    Non-expert weights are split by TP (heads, MLP columns, vocab); routed experts by EP, each expert
-    whole (no expert TP, as in DeepSeek-V3); norms are replicated."""
+    Non-expert weights are split by TP (heads, MLP columns, vocab) except MLA's low-rank down projections
+    (q_a, kv_a: every TP rank needs the whole latent) and the norms, which are replicated; routed experts
+    by EP, each expert whole (no expert TP, as in DeepSeek-V3). The last stage also holds the MTP modules
+    (eh_proj, norms, one MoE block each) and, when it is not the first, a copy of the input embedding
+    they read (measured on moeforge's pipeline, docs/planner.md)."""
     m = model
     layers = stage_layers(m.num_layers, pp)[stage]
     dense_params, expert = 0.0, 0.0
     layer_norms = (m.norm_params - m.hidden_size) / max(1, m.num_layers)
+    replicated = _replicated_attention_params(m)
+    attention = (m.attention_params - replicated) / tp + replicated
     for i in layers:
-        dense_params += m.attention_params / tp + layer_norms
+        dense_params += attention + layer_norms
         if i < m.dense_layers:
             dense_params += m.dense_mlp_params / tp
         else:
@@ -73,7 +78,26 @@ def _stage_params(model: ModelShape, tp: int, ep: int, pp: int, stage: int) -> t
         dense_params += m.embedding_params / tp
     if stage == pp - 1:  # the head (a tied table needs its own copy when it sits on another stage)
         dense_params += (m.head_params or m.embedding_params * (pp > 1)) / tp + m.hidden_size
+        depth = _mtp_depth(m)
+        if depth:
+            D = m.hidden_size
+            dense_params += depth * (2 * D * D + 3 * D + attention + layer_norms + m.shared_expert_params / tp)
+            expert += depth * m.routed_expert_params / ep
+            if pp > 1 and m.head_params:  # the embedding the MTP modules look up
+                dense_params += m.embedding_params / tp
     return dense_params, expert
+
+
+def _mtp_depth(model: ModelShape) -> int:
+    return model.moe_config.num_nextn_predict_layers if model.moe_config is not None else 0
+
+
+def _replicated_attention_params(model: ModelShape) -> float:
+    """MLA's q_a_proj and kv_a_proj_with_mqa: not split by TP (moeforge's parallel/tensor.py, Megatron)."""
+    c = model.moe_config
+    if c is None or model.kv_lora_rank is None:
+        return 0.0
+    return model.hidden_size * ((c.q_lora_rank or 0) + c.kv_lora_rank + c.qk_rope_head_dim)
 
 
 @lru_cache(maxsize=1024)
@@ -138,6 +162,8 @@ def activation_bytes(model: ModelShape, layout: Layout, settings: TrainSettings,
     act = one_mb * max(1, in_flight) + working
     if stage == lo.pp - 1:  # logits (activation dtype) and their FP32 copy for the loss, one micro-batch
         act += tokens * m.vocab_size * (settings.act_bytes + 4) / lo.tp
+        depth = _mtp_depth(m)  # each MTP module: its inputs (2D, normed), one MoE block, its own logits
+        act += depth * ((4 * m.hidden_size + per_moe) * scale + tokens * m.vocab_size * (settings.act_bytes + 4) / lo.tp)
     return act
 
 
@@ -147,26 +173,33 @@ def micro_batches_of(layout: Layout, settings: TrainSettings) -> int:
 
 def memory_per_rank(model: ModelShape, layout: Layout, settings: TrainSettings) -> Memory:
     """The fullest rank's memory. ZeRO shards over DP (non-expert) or expert-DP (routed experts)."""
-    s, lo = settings, layout
+    lo = layout
     best: Memory | None = None
-    copies = 2 if lo.schedule == "dualpipe" else 1
     for stage in range(lo.pp):
-        dense_p, expert_p = stage_params(model, lo, stage)
-        if lo.schedule == "dualpipe":  # the mirror stage lives here too
-            d2, e2 = stage_params(model, lo, lo.pp - 1 - stage)
-            dense_p, expert_p = dense_p + d2, expert_p + e2
-        shards = {0: (1, 1, 1), 1: (1, 1, lo.dp), 2: (1, lo.dp, lo.dp), 3: (lo.dp, lo.dp, lo.dp)}[lo.zero]
-        eshards = {0: (1, 1, 1), 1: (1, 1, lo.edp), 2: (1, lo.edp, lo.edp), 3: (lo.edp,) * 3}[lo.zero]
-        weights = s.weight_bytes * (dense_p / shards[0] + expert_p / eshards[0])
-        grads = s.grad_bytes * (dense_p / shards[1] + expert_p / eshards[1])
-        opt = (s.master_bytes + 2 * s.moment_bytes) * (dense_p / shards[2] + expert_p / eshards[2])
-        act = activation_bytes(model, lo, s, stage)
-        if lo.schedule == "dualpipe":
-            act = max(act, activation_bytes(model, lo, s, lo.pp - 1 - stage))
-        mem = Memory(weights, grads, opt, act, stage)
+        mem = stage_memory(model, lo, settings, stage)
         if best is None or mem.total > best.total:
             best = mem
-        if copies == 2 and stage >= math.ceil(lo.pp / 2):
+        if lo.schedule == "dualpipe" and stage >= math.ceil(lo.pp / 2):
             break
     assert best is not None
     return best
+
+
+def stage_memory(model: ModelShape, layout: Layout, settings: TrainSettings, stage: int) -> Memory:
+    """Memory of a rank of pipeline stage `stage` (under DualPipe: the rank holding `stage` and its mirror)."""
+    s, lo = settings, layout
+    dense_p, expert_p = stage_params(model, lo, stage)
+    if lo.schedule == "dualpipe":  # the mirror stage lives here too
+        d2, e2 = stage_params(model, lo, lo.pp - 1 - stage)
+        dense_p, expert_p = dense_p + d2, expert_p + e2
+        if stage in (0, lo.pp - 1) and model.head_params and _mtp_depth(model):
+            dense_p -= model.embedding_params / lo.tp  # first and last stage share a rank: one embedding
+    shards = {0: (1, 1, 1), 1: (1, 1, lo.dp), 2: (1, lo.dp, lo.dp), 3: (lo.dp, lo.dp, lo.dp)}[lo.zero]
+    eshards = {0: (1, 1, 1), 1: (1, 1, lo.edp), 2: (1, lo.edp, lo.edp), 3: (lo.edp,) * 3}[lo.zero]
+    weights = s.weight_bytes * (dense_p / shards[0] + expert_p / eshards[0])
+    grads = s.grad_bytes * (dense_p / shards[1] + expert_p / eshards[1])
+    opt = (s.master_bytes + 2 * s.moment_bytes) * (dense_p / shards[2] + expert_p / eshards[2])
+    act = activation_bytes(model, lo, s, stage)
+    if lo.schedule == "dualpipe":
+        act = max(act, activation_bytes(model, lo, s, lo.pp - 1 - stage))
+    return Memory(weights, grads, opt, act, stage)
