@@ -12,7 +12,7 @@ import pytest
 
 from parallel_helpers import fit_in_gloo_group, train_config
 
-LAYOUTS = {"ep2": dict(ep=2), "pp2": dict(pp=2)}
+LAYOUTS = {"ep2": dict(ep=2), "tp2": dict(tp=2), "pp2": dict(pp=2)}
 
 
 def measure_layouts(rank, world, out_dir):

@@ -128,7 +128,7 @@ def run_layout(run: RunConfig, world: int) -> tuple[Layout, TrainSettings]:
     s = TrainSettings(seq_len=t.seq_len, global_batch=t.batch_size * t.grad_accum,
                       precision="bf16" if bf16 else "fp32", node_limit=None, dispatch_bytes=dispatch,
                       combine_bytes=act, weight_bytes=4.0, master_bytes=0.0, grad_bytes=4.0, moment_bytes=moments,
-                      act_bytes=act, grad_comm_bytes=4.0, memory_headroom=1.0)
+                      act_bytes=act, grad_comm_bytes=4.0, memory_headroom=1.0, sequence_parallel=False)
     return lo, s
 
 
@@ -157,7 +157,19 @@ def predict_run(rec: RunRecord, device=None, threads: int | None = None, run_sha
     st = step_time(model, hw, topo, lo, s, device=device)
     own = replace(device, run_share=1.0)  # rank 0 (the first stage) on a core of its own: CPU seconds
     cpu = _stage_step_time(model, hw, topo, lo, s, own, 0).compute
-    return lo, s, st, cpu
+    host = wrapper_seconds(rec, lo, device)
+    st = replace(st, compute=st.compute + host * device.slowdown, total=st.total + host * device.slowdown)
+    return lo, s, st, cpu + host
+
+
+def wrapper_seconds(rec: RunRecord, lo: Layout, device) -> float:
+    """Host CPU seconds per step of the distributed wrappers: a rank's parameters are FSDP2 / DTensor
+    tensors when dp > 1 (ZeRO-2/3) or tp > 1, each costing `CPUDevice.wrapper` per step (measured)."""
+    if (lo.dp == 1 and lo.tp == 1) or not rec.run.train.preset:
+        return 0.0
+    w = device.wrapper(rec.run.train.preset)
+    device.save()
+    return w["per_tensor_s"] * w["tensors"] / lo.pp
 
 
 def gloo_link(device):

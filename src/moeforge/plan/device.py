@@ -321,6 +321,12 @@ class CPUDevice:
 
         return self.cache.get("gloo|2", measure_gloo)
 
+    def wrapper(self, preset: str) -> dict:
+        """FSDP2's host seconds per parameter tensor per step for a preset (wrapper_cost.py), cached on disk."""
+        from .wrapper_cost import measure_wrapper_cost
+
+        return self.cache.get(f"fsdp2|{preset}|{self.threads}", lambda: measure_wrapper_cost(preset))
+
     def save(self) -> None:
         self.cache.save()
 

@@ -102,7 +102,13 @@ def _replicated_attention_params(model: ModelShape) -> float:
 
 @lru_cache(maxsize=1024)
 def layer_activation_elems(model: ModelShape, moe: bool, selective: bool = False) -> float:
-    """Activation-dtype elements saved for backward per token in one layer.
+    """Activation-dtype elements saved for backward per token in one layer (see `layer_activation_split`)."""
+    return sum(layer_activation_split(model, moe, selective))
+
+
+@lru_cache(maxsize=1024)
+def layer_activation_split(model: ModelShape, moe: bool, selective: bool = False) -> tuple[float, float]:
+    """(split by TP heads or columns, the rest) of the elements saved for backward per token in one layer.
 
     No recomputation -- MLA: norm input and output, q_a output and its normed copy, q, the kv_a output,
     normed latent, kv_b output, the assembled k and v, the attention output. GQA: norm in/out, q, k, v,
@@ -112,6 +118,8 @@ def layer_activation_elems(model: ModelShape, moe: bool, selective: bool = False
     recomputed, and MoE expert inputs (dispatched tokens, SwiGLU inputs) are cached in FP8 (half an element).
     Expert outputs need not be kept for the gate-weight gradient: <dL/dy, W_down h> = <W_down^T dL/dy, h>,
     both of which the expert's backward computes anyway.
+    The first part is what TP splits (per-head tensors, the shared experts' and dense MLP's columns); the
+    rest (norms, the MLA latents, the router, routed experts, layer inputs) only sequence parallelism splits.
     """
     m, D = model, model.hidden_size
     F, K, S = m.expert_intermediate, m.experts_per_token, m.n_shared_experts
@@ -121,23 +129,24 @@ def layer_activation_elems(model: ModelShape, moe: bool, selective: bool = False
         q_lora = c.q_lora_rank or 0
         latent = c.kv_lora_rank + c.qk_rope_head_dim
         if selective:
-            attn = D + q_lora + latent + H * c.v_head_dim
+            attn_tp, attn = H * c.v_head_dim, D + q_lora + latent
         else:
-            attn = (2 * D + 2 * q_lora + H * c.qk_head_dim + latent + c.kv_lora_rank
-                    + H * (c.qk_nope_head_dim + c.v_head_dim) + H * c.qk_head_dim + 2 * H * c.v_head_dim)
+            attn_tp = H * c.qk_head_dim + H * (c.qk_nope_head_dim + c.v_head_dim) + H * c.qk_head_dim + 2 * H * c.v_head_dim
+            attn = 2 * D + 2 * q_lora + latent + c.kv_lora_rank
     else:
         H, KV, hd = m.num_heads, m.num_kv_heads, m.head_dim
-        attn = D + (H + 2 * KV) * hd + H * hd if selective else 2 * D + (H + 2 * KV) * hd + (H + KV) * hd + H * hd
+        attn_tp = (H + 2 * KV) * hd + H * hd if selective else (H + 2 * KV) * hd + (H + KV) * hd + H * hd
+        attn = D if selective else 2 * D
     if moe:
         router = 2 * 2 * m.n_routed_experts
         if selective:
-            mlp = D + router + K * (D / 2 + F) + S * 2 * F
+            mlp_tp, mlp = S * 2 * F, D + router + K * (D / 2 + F)
         else:
-            mlp = 2 * D + router + K * (2 * D + 3 * F) + S * 3 * F + D
+            mlp_tp, mlp = S * 3 * F, 2 * D + router + K * (2 * D + 3 * F) + D
     else:
         F = m.dense_intermediate
-        mlp = D + 2 * F + D if selective else 2 * D + 3 * F + D
-    return attn + mlp
+        mlp_tp, mlp = (2 * F, 2 * D) if selective else (3 * F, 3 * D)
+    return attn_tp + mlp_tp, attn + mlp
 
 
 def activation_bytes(model: ModelShape, layout: Layout, settings: TrainSettings, stage: int) -> float:
@@ -147,12 +156,16 @@ def activation_bytes(model: ModelShape, layout: Layout, settings: TrainSettings,
     layers = stage_layers(m.num_layers, lo.pp)[stage]
     sel = lo.recompute == "selective"
     n_moe = sum(1 for i in layers if i >= m.dense_layers)
-    per_moe, per_dense = layer_activation_elems(m, True, sel), layer_activation_elems(m, False, sel)
-    per_layer = [per_moe] * n_moe + [per_dense] * (len(layers) - n_moe)
     scale = tokens * settings.act_bytes / lo.tp  # sequence parallel shards everything TP does not
+    if settings.sequence_parallel:
+        per_moe, per_dense = layer_activation_elems(m, True, sel), layer_activation_elems(m, False, sel)
+    else:  # the unsplit part on every TP rank (in units of `scale`)
+        per_moe, per_dense = (a + lo.tp * b for a, b in (layer_activation_split(m, moe, sel) for moe in (True, False)))
+    per_layer = [per_moe] * n_moe + [per_dense] * (len(layers) - n_moe)
     working = 0.0
+    unsplit = 1 if settings.sequence_parallel else lo.tp  # layer inputs, logits: whole on every TP rank
     if lo.recompute == "full":  # keep each layer's input; one layer is recomputed at a time in backward
-        one_mb = len(layers) * m.hidden_size * scale
+        one_mb = len(layers) * m.hidden_size * scale * unsplit
         working = max(per_layer, default=0) * scale
     else:
         one_mb = sum(per_layer) * scale
@@ -161,9 +174,9 @@ def activation_bytes(model: ModelShape, layout: Layout, settings: TrainSettings,
         in_flight = min(micro_batches_of(lo, settings), lo.pp - stage) * (1 + (lo.pp - 1) / (lo.pp * lo.virtual_stages))
     act = one_mb * max(1, in_flight) + working
     if stage == lo.pp - 1:  # logits (activation dtype) and their FP32 copy for the loss, one micro-batch
-        act += tokens * m.vocab_size * (settings.act_bytes + 4) / lo.tp
+        logits = tokens * m.vocab_size * (settings.act_bytes + 4) / lo.tp * unsplit
         depth = _mtp_depth(m)  # each MTP module: its inputs (2D, normed), one MoE block, its own logits
-        act += depth * ((4 * m.hidden_size + per_moe) * scale + tokens * m.vocab_size * (settings.act_bytes + 4) / lo.tp)
+        act += logits + depth * ((4 * m.hidden_size * unsplit + per_moe) * scale + logits)
     return act
 
 
