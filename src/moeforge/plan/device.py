@@ -319,7 +319,7 @@ class CPUDevice:
         """gloo's measured alpha-beta between two processes here (gloo_link.py), cached on disk."""
         from .gloo_link import measure_gloo
 
-        return self.cache.get("gloo|2", measure_gloo)
+        return self.cache.get("gloo|2|median-beta", measure_gloo)
 
     def wrapper(self, preset: str) -> dict:
         """FSDP2's host seconds per parameter tensor per step for a preset (wrapper_cost.py), cached on disk."""

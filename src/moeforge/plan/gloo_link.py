@@ -5,7 +5,8 @@ in one process measured 4 us latency here; a gloo send/recv between two processe
 (its TCP pairs, the tensor's (un)packing, two process wake-ups). The step-time model needs gloo's
 own alpha and beta, so they are measured as a component: half a send/recv round trip for a few sizes,
 the fastest of a dozen repetitions (the uncontended cost; contention with other jobs is accounted
-separately, as the CPU share the run got), alpha = the 8-byte time, beta from the two largest sizes.
+separately, as the CPU share the run got), alpha = the 8-byte time, beta = the median over the larger
+sizes of bytes / (time - alpha) (on a busy machine one size's dozen repetitions can all be slow).
 An all-reduce at two ranks is timed alongside, to check the ring formula the planner applies to it
 (`benchmarks/planner_validation.py --gloo` prints both). Cached with the GEMM timings (device.py).
 """
@@ -75,7 +76,8 @@ def measure_gloo(timeout: float = 180.0) -> dict:
             p.join(timeout=30)
             if p.is_alive():
                 p.terminate()
-    small, (m1, m2) = res[SIZES[0]][0], SIZES[-2:]
-    bw = (m2 - m1) / max(res[m2][0] - res[m1][0], 1e-9)
+    small = res[SIZES[0]][0]
+    rates = sorted(n / max(res[n][0] - small, 1e-9) for n in SIZES[1:])
+    bw = rates[len(rates) // 2]  # the median size's: one slow repetition set on a busy machine moves it least
     return {"gloo_latency_s": small, "gloo_bw": bw, "p2p": {str(k): v[0] for k, v in res.items()},
             "all_reduce2": {str(k): v[1] for k, v in res.items()}}
