@@ -45,6 +45,14 @@ class RunRecord:
         return statistics.median(_timed(self.cpu_times)) if self.cpu_times else None
 
     @property
+    def measured_blocked(self) -> float | None:
+        """Median seconds per step rank 0 was neither on a core nor waiting for one: waiting for peers
+        (collectives, pipeline sends), the bubble. wall = CPU + run-queue delay + blocked."""
+        if not self.cpu_times or len(self.runq_times) != len(self.cpu_times):
+            return None
+        return statistics.median(_timed([w - c - q for w, c, q in zip(self.step_times, self.cpu_times, self.runq_times)]))
+
+    @property
     def cpu_share(self) -> float | None:
         """The fraction of a core rank 0 got while it could run: CPU / (CPU + run-queue delay), median over
         the timed steps. Blocked time (waiting for a peer) is in neither, so it does not lower the share."""
@@ -202,7 +210,8 @@ def compare(run_dir: str | Path, device=None, threads: int | None = None, proces
            "memory_predicted": st.memory.to_json(), "cpu_share_during_run": share,
            "share_source": "given" if run_share is not None else ("run" if share is not None else "load now"),
            "predicted_cpu_s": cpu, "measured_cpu_s": measured_cpu,
-           "cpu_error": cpu / measured_cpu - 1 if measured_cpu else None}
+           "cpu_error": cpu / measured_cpu - 1 if measured_cpu else None,
+           "predicted_waits_s": st.total - st.compute, "measured_blocked_s": rec.measured_blocked}
     if rec.memory:
         keys = {"weights": "parameters", "gradients": "gradients", "optimizer": "optimizer",
                 "activations": "activations"}
@@ -243,7 +252,7 @@ def validation_table(run_dirs, threads: int | None = None, shares: dict | None =
         try:
             r = compare(d, threads=threads, run_share=(shares or {}).get(Path(d).name))
         except ConfigError as e:
-            rows.append(f"| {Path(d).name} | - | - | - | - | - | - | - | - | {e} |")
+            rows.append(f"| {Path(d).name} | - | - | - | - | - | - | - | - | - | - | {e} |")
             continue
         errors.append(abs(r["error"]))
         cpu = "- | - | -"
@@ -251,10 +260,13 @@ def validation_table(run_dirs, threads: int | None = None, shares: dict | None =
             cpu_errors.append(abs(r["cpu_error"]))
             cpu = f"{r['predicted_cpu_s']:.3f} | {r['measured_cpu_s']:.3f} | {100 * r['cpu_error']:+.0f}%"
         share = f"{r['cpu_share_during_run']:.2f}" if r["cpu_share_during_run"] is not None else "-"
-        rows.append(f"| {Path(d).name} | {r['layout']} | {r['processes']} | {cpu} | {share} | {r['predicted_s']:.3f} | "
+        blocked = f"{r['measured_blocked_s']:.3f}" if r["measured_blocked_s"] is not None else "-"
+        rows.append(f"| {Path(d).name} | {r['layout']} | {r['processes']} | {cpu} | {share} | "
+                    f"{r['predicted_waits_s']:.3f} | {blocked} | {r['predicted_s']:.3f} | "
                     f"{r['measured_s']:.3f} | {100 * r['error']:+.0f}% |")
     head = ["| run | layout | processes | predicted CPU s | measured CPU s | CPU error | CPU share | "
-            "predicted wall s | measured wall s | wall error |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "predicted waits s | measured blocked s | predicted wall s | measured wall s | wall error |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     tail = [""]
     if cpu_errors:
         tail.append(f"CPU seconds per step (rank 0): mean absolute error {100 * statistics.mean(cpu_errors):.0f}% "
