@@ -166,7 +166,9 @@ def predict_run(rec: RunRecord, device=None, threads: int | None = None, run_sha
     own = replace(device, run_share=1.0)  # rank 0 (the first stage) on a core of its own: CPU seconds
     cpu = _stage_step_time(model, hw, topo, lo, s, own, 0).compute
     host = wrapper_seconds(rec, lo, device)
-    st = replace(st, compute=st.compute + host * device.slowdown, total=st.total + host * device.slowdown)
+    if host:
+        st = replace(st, compute=st.compute + host * device.slowdown, total=st.total + host * device.slowdown,
+                     by_kind={**st.by_kind, "fsdp2/dtensor host": host * device.slowdown})
     return lo, s, st, cpu + host
 
 
@@ -227,6 +229,7 @@ def against_report(run_dir: str | Path, as_json: bool = False, threads: int | No
     lines = [f"{r['run']}: {r['layout']}, {r['processes']} process(es)",
              f"step time: predicted {r['predicted_s']:.3f} s, measured {r['measured_s']:.3f} s (median of "
              f"{max(1, r['steps_timed'] - WARMUP_STEPS)} steps) -> error {100 * r['error']:+.0f}%",
+             cpu_line(r),
              "predicted breakdown: " + ", ".join(f"{k} {v:.3f} s" for k, v in r["parts"].items() if v > 0),
              "compute by kind: " + ", ".join(f"{k} {v:.3f} s" for k, v in sorted(r["by_kind"].items()))
              + f" (optimizer {r['optimizer_s']:.3f} s)"]
@@ -241,6 +244,17 @@ def against_report(run_dir: str | Path, as_json: bool = False, threads: int | No
     else:
         lines.append("measured memory: not recorded (run with --profile-memory for memory.json)")
     return "\n".join(lines)
+
+
+def cpu_line(r: dict) -> str:
+    """Where the measured wall time went (the run's step clock) next to the model's CPU seconds and waits."""
+    share = r["cpu_share_during_run"]
+    head = f"CPU share {share:.2f} ({r['share_source']})" if share is not None else "CPU share: load measured now"
+    if r["measured_cpu_s"] is None:
+        return f"{head}; predicted CPU {r['predicted_cpu_s']:.3f} s/step (the run has no step clock: cpu_s, runq_s)"
+    return (f"{head}; CPU s/step of the training thread: predicted {r['predicted_cpu_s']:.3f}, measured "
+            f"{r['measured_cpu_s']:.3f} ({100 * r['cpu_error']:+.0f}%); waits: predicted "
+            f"{r['predicted_waits_s']:.3f} s, measured blocked {r['measured_blocked_s']:.3f} s")
 
 
 def validation_table(run_dirs, threads: int | None = None, shares: dict | None = None) -> str:
