@@ -50,6 +50,24 @@ def test_greedy_outputs_with_any_budget_equal_the_resident_model(tmp_path, prefe
     assert generate(model, PROMPTS, 10) == expected and len(cache.resident) <= 3
 
 
+def test_prefetch_reads_into_memory_the_cache_already_owns(tmp_path):
+    """Resident memory stays at the budget with prefetch on: every expert is read into an evicted expert's
+    memory or into memory allocated on the main thread, never into fresh memory on the prefetch thread
+    (which would grow a heap arena of its own)."""
+    debug_model().save_pretrained(tmp_path / "ckpt")
+    model, cache = load_budgeted(tmp_path / "ckpt", budget=2, prefetch=True)
+    calls, load = [], cache.store.load
+
+    def spy(layer, expert, dtype, out=None):
+        calls.append((threading.current_thread() is threading.main_thread(), out is None))
+        return load(layer, expert, dtype, out)
+
+    cache.store.load = spy
+    generate(model, PROMPTS, 10)
+    assert cache.stats.prefetched > 0 and any(not main for main, _ in calls)
+    assert not any(fresh for _, fresh in calls), calls[:5]
+
+
 def test_fused_expert_layout_is_read_one_expert_at_a_time(tmp_path):
     """transformers v5 may store a layer's experts fused ([E, 2F, D]); the store reads a slice of it."""
     from safetensors.torch import load_file, save_file
