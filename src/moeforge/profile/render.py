@@ -25,7 +25,7 @@ def table(profile: dict) -> str:
                      f"{_ms(m['exposed_comm_s']):>8} {_ms(m['idle_s']):>8} {_ms(m['waiting_s']):>8} "
                      f"{_ms(m['hidden_comm_s']):>8} {_ms(m['comm_s']):>8} {overlap:>8}")
     rows = [r.get("expert_rows_per_step") for r in profile["ranks"]]
-    if profile["world"] > 1 and all(x is not None for x in rows):
+    if profile["layout"].get("ep", 1) > 1 and all(x is not None for x in rows):
         lines += ["", "routed-expert rows computed per step (tokens x experts of the rank's EP shard): "
                   + ", ".join(f"r{r['rank']}: {x:.0f}" for r, x in zip(profile["ranks"], rows))]
     dims = sorted({d for r in profile["ranks"] for d in r["mean"]["comm_by_dimension"]},
