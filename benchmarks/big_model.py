@@ -73,7 +73,8 @@ from moeforge.hf import from_pretrained
 from moeforge.inference import generate
 from moeforge.inference.expert_cache import load_budgeted, moe_modules
 
-folder, budgets, rounds, new, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+folder, budgets = sys.argv[1], json.loads(sys.argv[2])
+rounds, new, threads = (int(a) for a in sys.argv[3:6])
 torch.set_num_threads(threads)
 resident = from_pretrained(folder)
 for moe in moe_modules(resident).values():
@@ -241,13 +242,14 @@ def main() -> None:
 def memory_part(folder: Path, budgets: list[int], args, limit: int, info: dict) -> None:
     rows = [(b, memory_case(folder, b, args.new_tokens, None if args.no_cgroup else limit)) for b in [0, *budgets]]
     enforced = all(r["enforced"] for _, r in rows)
-    base = statistics.median(r["baseline"] for _, r in rows if "baseline" in r) if any("baseline" in r for _, r in rows) else 0
+    bases = [r["baseline"] for _, r in rows if "baseline" in r]
+    base = statistics.median(bases) if bases else 0
     how = ("enforced by a memory cgroup per case" if enforced else "NOT enforced (no writable memory cgroup"
            + (", --no-cgroup" if args.no_cgroup else "") + "): peak RSS compared with it")
     print(f"\n## memory: limit {args.limit_mb:g} MB, {how}; runtime baseline RSS {base / 1e6:.0f} MB (python + torch; "
           "shared libraries already in memory are not charged to the cgroup)\n")
-    print("| experts resident | resident experts MB | load peak MB | generate peak MB | cgroup peak MB (incl. page cache) "
-          "| fits |")
+    print("| experts resident | resident experts MB | load peak MB | generate peak MB "
+          "| cgroup peak MB (incl. page cache) | fits |")
     print("|---|---|---|---|---|---|")
     for b, r in rows:
         name = "all (no budget)" if b == 0 else f"{b}/layer"
@@ -276,8 +278,8 @@ def speed_part(folder: Path, budgets: list[int], args) -> None:
     print("| experts resident | prefetch | tok/s | vs resident | prefetch on / off | CPU ms / token | vs resident "
           "| hit rate | MB read / token | next-layer recall | prefetches used | identical |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| all resident | - | {median(ref, 'tok_s'):.2f} | 1.00x | - | {median(ref, 'cpu_ms'):.0f} | 1.00x | - | 0 | - "
-          "| - | - |")
+    print(f"| all resident | - | {median(ref, 'tok_s'):.2f} | 1.00x | - | {median(ref, 'cpu_ms'):.0f} | 1.00x | - "
+          "| 0 | - | - | - |")
     for b in budgets:
         for p in ("off", "on"):
             mine = rows[f"{b}/{p}"]
@@ -285,7 +287,8 @@ def speed_part(folder: Path, budgets: list[int], args) -> None:
             gain = f"{paired(rows[f'{b}/on'], rows[f'{b}/off']):.2f}x" if p == "on" else "-"
             used = f"{sum(r['prefetch_used'] for r in mine)}/{sum(r['prefetched'] for r in mine)}" if p == "on" else "-"
             print(f"| {b}/layer | {p} | {median(mine, 'tok_s'):.2f} | {paired(mine, ref):.2f}x | {gain} | "
-                  f"{median(mine, 'cpu_ms'):.0f} | {paired(mine, ref, 'cpu_ms'):.2f}x | {median(mine, 'hit_rate'):.1%} | {median(mine, 'mb_per_token'):.2f} | {median(mine, 'recall'):.0%} | "
+                  f"{median(mine, 'cpu_ms'):.0f} | {paired(mine, ref, 'cpu_ms'):.2f}x | "
+                  f"{median(mine, 'hit_rate'):.1%} | {median(mine, 'mb_per_token'):.2f} | {median(mine, 'recall'):.0%} | "
                   f"{used} | {same}/{len(mine)} |", flush=True)
 
 

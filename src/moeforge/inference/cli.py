@@ -33,8 +33,8 @@ def inference_precision(dtype: str, caps, folder=None) -> tuple[torch.dtype | No
 
         if read_safetensors(folder).stored_dtype() == torch.bfloat16:
             if not caps.bf16:
-                print("moeforge: weights kept in bf16 as stored (FP8 dequantised to bf16), half the memory of fp32; bf16 "
-                      "matmuls are slow on this device: --dtype fp32 is faster if memory allows", file=sys.stderr)
+                print("moeforge: weights kept in bf16 as stored (FP8 dequantised to bf16), half the memory of fp32; "
+                      "bf16 matmuls are slow on this device: --dtype fp32 is faster if memory allows", file=sys.stderr)
             dtype = "bf16"
     if dtype == "bf16":
         return torch.bfloat16, None
