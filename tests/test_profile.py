@@ -44,7 +44,7 @@ def test_breakdown_of_a_synthetic_two_rank_trace():
     assert result["straggler"]["others_wait_s_per_step"] == pytest.approx(160 * US)
 
 
-def _check_profile(profile: dict, world: int) -> None:
+def _check_profile(profile: dict, world: int, dims_expected=("ep_dispatch", "ep_combine", "ep_backward", "dp")) -> None:
     for key in ("ranks", "overlap_ratio", "straggler", "prediction", "comparison", "layout", "traces"):
         assert key in profile
     assert len(profile["ranks"]) == world
@@ -58,27 +58,50 @@ def _check_profile(profile: dict, world: int) -> None:
             assert 0 <= step["overlap_ratio"] <= 1
     assert 0 <= profile["overlap_ratio"] <= 1
     dims = profile["ranks"][0]["mean"]["comm_by_dimension"]
-    assert {"ep_dispatch", "ep_combine", "ep_backward", "dp"} <= set(dims)
+    assert set(dims_expected) <= set(dims)
 
 
-# Experts large enough that the rows a rank computes dominate its expert time (hot:4 puts 10/7 of the mean
-# rank's rows on rank 0 and 4/7 on rank 1).
+# Top-1 routing with 7/8 of the tokens on expert 0 (hot:7, the most F < E allows): EP rank 0 computes 53/56
+# of the routed rows, rank 1 4/56, and the experts are wide enough that those rows dominate a step, so the
+# margin dwarfs a shared machine's noise.
 HOT = ["--preset", "debug", "--data", str(SMALL_CORPUS), "--seq-len", "32", "--batch-size", "8", "--device", "cpu",
-       "--precision", "fp32", "-m", "moe_intermediate_size=4096", "--hardware", "h100", "--dist-timeout", "120"]
+       "--precision", "fp32", "-m", "moe_intermediate_size=4096", "-m", "num_experts_per_tok=1", "--hardware", "h100",
+       "--dist-timeout", "120"]
 
 
 def test_profile_two_gloo_ranks_names_the_hot_rank_as_straggler(tmp_path, capsys):
     out = tmp_path / "prof"
-    assert main(["profile", *HOT, "--nproc", "2", "--ep", "2", "--routing", "hot:4", "--steps", "3", "--warmup", "1",
+    assert main(["profile", *HOT, "--nproc", "2", "--ep", "2", "--routing", "hot:7", "--steps", "2", "--warmup", "1",
                  "--out", str(out)]) == 0
     profile = json.loads((out / "profile.json").read_text())
     _check_profile(profile, world=2)
+    # The cause, counted (no timing): 53/56 of the routed rows on rank 0's experts.
+    rows = [r["expert_rows_per_step"] for r in profile["ranks"]]
+    assert rows[0] > 10 * rows[1] > 0, rows
+    # The effect, measured: rank 1 waits for rank 0, never the reverse by as much.
     assert profile["straggler"]["rank"] == 0  # expert 0, the hot one, lives on EP rank 0
     assert (out / "trace" / "rank0.json").is_file() and (out / "trace" / "rank1.json").is_file()
     assert (out / "timeline.png").stat().st_size > 1000
     assert "prediction" in profile and "parts_s" in profile["prediction"]
     printed = capsys.readouterr().out
     assert "straggler: rank 0" in printed and "compute + exposed comm + idle = step" in printed
+
+
+def test_tensor_parallel_communication_is_attributed_to_tp(tmp_path):
+    """DTensor's redistributes (the row-parallel all-reduces, forward and backward) run functional
+    collectives on the tp mesh group: they are labelled "tp", not folded into whatever range came before."""
+    out = tmp_path / "tp"
+    assert main(["profile", "--preset", "debug", "--data", str(SMALL_CORPUS), "--seq-len", "16", "--batch-size", "2",
+                 "--device", "cpu", "--precision", "fp32", "--hardware", "h100", "--dist-timeout", "120",
+                 "--nproc", "2", "--tp", "2", "--steps", "1", "--warmup", "1", "--out", str(out)]) == 0
+    profile = json.loads((out / "profile.json").read_text())
+    _check_profile(profile, world=2, dims_expected=("tp",))
+    for rank in profile["ranks"]:
+        dims = rank["mean"]["comm_by_dimension"]
+        others = sum(v["total_s"] for d, v in dims.items() if d != "tp")
+        assert dims["tp"]["total_s"] > others, dims  # tens of all-reduces vs a few bookkeeping ones
+    row = next(r for r in profile["comparison"] if r["component"] == "TP all-reduce (exposed)")
+    assert row["measured_s"] > 0
 
 
 def test_ep_overlap_shared_hides_more_of_the_dispatch(tmp_path):

@@ -178,7 +178,7 @@ def cmd_generate(args) -> int:
                 break
     tokenizer = load_tokenizer(tokenizer_path)
     caps = hardware.probe(args.device)
-    weights, autocast = inference_precision(args.dtype, caps)
+    weights, autocast = inference_precision(args.dtype, caps, folder)
     model, args.expert_cache = load_model(folder, caps, args, weights)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")

@@ -198,7 +198,10 @@ def hf_to_moeforge(tensors: Mapping[str, torch.Tensor], config: ModelConfig,
             continue
         target = like[name]
         if keys == [hf_name(name, config)]:  # one tensor (also a fused expert stack)
-            out[name] = _check_shape(tensors[keys[0]], target, keys[0]).to(target.dtype)
+            if isinstance(tensors, SafetensorsFolder):  # converted (FP8: dequantised) as it is read
+                out[name] = tensors.read_into(keys[0], torch.empty(target.shape, dtype=target.dtype))
+            else:
+                out[name] = _check_shape(tensors[keys[0]], target, keys[0]).to(target.dtype)
             continue
         stack = torch.empty(target.shape, dtype=target.dtype)  # [E, parts x width, ...], expert by expert
         if keys:
@@ -256,15 +259,23 @@ def config_for_checkpoint(config: ModelConfig, names: set[str], source: str = "c
     return config
 
 
-def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
-    """weight [O, I] in FP8 times its per-block scale [ceil(O/block), ceil(I/block)] -> fp32."""
+def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """weight [O, I] in FP8 times its per-block scale [ceil(O/block), ceil(I/block)] -> fp32, or into `out`
+    (any float dtype, e.g. bf16) one row of blocks at a time: the product is taken in fp32 either way, but
+    no fp32 copy of the whole weight is ever made."""
     O, I = weight.shape
     expected = (-(-O // block), -(-I // block))
     if tuple(scale_inv.shape) != expected:
         raise CheckpointError(f"weight_scale_inv shape {tuple(scale_inv.shape)} does not match weight "
                               f"{(O, I)} in {block}x{block} blocks (expected {expected})")
-    scale = scale_inv.float().repeat_interleave(block, 0)[:O].repeat_interleave(block, 1)[:, :I]
-    return weight.float() * scale
+    if out is None:
+        out = torch.empty(O, I, dtype=torch.float32)
+    for i in range(expected[0]):
+        rows = slice(i * block, min(O, (i + 1) * block))
+        scale = scale_inv[i].float().repeat_interleave(block)[:I]
+        out[rows] = weight[rows].float() * scale
+    return out
 
 
 class SafetensorsFolder(Mapping):
@@ -329,9 +340,25 @@ class SafetensorsFolder(Mapping):
         when the dtypes match (no temporary), through one converted temporary otherwise."""
         if tuple(out.shape) != self.shape(key):
             raise CheckpointError(f"{key} has shape {self.shape(key)}, the config expects {tuple(out.shape)}")
-        if self._open(self._where[key]).entries[key][0] == out.dtype and key + "_scale_inv" not in self._where:
+        scale = key + "_scale_inv"
+        if scale in self._where:  # FP8: dequantised straight into out's dtype (no fp32 copy of the tensor)
+            return dequantize_fp8_block(self._read(key), self._read(scale), self.block, out=out)
+        if self._open(self._where[key]).entries[key][0] == out.dtype:
             return self._read(key, out)
         return out.copy_(self[key])
+
+    def stored_dtype(self) -> torch.dtype:
+        """The floating dtype the weights are stored in (the one holding the most bytes): what loading
+        "as stored" means. FP8 block-quantised weights count as bf16, the dtype DeepSeek dequantises them to."""
+        sizes: dict[torch.dtype, int] = {}
+        for key, path in self._where.items():
+            dtype, shape, begin, end = self._open(path).entries[key]
+            if key.endswith(".weight_scale_inv") or not dtype.is_floating_point:
+                continue
+            if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                dtype = torch.bfloat16
+            sizes[dtype] = sizes.get(dtype, 0) + end - begin
+        return max(sizes, key=sizes.get) if sizes else torch.float32
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._open(self._where[key]).shape(key)

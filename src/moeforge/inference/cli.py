@@ -16,14 +16,26 @@ INFERENCE_DTYPES = ("auto", "fp32", "bf16")
 
 def add_dtype_flag(parser) -> None:
     parser.add_argument("--dtype", choices=INFERENCE_DTYPES, default="auto",
-                        help="auto: fp32 weights, bf16 autocast where bf16 matmuls are fast; fp32; bf16: weights "
-                             "loaded in bf16 (half the memory; routers stay fp32), no autocast")
+                        help="auto: the checkpoint's own dtype for bf16 and FP8 checkpoints (bf16 weights, no fp32 "
+                             "copy), else fp32 weights with bf16 autocast where bf16 matmuls are fast; fp32; bf16: "
+                             "weights loaded in bf16 (half the memory; routers stay fp32), no autocast")
 
 
-def inference_precision(dtype: str, caps) -> tuple[torch.dtype | None, torch.dtype | None]:
-    """--dtype -> (dtype to load the weights in, None = fp32; autocast dtype or None)."""
+def inference_precision(dtype: str, caps, folder=None) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """--dtype -> (dtype to load the weights in, None = fp32; autocast dtype or None). `auto` keeps a bf16
+    or FP8 checkpoint (`folder`) in bf16: upcasting would double its memory, which is what a big model on
+    a small machine cannot afford; `--dtype fp32` asks for the upcast (faster where bf16 matmuls are
+    emulated, as on CPUs without AVX512-BF16 / AMX)."""
     from .. import hardware
 
+    if dtype == "auto" and folder is not None:
+        from ..hf import read_safetensors
+
+        if read_safetensors(folder).stored_dtype() == torch.bfloat16:
+            if not caps.bf16:
+                print("moeforge: weights kept in bf16 as stored (FP8 dequantised to bf16), half the memory of fp32; "
+                      "bf16 matmuls are slow on this device: --dtype fp32 is faster if memory allows", file=sys.stderr)
+            dtype = "bf16"
     if dtype == "bf16":
         return torch.bfloat16, None
     return None, hardware.autocast_dtype(dtype, caps)
@@ -47,7 +59,7 @@ def expert_budgeted(args) -> bool:
 
 
 def load_model(folder, caps, args, dtype: torch.dtype | None = None):
-    """(model configured for `caps`, its weights in `dtype` (None = as stored, fp32 for our own), ExpertCache
+    """(model configured for `caps`, its weights in `dtype` (None = fp32; see `inference_precision`), ExpertCache
     or None). With --expert-budget / --expert-memory the routed experts are not loaded: the cache reads
     them from `folder` on demand."""
     from .. import hardware
@@ -143,7 +155,7 @@ def load_for_inference(checkpoint: str, tokenizer_path: str | None, device: str,
                 break
     tokenizer = load_tokenizer(tokenizer_path)
     caps = hardware.probe(device)
-    weights, autocast = inference_precision(dtype or getattr(args, "dtype", "auto"), caps)
+    weights, autocast = inference_precision(dtype or getattr(args, "dtype", "auto"), caps, folder)
     model, _ = load_model(folder, caps, args, weights)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")

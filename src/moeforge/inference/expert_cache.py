@@ -128,6 +128,7 @@ class ExpertCache:
         self.tokens_by_layer: dict[int, int] = {}
         self.unused_prefetch: set[tuple[int, int]] = set()
         self.free: list[tuple[torch.Tensor, torch.Tensor]] = []  # evicted experts' memory, for reuse
+        self.slot_shapes: tuple[torch.Size, torch.Size] | None = None  # an expert's (w_in, w_out) shapes
         self.predictions: dict[int, set[int]] = {}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="moeforge-prefetch") if prefetch else None
         self.stats = CacheStats()
@@ -153,6 +154,7 @@ class ExpertCache:
     def _load(self, layer: int, expert: int, out=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Read one expert (main thread on a miss, the prefetch thread ahead of use), into `out` if given."""
         w_in, w_out = self.store.load(layer, expert, self.dtype, out)
+        self.slot_shapes = (w_in.shape, w_out.shape)
         nb = self.device.type == "cuda"
         with self.lock:
             self.stats.bytes_moved += w_in.numel() * w_in.element_size() + w_out.numel() * w_out.element_size()
@@ -195,9 +197,20 @@ class ExpertCache:
             self.unused_prefetch.add(key)
 
     def _free_slot(self):
-        """An evicted expert's (w_in, w_out) to read into, or None. Resident memory then stays at the
-        budget: fresh allocations per miss let the heap grow well past it (glibc keeps freed chunks)."""
-        return self.free.pop() if self.free else None
+        """An evicted expert's (w_in, w_out) to read into, else (on CPU, once an expert's shapes are known)
+        fresh memory allocated here, on the calling (main) thread, or None. Resident memory then stays at
+        the budget: fresh allocations per miss let the heap grow well past it (glibc keeps freed chunks),
+        and allocations on the prefetch thread would grow a heap arena of its own."""
+        if self.free:
+            return self.free.pop()
+        if self.device.type == "cpu" and self.slot_shapes is not None:
+            return tuple(torch.empty(shape, dtype=self.dtype) for shape in self.slot_shapes)
+        return None
+
+    def _recycle(self, future: Future) -> None:
+        """A prefetch evicted while its read ran: its memory goes back to the free slots when the read ends."""
+        if not future.cancelled() and future.exception() is None and self.device.type == "cpu":
+            self.free.append(future.result())
 
     def _make_room(self, layer: int, keep: frozenset) -> None:
         scope = [k for k in self.resident if self.scope == "model" or k[0] == layer]
@@ -208,7 +221,8 @@ class ExpertCache:
             # used of equally frequent experts.
             entry = self.resident.pop(victim)
             if isinstance(entry, Future):
-                entry.cancel()
+                if not entry.cancel():  # running or done: keep its memory
+                    entry.add_done_callback(self._recycle)
             elif self.device.type == "cpu":  # its memory takes the next expert read: no allocator churn
                 self.free.append(entry)
             self.unused_prefetch.discard(victim)
@@ -312,6 +326,8 @@ def apply_expert_cache(model, budget: int | None = None, policy: str = "lru", ch
     else:
         store = MemoryExpertStore({i: m.experts for i, m in moes.items()}, pin=device.type == "cuda")
     cache = ExpertCache(store, budget, policy, device=device, dtype=dtype, scope=scope, prefetch=prefetch)
+    F, D = model.config.moe_intermediate_size, model.config.hidden_size
+    cache.slot_shapes = (torch.Size([2 * F, D]), torch.Size([D, F]))  # (w_in, w_out), as GroupedExperts holds them
     main = sorted(i for i in moes if i < model.config.num_hidden_layers)
     following = {a: b for a, b in zip(main, main[1:])}
     for layer, moe in moes.items():

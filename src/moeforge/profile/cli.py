@@ -51,7 +51,8 @@ def cmd_profile(args) -> int:
     if steps < 1 or args.warmup < 0:
         raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {args.warmup}")
     toml = load_toml(args.config) if args.config else {}
-    train.update(steps=args.warmup + steps, eval_every=0, sample_tokens=0, save_every=0)
+    train.update(steps=args.warmup + steps, eval_every=0, sample_tokens=0, save_every=0,
+                 log_expert_counts=True)  # per-rank routed rows in profile.json
     run = resolve_run_config(toml, train, parse_overrides(args.model_overrides))
     cfg = run.train
     out = Path(args.out)

@@ -24,6 +24,10 @@ def table(profile: dict) -> str:
         lines.append(f"{r['rank']:>4} {_ms(m['step_s']):>8} {_ms(m.get('clock_step_s')):>8} {_ms(m['compute_s']):>8} "
                      f"{_ms(m['exposed_comm_s']):>8} {_ms(m['idle_s']):>8} {_ms(m['waiting_s']):>8} "
                      f"{_ms(m['hidden_comm_s']):>8} {_ms(m['comm_s']):>8} {overlap:>8}")
+    rows = [r.get("expert_rows_per_step") for r in profile["ranks"]]
+    if profile["layout"].get("ep", 1) > 1 and all(x is not None for x in rows):
+        lines += ["", "routed-expert rows computed per step (tokens x experts of the rank's EP shard): "
+                  + ", ".join(f"r{r['rank']}: {x:.0f}" for r, x in zip(profile["ranks"], rows))]
     dims = sorted({d for r in profile["ranks"] for d in r["mean"]["comm_by_dimension"]},
                   key=lambda d: list(profile["ranks"][0]["mean"]["comm_by_dimension"]).index(d)
                   if d in profile["ranks"][0]["mean"]["comm_by_dimension"] else 99)

@@ -47,8 +47,10 @@ def profile_run(run, out: Path, steps: int, warmup: int, hardware: str | None = 
         layout_text = "one process"
     try:
         trace_path = out / "trace" / f"rank{rank}.json"
-        clock = profile_steps(trainer, steps, warmup, trace_path, distributed)
-        mine = (extract(read_trace(trace_path), rank), clock)
+        clock, counts = profile_steps(trainer, steps, warmup, trace_path, distributed)
+        ep_rank = trainer.mesh["ep"].get_local_rank() if distributed else 0
+        edp = trainer.layout.edp if distributed else 1
+        mine = (extract(read_trace(trace_path), rank), clock, expert_rows(counts, ep_rank, layout["ep"], edp))
         gathered = [None] * world if rank == 0 else None
         if distributed:
             dist.gather_object(mine, gathered, dst=0)
@@ -61,6 +63,8 @@ def profile_run(run, out: Path, steps: int, warmup: int, hardware: str | None = 
         return None
     result = analyze([g[0] for g in gathered], [g[1] for g in gathered])
     lanes = result.pop("_lanes")
+    for r in result["ranks"]:
+        r["expert_rows_per_step"] = gathered[r["rank"]][2]
     # The planner models the slowest rank: the straggler (the ranks' step times are equal, they wait for it).
     by_rank = {r["rank"]: r for r in result["ranks"]}
     slowest = by_rank[result["straggler"]["rank"]] if result["straggler"] else \
@@ -77,3 +81,13 @@ def profile_run(run, out: Path, steps: int, warmup: int, hardware: str | None = 
     timeline(lanes, out / "timeline.png", title=f"{layout_text}, routing {trainer.cfg.routing}, "
                                                 f"{steps} steps")
     return profile
+
+
+def expert_rows(counts, ep_rank: int, ep: int, edp: int) -> float | None:
+    """Routed (token, expert) rows a rank's experts computed per step: the step's global counts of the
+    experts its EP shard holds, shared by its `edp` expert-data-parallel replicas. Not a timing: it says
+    why a rank is the straggler (routing imbalance) independently of the machine's noise."""
+    if counts is None:
+        return None
+    per = counts.shape[1] // ep
+    return float(counts[:, ep_rank * per:(ep_rank + 1) * per].sum()) / edp
