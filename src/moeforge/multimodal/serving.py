@@ -44,10 +44,11 @@ def positions(kind: str, cfg) -> int:
 
 
 def layout(segments: list, cfg, tokenizer) -> tuple[list[int], list[int], list[tuple[int, str, object]]]:
-    """Segments -> (ids with eos placeholders, token types, [(start, kind, item)])."""
+    """Segments -> (ids with eos placeholders, token types, [(start, kind, item)]); the ids start with an
+    eos (BOS), as the training sequences of `data.example_tokens` do."""
     eos = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    ids: list[int] = []
-    types: list[int] = []
+    ids: list[int] = [eos]
+    types: list[int] = [TEXT]
     spans = []
     for seg in segments:
         if isinstance(seg, str):
