@@ -292,9 +292,9 @@ class Engine:
         offsets = {b: char_offsets(self.tokenizer, jobs[b].prompt_ids) for b in want}
         embeds = self._embed_media(jobs, ids) if any(j.media for j in jobs) else None
         for i in range(0, T, self.prefill_chunk):
+            media = {} if embeds is None else {"embeds": embeds[:, i:i + self.prefill_chunk]}
             logits, _ = forward_cached(self.model, ids[:, i:i + self.prefill_chunk], cache,
-                                       mask[:, i:i + self.prefill_chunk], self.mode,
-                                       None if embeds is None else embeds[:, i:i + self.prefill_chunk])
+                                       mask[:, i:i + self.prefill_chunk], self.mode, **media)
             for b in want:  # logits at padded position q - 1 predict the token at q
                 first = T - len(jobs[b].prompt_ids)
                 lo, hi = max(first + 1, i + 1), min(i + logits.shape[1], T - 1)
