@@ -106,14 +106,15 @@ def _rope_and_mask(model: Transformer, cache: LatentKVCache, mask: torch.Tensor)
 
 
 def forward_cached(model: Transformer, ids: torch.Tensor, cache: LatentKVCache, mask: torch.Tensor | None = None,
-                   mode: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                   mode: str = "auto", embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ids [B, T] (prefill: the prompts, left-padded with mask [B, T] False on padding; decode: T=1
-    or a few speculative tokens) through the main model, appending to `cache`.
+    or a few speculative tokens) through the main model, appending to `cache`. `embeds` [B, T, D], when
+    given, are the input vectors instead of the ids' embeddings (media written over placeholders).
     Returns (logits [B, T, vocab], last hidden state before the final norm [B, T, D], for MTP)."""
     if mask is None:
         mask = torch.ones_like(ids, dtype=torch.bool)
     start, cos, sin, bias = _rope_and_mask(model, cache, mask)
-    h = model.embed_tokens(ids)
+    h = model.embed_tokens(ids) if embeds is None else embeds
     for i, layer in enumerate(model.layers):
         h = block_step(layer, h, cos, sin, cache.kv[i], start, bias, mode)
     return model.lm_head(model.norm(h)), h

@@ -162,6 +162,23 @@ def load_for_inference(checkpoint: str, tokenizer_path: str | None, device: str,
     return model, tokenizer, autocast, folder
 
 
+def media_encoder(lm, folder):
+    """A multimodal checkpoint's encoders (image_url / input_audio content parts), else None."""
+    from ..multimodal.model import ENCODER_CONFIG
+
+    if not (folder / ENCODER_CONFIG).is_file():
+        return None
+    import json
+
+    from ..multimodal.encoders import MultimodalConfig
+    from ..multimodal.model import MultimodalLM, load_encoders
+    from ..multimodal.serving import MediaEncoder
+
+    mm = MultimodalLM(lm, MultimodalConfig.from_dict(json.loads((folder / ENCODER_CONFIG).read_text())))
+    load_encoders(mm, folder)
+    return MediaEncoder(mm.to(next(lm.parameters()).device).eval())
+
+
 def cmd_serve(args) -> int:
     from ..errors import ConfigError
 
@@ -175,7 +192,8 @@ def cmd_serve(args) -> int:
         raise ConfigError("--max-queue and --max-batch must be >= 1")
     model, tokenizer, autocast, folder = load_for_inference(args.checkpoint, args.tokenizer, args.device, args)
     name = folder.parent.parent.name if folder.name.startswith("step-") else folder.name  # run name
-    engine = Engine(model, tokenizer, autocast, max_queue=args.max_queue, max_batch=args.max_batch)
+    engine = Engine(model, tokenizer, autocast, max_queue=args.max_queue, max_batch=args.max_batch,
+                    media_encoder=media_encoder(model, folder))
     print(f"moeforge serve: {folder} on http://{args.host}:{args.port} (model id {name!r})", file=sys.stderr)
     serve(engine, name, args.host, args.port, default_max_tokens=args.max_tokens)
     return 0

@@ -67,6 +67,9 @@ class Job:
     logprobs: bool = False  # the sampled tokens' log-probabilities ...
     top_logprobs: int = 0  # ... and this many alternatives per position
     prompt_logprobs: bool = False  # the prompt tokens' log-probabilities (OpenAI's `echo` + `logprobs`)
+    # (start, kind, item): an image or clip whose encoder vectors replace prompt_ids[start:start + n]
+    # (placeholders); needs an engine with a media_encoder.
+    media: tuple[tuple[int, str, object], ...] = ()
     cancelled: threading.Event = field(default_factory=threading.Event)
     tokens: list[int] = field(default_factory=list)
     text: str = ""  # decode(tokens)
@@ -115,8 +118,11 @@ def char_offsets(tokenizer, ids: list[int]) -> list[int]:
 
 class Engine:
     def __init__(self, model, tokenizer, autocast_dtype: torch.dtype | None = None, max_queue: int = 16,
-                 max_batch: int = 4, prefill_chunk: int = 512, mode: str = "auto"):
+                 max_batch: int = 4, prefill_chunk: int = 512, mode: str = "auto", media_encoder=None):
+        """media_encoder: (kind, item) -> vectors [n, hidden] for jobs with media (a multimodal
+        checkpoint's encoders, `moeforge.multimodal.serving.MediaEncoder`); None: text only."""
         self.model, self.tokenizer, self.autocast_dtype = model, tokenizer, autocast_dtype
+        self.media_encoder = media_encoder
         self.max_batch, self.prefill_chunk, self.mode = max_batch, prefill_chunk, mode
         self.context = model.config.max_position_embeddings
         self.vocab_size = model.config.vocab_size
@@ -150,6 +156,9 @@ class Engine:
             raise ConfigError(f"seed: must be in [-2**63, 2**64), got {job.seed}")
         if not 0 <= job.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ConfigError(f"top_logprobs: must be in 0..{MAX_TOP_LOGPROBS}, got {job.top_logprobs}")
+        if job.media and self.media_encoder is None:
+            raise ConfigError(f"messages: this model takes text only ({job.media[0][1]} given; serve a "
+                              "multimodal checkpoint)")
 
     def submit(self, job: Job) -> None:
         if self.closing:
@@ -281,9 +290,11 @@ class Engine:
         T = ids.shape[1]
         want = {b: [TokenLogprob(j.prompt_ids[0], None)] for b, j in enumerate(jobs) if j.prompt_logprobs}
         offsets = {b: char_offsets(self.tokenizer, jobs[b].prompt_ids) for b in want}
+        embeds = self._embed_media(jobs, ids) if any(j.media for j in jobs) else None
         for i in range(0, T, self.prefill_chunk):
+            media = {} if embeds is None else {"embeds": embeds[:, i:i + self.prefill_chunk]}
             logits, _ = forward_cached(self.model, ids[:, i:i + self.prefill_chunk], cache,
-                                       mask[:, i:i + self.prefill_chunk], self.mode)
+                                       mask[:, i:i + self.prefill_chunk], self.mode, **media)
             for b in want:  # logits at padded position q - 1 predict the token at q
                 first = T - len(jobs[b].prompt_ids)
                 lo, hi = max(first + 1, i + 1), min(i + logits.shape[1], T - 1)
@@ -293,6 +304,18 @@ class Engine:
         for b, entries in want.items():
             self._emit(jobs[b], ("prompt", entries))
         return logits[:, -1]
+
+    def _embed_media(self, jobs: list[Job], ids: torch.Tensor) -> torch.Tensor:
+        """The prompts' token embeddings with each job's media vectors over its placeholders (rows are
+        left-padded: a row's prompt starts at T - len(prompt_ids))."""
+        h = self.model.embed_tokens(ids)
+        T = ids.shape[1]
+        for b, j in enumerate(jobs):
+            for start, kind, item in j.media:
+                vectors = self.media_encoder(kind, item).to(h.dtype)
+                at = T - len(j.prompt_ids) + start
+                h[b, at:at + vectors.shape[0]] = vectors
+        return h
 
     # --- text -----------------------------------------------------------------------------------
     def _accept(self, job: Job, token: int, entry: TokenLogprob | None) -> None:

@@ -9,6 +9,9 @@ accepted and have no effect. Every refusal names its field: the server turns pyd
 
 from __future__ import annotations
 
+import base64
+import binascii
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -17,6 +20,8 @@ from .engine import MAX_TOP_LOGPROBS, SEED_END, SEED_MIN
 
 MAX_STOP_STRINGS = 4
 MIN_TEMPERATURE = 1e-6
+MAX_MEDIA_BYTES = 8 * 2**20  # one image or clip, after base64 decoding
+AUDIO_FORMATS = ("wav",)
 
 
 def _unicode(s: str) -> str:
@@ -129,33 +134,106 @@ class CompletionRequest(RequestBase):
         return list(self.prompt)
 
 
+@dataclass(frozen=True)
+class MediaPart:
+    """An image_url or input_audio content part, base64-decoded (what the bytes hold is checked by the
+    model's media decoder). `where` names the part for error messages (messages.M.content.P)."""
+
+    kind: Literal["image", "audio"]
+    data: bytes
+    where: str = ""
+
+
+def _base64(text: Any, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise ValueError(f"{what}: must be a base64 string")
+    if len(text) > MAX_MEDIA_BYTES * 4 // 3 + 4:
+        raise ValueError(f"{what}: too large (more than {MAX_MEDIA_BYTES // 2**20} MB)")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{what}: not valid base64") from None
+    if not data:
+        raise ValueError(f"{what}: empty")
+    return data
+
+
+def _keys(part: dict, i: int, allowed: set[str]) -> None:
+    if set(part) - allowed:
+        raise ValueError(f"part {i}: unsupported keys {sorted(set(part) - allowed)}")
+
+
+def _image_part(part: dict, i: int) -> MediaPart:
+    _keys(part, i, {"type", "image_url"})
+    spec = part.get("image_url")
+    if not isinstance(spec, dict) or not isinstance(spec.get("url"), str):
+        raise ValueError(f"part {i}: image_url must be {{'url': 'data:image/png;base64,...'}}")
+    _keys(spec, i, {"url", "detail"})
+    _neutral(f"part {i}: image_url.detail", spec.get("detail"), ("auto",))
+    url = spec["url"]
+    if not url.startswith("data:"):
+        scheme = url.split(":", 1)[0] if ":" in url else "a URL without a scheme"
+        raise ValueError(f"part {i}: image_url.url: only inline data URLs (data:image/png;base64,...) are "
+                         f"supported, not {scheme!r} (the server fetches nothing)")
+    head, _, payload = url[5:].partition(",")
+    if not head.endswith(";base64") or not head.startswith("image/"):
+        raise ValueError(f"part {i}: image_url.url: expected data:image/<format>;base64,<data>, got "
+                         f"data:{head[:40]},...")
+    return MediaPart("image", _base64(payload, f"part {i}: image_url.url"), str(i))
+
+
+def _audio_part(part: dict, i: int) -> MediaPart:
+    _keys(part, i, {"type", "input_audio"})
+    spec = part.get("input_audio")
+    if not isinstance(spec, dict) or "data" not in spec or "format" not in spec:
+        raise ValueError(f"part {i}: input_audio must be {{'data': <base64>, 'format': 'wav'}}")
+    _keys(spec, i, {"data", "format"})
+    if spec["format"] not in AUDIO_FORMATS:
+        raise ValueError(f"part {i}: input_audio.format: only {' or '.join(map(repr, AUDIO_FORMATS))} is "
+                         f"supported, got {spec['format']!r}")
+    return MediaPart("audio", _base64(spec["data"], f"part {i}: input_audio.data"), str(i))
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["developer", "system", "user", "assistant"]
-    content: str
+    content: str | list  # a string, or text (str) and MediaPart pieces in order
 
     @field_validator("content", mode="before")
     @classmethod
-    def _text_parts(cls, v):
-        """OpenAI's list of content parts: text parts are concatenated; other kinds are refused."""
+    def _parts(cls, v):
+        """OpenAI's list of content parts: text parts are concatenated; image_url (inline data URLs) and
+        input_audio (wav) parts are decoded from base64 and kept in place; other kinds are refused.
+        Text only -> one string."""
         if not isinstance(v, list):
             return v
-        texts = []
+        pieces: list = []
         for i, part in enumerate(v):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ValueError(f"part {i}: only text parts {{'type': 'text', 'text': ...}} are supported, "
-                                 f"got {kind!r}")
-            if set(part) - {"type", "text"}:
-                raise ValueError(f"part {i}: unsupported keys {sorted(set(part) - {'type', 'text'})}")
-            texts.append(part["text"])
-        return "".join(texts)
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind == "image_url":
+                pieces.append(_image_part(part, i))
+            elif kind == "input_audio":
+                pieces.append(_audio_part(part, i))
+            elif kind == "text" and isinstance(part.get("text"), str):
+                _keys(part, i, {"type", "text"})
+                if pieces and isinstance(pieces[-1], str):
+                    pieces[-1] += part["text"]
+                else:
+                    pieces.append(part["text"])
+            else:
+                raise ValueError(f"part {i}: only text, image_url and input_audio parts are supported, got {kind!r}")
+        if all(isinstance(p, str) for p in pieces):
+            return "".join(pieces)
+        return pieces
 
     @field_validator("content")
     @classmethod
     def _content_unicode(cls, v):
-        return _unicode(v)
+        for piece in [v] if isinstance(v, str) else v:
+            if isinstance(piece, str):
+                _unicode(piece)
+        return v
 
 
 class ChatRequest(RequestBase):
@@ -209,12 +287,31 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-def chat_prompt(messages: list[ChatMessage]) -> str:
+def chat_segments(messages: list[ChatMessage]) -> list[str | MediaPart]:
     """A plain template (the byte-level and trained tokenizers have none): 'role: content' lines, then
-    'assistant:' for the model to continue. The developer role is OpenAI's new name for system and is
-    rendered as system, so both give the same text."""
+    'assistant:' for the model to continue; media parts stay where they were in their message. The
+    developer role is OpenAI's new name for system and is rendered as system, so both give the same text.
+    Each MediaPart's `where` becomes 'messages.M.content.P'."""
     role = {"developer": "system"}
-    return "".join(f"{role.get(m.role, m.role)}: {m.content}\n" for m in messages) + "assistant:"
+    out: list[str | MediaPart] = [""]
+    for m, msg in enumerate(messages):
+        out[-1] += f"{role.get(msg.role, msg.role)}: "
+        for piece in [msg.content] if isinstance(msg.content, str) else msg.content:
+            if isinstance(piece, str):
+                out[-1] += piece
+            else:
+                out += [MediaPart(piece.kind, piece.data, f"messages.{m}.content.{piece.where}"), ""]
+        out[-1] += "\n"
+    out[-1] += "assistant:"
+    return out
+
+
+def chat_prompt(messages: list[ChatMessage]) -> str:
+    """The template of `chat_segments` for text-only messages."""
+    segments = chat_segments(messages)
+    if len(segments) != 1:
+        raise ValueError("chat_prompt: the messages hold media; use chat_segments")
+    return segments[0]
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}

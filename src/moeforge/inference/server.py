@@ -26,10 +26,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..data import ByteTokenizer
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .engine import Engine, EngineBusy, Job, TokenLogprob
 from .openai_api import (ChatRequest, CompletionRequest, DetokenizeRequest, RequestBase, TokenizeRequest,
-                         chat_prompt, validation_message)
+                         MediaPart, chat_segments, validation_message)
 from .sampling import SamplingParams
 
 log = logging.getLogger("moeforge.serve")
@@ -184,7 +184,7 @@ def create_app(engine: Engine, model_name: str = "moeforge", default_max_tokens:
             raise _ClientError(400, f"prompt: cannot be tokenized ({e})", "prompt") from None
         return ids or list(engine.stop_ids[:1]) or [0]
 
-    def make_job(call: _Call, ids: list[int], on_event) -> Job:
+    def make_job(call: _Call, ids: list[int], on_event, media: tuple = ()) -> Job:
         room = engine.context - len(ids)
         if call.max_tokens is None:  # the default shrinks to what the context leaves
             if room < 1 and not call.echo:
@@ -198,7 +198,7 @@ def create_app(engine: Engine, model_name: str = "moeforge", default_max_tokens:
         else:
             max_tokens = call.max_tokens
         job = Job(ids, max_tokens, call.params, call.seed, call.stops, on_event, logprobs=call.logprobs,
-                  top_logprobs=call.top_logprobs, prompt_logprobs=call.echo and call.logprobs)
+                  top_logprobs=call.top_logprobs, prompt_logprobs=call.echo and call.logprobs, media=media)
         try:
             engine.check(job)
         except ConfigError as e:
@@ -209,10 +209,11 @@ def create_app(engine: Engine, model_name: str = "moeforge", default_max_tokens:
     class _Running:
         """One prompt's job and the events the worker sends back to the event loop."""
 
-        def __init__(self, call: _Call, prompt: str | list[int]):
+        def __init__(self, call: _Call, prompt: str | list[int], media: tuple = ()):
             loop = asyncio.get_running_loop()
             self.events: asyncio.Queue = asyncio.Queue()
-            self.job = make_job(call, encode(prompt), lambda ev: loop.call_soon_threadsafe(self.events.put_nowait, ev))
+            self.job = make_job(call, encode(prompt), lambda ev: loop.call_soon_threadsafe(self.events.put_nowait, ev),
+                                media)
             self.prompt_text = prompt if isinstance(prompt, str) else engine.tokenizer.decode(self.job.prompt_ids)
 
         async def collect(self) -> dict:
@@ -261,12 +262,31 @@ def create_app(engine: Engine, model_name: str = "moeforge", default_max_tokens:
         return out
 
     # --- responses ----------------------------------------------------------------------------
-    async def respond(call: _Call, prompts: list[str | list[int]]):
+    def media_prompt(segments: list[str | MediaPart]) -> tuple[list[int], tuple]:
+        """Chat segments with media parts -> (prompt ids with placeholders, the job's media); a 400 naming
+        the part for media the model cannot take or cannot decode."""
+        encoder = engine.media_encoder
+        decoded = []
+        for seg in segments:
+            if isinstance(seg, str):
+                decoded.append(seg)
+                continue
+            field = "image_url" if seg.kind == "image" else "input_audio"
+            if encoder is None:
+                raise _ClientError(400, f"{seg.where}: {field}: this model takes text only (serve a multimodal "
+                                        "checkpoint for image and audio input)", seg.where)
+            try:
+                decoded.append((seg.kind, encoder.decode(seg.kind, seg.data)))
+            except DataError as e:
+                raise _ClientError(400, f"{seg.where}: {field}: {e}", seg.where) from None
+        return encoder.layout(decoded, engine.tokenizer)
+
+    async def respond(call: _Call, prompts: list[str | list[int]], media: tuple = ()):
         if call.stream and len(prompts) > 1:
             raise _ClientError(400, "prompt: streaming takes one prompt per request", "prompt")
         if len(prompts) > engine.queue.maxsize:
             raise _ClientError(400, f"prompt: at most {engine.queue.maxsize} prompts per request", "prompt")
-        running = [_Running(call, p) for p in prompts]  # every prompt checked before any is queued
+        running = [_Running(call, p, media) for p in prompts]  # every prompt checked before any is queued
         try:
             for r in running:
                 engine.submit(r.job)
@@ -353,7 +373,12 @@ def create_app(engine: Engine, model_name: str = "moeforge", default_max_tokens:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
-        return await respond(decode_call(req, chat=True), [chat_prompt(req.messages)])
+        call = decode_call(req, chat=True)
+        segments = chat_segments(req.messages)
+        if len(segments) == 1:
+            return await respond(call, segments)
+        ids, media = await asyncio.to_thread(media_prompt, segments)  # image / WAV decoding off the event loop
+        return await respond(call, [ids], media)
 
     return app
 

@@ -10,7 +10,7 @@ joined into 1-3 word phrases with random gaps and noise; the transcript is the w
 uses speed/pitch settings no training clip has. Clips are synthesised once into a cache folder
 ($MOEFORGE_CACHE or ~/.cache/moeforge/speech).
 
-Sequences are `<media><prompt><answer><eos>`; only the answer and eos carry targets.
+Sequences are `<eos><media><prompt><answer><eos>`; only the answer and eos carry targets.
 """
 
 from __future__ import annotations
@@ -171,9 +171,11 @@ def example_tokens(ex: Example, cfg: MultimodalConfig, tokenizer, with_answer: b
     eos = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     prompt = tokenizer.encode(ex.prompt)
     answer = tokenizer.encode(ex.answer) + [eos] if with_answer else []
-    ids = [eos] * n_media + prompt + answer
-    types = [kind] * n_media + [TEXT] * (len(prompt) + len(answer))
-    start = n_media + len(prompt)  # first answer token; the position before it predicts it
+    # A leading eos (as BOS): the sequence's first position is text, not an image patch or audio frame
+    # (the LM attends to position 0 from everywhere; a media vector there is pulled towards a constant).
+    ids = [eos] + [eos] * n_media + prompt + answer
+    types = [TEXT] + [kind] * n_media + [TEXT] * (len(prompt) + len(answer))
+    start = 1 + n_media + len(prompt)  # first answer token; the position before it predicts it
     targets = [IGNORE] * len(ids)
     for i in range(start - 1, len(ids) - 1):
         targets[i] = ids[i + 1]

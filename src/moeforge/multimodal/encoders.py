@@ -77,14 +77,24 @@ def encoder_stack(dim: int, heads: int, layers: int) -> nn.TransformerEncoder:
 
 
 class Projector(nn.Module):
-    """Linear -> GELU -> Linear from encoder width to LM width."""
+    """Linear -> GELU -> Linear from encoder width to LM width, then each output feature standardised
+    over the batch's media vectors (BatchNorm without affine; running statistics in eval mode).
+
+    Why the standardisation: without it, joint training from scratch drove every image's vectors to one
+    shared direction within 25 steps (cross-image std / rms 0.34 at init -> 0.03; the LM learnt answer
+    priors from a constant "media" input, and Adam grew that constant), after which the LM's RMSNorm saw
+    almost identical keys at every media position and never learnt to read them. With the batch mean
+    removed and the scale fixed, only what differs between images and positions reaches the LM.
+    """
 
     def __init__(self, dim: int, out: int):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(dim, out), nn.GELU(), nn.Linear(out, out))
+        self.standardise = nn.BatchNorm1d(out, affine=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        y = self.net(x)
+        return self.standardise(y.reshape(-1, y.shape[-1])).view_as(y)
 
 
 class VisionEncoder(nn.Module):

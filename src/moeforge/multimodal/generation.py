@@ -7,20 +7,11 @@ from contextlib import nullcontext
 
 import torch
 
-from ..inference.absorbed import _rope_and_mask, block_step, forward_cached
+from ..inference.absorbed import forward_cached
 from ..inference.kv_cache import LatentKVCache
 from ..inference.sampling import SamplingParams, sample
 from .data import Example, collate
 from .model import MediaBatch, MultimodalLM
-
-
-def prefill_embeddings(lm, h: torch.Tensor, cache: LatentKVCache) -> torch.Tensor:
-    """Run embeddings [B, T, D] (rows of equal length) through the LM into `cache`; last logits [B, V]."""
-    mask = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
-    start, cos, sin, bias = _rope_and_mask(lm, cache, mask)
-    for i, layer in enumerate(lm.layers):
-        h = block_step(layer, h, cos, sin, cache.kv[i], start, bias, "auto")
-    return lm.lm_head(lm.norm(h[:, -1]))
 
 
 @torch.no_grad()
@@ -37,7 +28,7 @@ def greedy_tokens(model: MultimodalLM, batch: MediaBatch, max_new: int, eos: int
     done = torch.zeros(B, dtype=torch.bool, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     with autocast():
-        logits = prefill_embeddings(lm, model.embed(batch), cache)
+        logits = forward_cached(lm, batch.input_ids, cache, embeds=model.embed(batch))[0][:, -1]
         for step in range(max_new):
             token = sample(logits.float(), params, generator)
             for r, (t, d) in enumerate(zip(token.tolist(), done.tolist())):
@@ -72,9 +63,30 @@ def greedy_answers(model: MultimodalLM, examples: list[Example], cfg, tokenizer,
     return answers
 
 
-def answer_media(model: MultimodalLM, kind: str, media_input, prompt: str, tokenizer, max_new: int,
-                 params: SamplingParams = SamplingParams(), seed: int = 0) -> str:
-    """One `<image>`/`<audio>` + prompt sequence (media already decoded) -> the model's continuation."""
-    batch = collate([Example(kind, media_input, prompt, "", "")], model.mm_config, tokenizer, with_answer=False)
+def segments_batch(segments: list, cfg, tokenizer) -> MediaBatch:
+    """One prompt of text and (kind, item) segments, laid out as the server lays it out
+    (`serving.layout`), as a batch of one."""
+    from .encoders import pad_clip
+    from .serving import layout
+
+    ids, types, spans = layout(segments, cfg, tokenizer)
+    images = [item for _, kind, item in spans if kind == "image"]
+    clips = [pad_clip(item, cfg) for _, kind, item in spans if kind == "audio"]
+    return MediaBatch(torch.tensor([ids]), torch.tensor([types]),
+                      images=torch.stack(images) if images else None,
+                      mels=torch.stack([m for m, _ in clips]) if clips else None,
+                      frames=torch.tensor([f for _, f in clips]) if clips else None)
+
+
+def answer_segments(model: MultimodalLM, segments: list, tokenizer, max_new: int,
+                    params: SamplingParams = SamplingParams(), seed: int = 0) -> str:
+    """Text and (kind, item) segments (media already decoded) -> the model's continuation."""
+    batch = segments_batch(segments, model.mm_config, tokenizer)
     eos = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     return tokenizer.decode(greedy_tokens(model, batch, max_new, eos, params=params, seed=seed)[0])
+
+
+def answer_media(model: MultimodalLM, kind: str, media_input, prompt: str, tokenizer, max_new: int,
+                 params: SamplingParams = SamplingParams(), seed: int = 0) -> str:
+    """One `<image>`/`<audio>` + prompt sequence (the training layout) -> the model's continuation."""
+    return answer_segments(model, [(kind, media_input), prompt], tokenizer, max_new, params, seed)
