@@ -37,8 +37,9 @@ not once per replica.
 
 Checkpoints in the logical (Hugging Face) layout: `logical_expert_state(model)` gathers each logical
 expert's weights (from its first replica) into [E, ...] tensors keyed by the plain model's names, and
-`load_logical_expert_state(model, state)` writes them into every slot. The trainer does not use this
-module yet (see docs/balancing.md).
+`load_logical_expert_state(model, state)` writes them into every slot. The trainer uses this module
+through `moeforge.parallel.rebalance` (`moeforge train --redundant-experts R --rebalance-every K`), which
+also re-plans the placement during the run (`set_placement` + moving the slots' weights and moments).
 """
 
 from __future__ import annotations
@@ -116,23 +117,10 @@ class ReplicatedExpertParallelExperts(nn.Module):
         self.n_experts, self.n_slots, self.n_local, self.ep_mesh = E, S, S // ep, ep_mesh
         self.ep, self.rank = ep, rank
         self.impl = experts.impl
-        p2l = torch.tensor(phy2log, dtype=torch.long)
-        logcnt = torch.bincount(p2l, minlength=E)
-        # slots_of[e, r]: the r-th replica's slot of expert e (slot order), padded with -1.
-        order = torch.argsort(p2l, stable=True)
-        starts = logcnt.cumsum(0) - logcnt
-        slots_of = torch.full((E, int(logcnt.max())), -1, dtype=torch.long)
-        for e in range(E):
-            slots_of[e, :logcnt[e]] = order[starts[e]:starts[e] + logcnt[e]]
-        lo, hi = rank * self.n_local, (rank + 1) * self.n_local
-        local = p2l[lo:hi]
-        first = torch.zeros(S, dtype=torch.bool)
-        first[slots_of[:, 0]] = True  # each expert's first replica: the copy read for the logical weights
         dev = experts.gate_up_proj.device
-        for name, value in (("phy2log", p2l), ("logcnt", logcnt), ("slots_of", slots_of),
-                            ("local_phy2log", local), ("local_first", first[lo:hi]),
-                            ("slot_counts", torch.zeros(self.n_local, dtype=torch.long))):
-            self.register_buffer(name, value.to(dev), persistent=False)
+        self.register_buffer("slot_counts", torch.zeros(self.n_local, dtype=torch.long, device=dev), persistent=False)
+        self.set_placement(phy2log)
+        local = self.local_phy2log
         for name in WEIGHTS:
             w = getattr(experts, name).detach()
             setattr(self, name, nn.Parameter(w[local.to(w.device)].clone()))
@@ -142,6 +130,29 @@ class ReplicatedExpertParallelExperts(nn.Module):
         experts.n_experts = self.n_local
         self._kernel = (experts,)  # a tuple: not a submodule
         self.logical_grad_sq: torch.Tensor | None = None  # set by sync_grads
+
+    @torch.no_grad()
+    def set_placement(self, phy2log) -> None:
+        """Take a new placement (same slot count): recompute the routing tables. The slot weights are not
+        touched: moving them is the caller's job (`moeforge.parallel.rebalance.move_slots`)."""
+        phy2log = check_placement([phy2log], None, 1, self.n_experts, self.ep)[0]
+        if len(phy2log) != self.n_slots:
+            raise ConfigError(f"placement has {len(phy2log)} slots, this layer {self.n_slots}")
+        E, dev = self.n_experts, self.slot_counts.device
+        p2l = torch.tensor(phy2log, dtype=torch.long)
+        logcnt = torch.bincount(p2l, minlength=E)
+        # slots_of[e, r]: the r-th replica's slot of expert e (slot order), padded with -1.
+        order = torch.argsort(p2l, stable=True)
+        starts = logcnt.cumsum(0) - logcnt
+        slots_of = torch.full((E, int(logcnt.max())), -1, dtype=torch.long)
+        for e in range(E):
+            slots_of[e, :logcnt[e]] = order[starts[e]:starts[e] + logcnt[e]]
+        lo, hi = self.rank * self.n_local, (self.rank + 1) * self.n_local
+        first = torch.zeros(self.n_slots, dtype=torch.bool)
+        first[slots_of[:, 0]] = True  # each expert's first replica: the copy read for the logical weights
+        for name, value in (("phy2log", p2l), ("logcnt", logcnt), ("slots_of", slots_of),
+                            ("local_phy2log", p2l[lo:hi]), ("local_first", first[lo:hi])):
+            self.register_buffer(name, value.to(dev), persistent=False)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, D] sorted by logical expert, counts [E] -> [M, D] in the same order."""
