@@ -25,11 +25,12 @@ dense [E, ...] buffer per weight, all-reduces (sums) it over the group (the ep g
 dp group when ep < dp, so that copies on other expert-data-parallel ranks are summed too), divides by
 `divide_by` (the dp degree when each rank's loss is the mean over its own tokens), and copies row
 phy2log[s] back into slot s. Replicas then have identical gradients and (with identical optimizer state)
-identical updates. Cost per MoE layer and step: one all-reduce of the layer's whole logical expert
-gradient, E x 3 x F x D numbers (about 2 x that many bytes x dtype size sent per rank with a ring), where
-unreplicated expert parallelism only reduces its own E/ep experts over edp: ep times the volume. An
-all-reduce per replica group over subgroups would send only the replicated experts' gradients but needs a
-process group per distinct set of ranks; the dense buffer is one collective, simple and plainly correct.
+identical updates. Cost per MoE layer and step, when the group is the ep group: one all-reduce of the
+gradients of the experts with copies on several ranks only (the others have all their copies on one rank,
+whose local sum is the whole gradient), plus one scalar for the norm; over a larger group (dp, when
+ep < dp) the whole dense buffer, E x 3 x F x D numbers, ep times what unreplicated EP reduces over edp. An
+all-reduce per replica group over subgroups would send less there but needs a process group per distinct
+set of ranks.
 
 The squared norm of the logical expert gradients is kept by the sync (`replica_grad_sq`), so clipping can
 count each logical expert once (`clip_grad_norm(..., uncounted=slot params, extra_sq=replica_grad_sq(model))`),
@@ -150,8 +151,14 @@ class ReplicatedExpertParallelExperts(nn.Module):
         lo, hi = self.rank * self.n_local, (self.rank + 1) * self.n_local
         first = torch.zeros(self.n_slots, dtype=torch.bool)
         first[slots_of[:, 0]] = True  # each expert's first replica: the copy read for the logical weights
+        rank_of = torch.arange(self.n_slots) // self.n_local
+        ranks = torch.zeros(E, self.ep, dtype=torch.bool)
+        ranks[p2l, rank_of] = True  # ranks[e, r]: rank r holds a copy of expert e
+        spread = torch.nonzero(ranks.sum(1) > 1).flatten()  # copies on several ranks: gradients all-reduced
+        single = torch.nonzero((ranks.sum(1) == 1) & ranks[:, self.rank]).flatten()  # all copies here
         for name, value in (("phy2log", p2l), ("logcnt", logcnt), ("slots_of", slots_of),
-                            ("local_phy2log", p2l[lo:hi]), ("local_first", first[lo:hi])):
+                            ("local_phy2log", p2l[lo:hi]), ("local_first", first[lo:hi]),
+                            ("spread_experts", spread), ("single_rank_experts", single)):
             self.register_buffer(name, value.to(dev), persistent=False)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -189,20 +196,39 @@ class ReplicatedExpertParallelExperts(nn.Module):
 
     @torch.no_grad()
     def sync_grads(self, divide_by: float = 1.0, group=None) -> None:
-        """Every slot's gradient := (sum over all replicas of its expert, over `group`) / divide_by."""
-        group = self.ep_mesh.get_group() if group is None else group
+        """Every slot's gradient := (sum over all replicas of its expert, over `group`) / divide_by.
+
+        When `group` is the ep group itself, only the experts with copies on several ranks are all-reduced
+        (the others' copies are all on one rank: their local sum is the whole gradient, bitwise what the
+        dense all-reduce would give, as the other ranks add zeros); over a larger group (dp with ep < dp)
+        every expert has copies elsewhere and the dense buffer is all-reduced."""
+        ep_group = self.ep_mesh.get_group()
+        group = ep_group if group is None else group
+        compact = group is ep_group or dist.get_process_group_ranks(group) == dist.get_process_group_ranks(ep_group)
+        spread = self.spread_experts
         sq = None
         for name in WEIGHTS:
             w = getattr(self, name)
             grad = w.grad if w.grad is not None else torch.zeros_like(w)  # every rank must join the collective
             dense = grad.new_zeros((self.n_experts,) + tuple(w.shape[1:]))
             dense.index_add_(0, self.local_phy2log, grad)
-            dist.all_reduce(dense, group=group)
+            if not compact:
+                dist.all_reduce(dense, group=group)
+            elif spread.numel():
+                rows = dense.index_select(0, spread)
+                dist.all_reduce(rows, group=group)
+                dense.index_copy_(0, spread, rows)
             if divide_by != 1.0:
                 dense /= divide_by
             w.grad = dense.index_select(0, self.local_phy2log)
-            part = dense.float().square().sum()
+            if compact:  # spread experts: the same on every rank, counted by rank 0; the others by their rank
+                mine = self.single_rank_experts if self.rank else torch.cat([self.single_rank_experts, spread])
+                part = dense.index_select(0, mine).float().square().sum()
+            else:
+                part = dense.float().square().sum()
             sq = part if sq is None else sq + part
+        if compact:
+            dist.all_reduce(sq, group=group)
         self.logical_grad_sq = sq
 
     @torch.no_grad()

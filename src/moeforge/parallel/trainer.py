@@ -321,7 +321,9 @@ class DistributedTrainer(Trainer):
         # also a second embedding, which takes the first one's values).
         name_of = {id(p): n for n, p in self.model.named_parameters()}
         names = [name_of[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
-        order = names if self.pipeline is None else self._full_optimizer_names
+        # (The plain run's order is decay_split's; this optimizer's groups may be split by tensor kind.)
+        order = [n for part in decay_split(self.model) for n in part] if self.pipeline is None \
+            else self._full_optimizer_names
         holders: dict[str, list[str]] = {}  # saved name -> this rank's names holding it
         for n in names:
             holders.setdefault(saved_name(n), []).append(n)
