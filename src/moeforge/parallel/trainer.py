@@ -8,7 +8,9 @@ What changes against the single-process trainer, and why:
   use counts summed over the dp group;
 * only rank 0 prints, writes metrics and the run folder; everyone writes its checkpoint shards (DCP),
   and rank 0 adds a Hugging Face export of the weights to each checkpoint folder;
-* every step runs inside `collective_errors`, so a dead or stuck peer ends the run with one message.
+* every step runs inside `collective_errors`, so a dead or stuck peer ends the run with one message;
+* with --redundant-experts, `self.redundant` (rebalance.py) syncs the slots' gradients in clip_gradients,
+  re-places experts after the step, and maps checkpoints and the export to the logical layout.
 
 Pipeline parallelism (--pp P, --nproc P x dp): every rank builds the whole model from the same seed and
 keeps its stage(s) (`build_pipeline`); `self.model` is then this rank's `PipelineRank` (full-model
