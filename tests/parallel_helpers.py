@@ -204,11 +204,11 @@ def read_metrics(run_dir) -> list[dict]:
 def check_same_run(got_dir, want_dir, what: str, atol: float = 1e-5) -> None:
     """The run in got_dir logged what the run in want_dir logged for the same steps (each step's loss parts,
     gradient norm, validation loss, learning rate, skip flag and expert counts; got_dir's steps may be the
-    first of want_dir's), and its last checkpoint's Hugging Face export holds the weights of want_dir's
-    checkpoint of that step, within atol."""
+    first of want_dir's), and each of its checkpoints' Hugging Face export (its last one at its last logged step)
+    holds the weights and routing biases of want_dir's checkpoint of that step, within atol."""
     from safetensors.torch import load_file
 
-    from moeforge.checkpoint import checkpoints_dir, latest_checkpoint
+    from moeforge.checkpoint import checkpoints_dir, latest_checkpoint, list_checkpoints
 
     got = read_metrics(got_dir)
     want = {m["step"]: m for m in read_metrics(want_dir)}
@@ -224,9 +224,13 @@ def check_same_run(got_dir, want_dir, what: str, atol: float = 1e-5) -> None:
             else:  # flags, and a skipped step's NaN loss
                 assert str(a[key]) == str(b[key]), f"{what}: step {b['step']} {key} {a[key]} != {b[key]}"
         assert a["expert_counts"] == b["expert_counts"], f"{what}: step {b['step']} expert counts"
-    w_got = load_file(latest_checkpoint(got_dir) / "model.safetensors")
-    w_want = load_file(checkpoints_dir(want_dir) / f"step-{got[-1]['step']:06d}" / "model.safetensors")
-    assert w_got.keys() == w_want.keys(), f"{what}: exported tensor names"
-    for k, v in w_want.items():
-        err = (w_got[k] - v).abs().max().item()
-        assert err <= atol, f"{what}: exported {k} differs by {err:.2e}"
+    assert latest_checkpoint(got_dir).name == f"step-{got[-1]['step']:06d}", f"{what}: last checkpoint"
+    for ckpt in list_checkpoints(got_dir):  # each layout's export, where want_dir has that step's checkpoint
+        want_ckpt = checkpoints_dir(want_dir) / ckpt.name
+        if not want_ckpt.is_dir():
+            continue
+        w_got, w_want = load_file(ckpt / "model.safetensors"), load_file(want_ckpt / "model.safetensors")
+        assert w_got.keys() == w_want.keys(), f"{what}: {ckpt.name} exported tensor names"
+        for k, v in w_want.items():
+            err = (w_got[k] - v).abs().max().item()
+            assert err <= atol, f"{what}: {ckpt.name} exported {k} differs by {err:.2e}"

@@ -46,6 +46,8 @@ def test_config_file_and_model_overrides(tmp_path):
     (["train", *SMALL, "--steps", "1", "--zero", "1"], "--zero 1 (shard only the optimizer state) is not implemented"),
     (["train", *SMALL, "--steps", "1", "--nproc", "2", "--zero", "1"], "use --zero 2"),
     (["memory", "--preset", "debug", "--zero", "1"], "--zero 1 (shard only the optimizer state)"),
+    # ZeRO-3 in one process has nothing to shard: refused (it was accepted and did nothing)
+    (["train", *SMALL, "--steps", "1", "--zero", "3"], "--zero 3 shards parameters over processes"),
 ])
 def test_user_errors_are_one_line(argv, message, capsys, tmp_path):
     assert main(argv + (["--run-dir", str(tmp_path / "x")] if argv[0] == "train" else [])) == 2

@@ -18,6 +18,7 @@ Starting processes dominates the cost on a small machine, so each process group 
 """
 
 import os
+import shutil
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -26,6 +27,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from moeforge.checkpoint import list_checkpoints
 from moeforge.cli import main
 from moeforge.config import preset
 from moeforge.errors import TrainingError
@@ -41,6 +43,12 @@ TWO_RANK_CHAIN = [(dict(ep=2, zero=2), 1), (dict(zero=2, poison={1: POISONED}), 
                   (dict(tp=2), 4), (dict(pp=2, pp_schedule="1f1b"), 5), (dict(pp=2, pp_schedule="interleaved-1f1b"), 6),
                   (dict(pp=2, pp_schedule="dualpipev"), 7)]  # step 8: one process
 FOUR_RANK_CHAIN = [(dict(ep=2, zero=3, poison={3: POISONED}), 2), (dict(tp=2, ep=2, zero=3), 3), (dict(pp=2), 4)]
+# PP x EP and PP x TP, every schedule once: a single-process run's step-1 checkpoint continued at each layout in
+# turn, then step 6 in one process again. Batch 8: interleaved 1F1B and DualPipeV at pp 2 x ep 2 need 4
+# micro-batches of each dp rank's 4 rows.
+PP_BATCH, PP_STEPS = 8, 6
+PP_CHAIN = [(dict(pp=2, ep=2, pp_schedule="dualpipev"), 2), (dict(pp=2, tp=2, pp_schedule="interleaved-1f1b"), 3),
+            (dict(pp=2, tp=2, pp_schedule="1f1b"), 4), (dict(pp=2, ep=2, pp_schedule="gpipe"), 5)]
 PEER_TIMEOUT_S = 3
 
 
@@ -150,10 +158,30 @@ def test_two_ranks_every_layout_resumed_in_turn_matches_single_process(tmp_path,
     assert "\n" not in dead and "a collective failed" not in dead  # it names the collective (an FSDP all-gather)
 
 
-def test_four_ranks_ep_x_fsdp_tp_x_ep_x_zero3_and_pp_x_dp_match_single_process(tmp_path, reference):
-    run = tmp_path / "chain4"
-    fit_in_gloo_group(tmp_path, 4, chain_jobs(run, FOUR_RANK_CHAIN))
+def test_four_ranks_ep_x_fsdp_tp_x_ep_x_zero3_pp_x_dp_pp_x_ep_and_pp_x_tp_match_single_process(
+        tmp_path, tmp_path_factory, reference):
+    run, pp_run = tmp_path / "chain4", tmp_path / "pp_chain"
+    pp_reference = fit_single(tmp_path_factory.mktemp("single8") / "run", steps=PP_STEPS, batch_size=PP_BATCH,
+                              save_every=1)
+    shutil.copytree(pp_reference, pp_run)  # resumed from its (single-process) step-1 checkpoint
+    for ckpt in list_checkpoints(pp_run)[1:]:
+        shutil.rmtree(ckpt)
+    pp_jobs = [dict(run_dir=pp_run, steps=last, resume=True, batch_size=PP_BATCH, **layout) for layout, last in PP_CHAIN]
+    fit_in_gloo_group(tmp_path, 4, [*chain_jobs(run, FOUR_RANK_CHAIN), *pp_jobs])
     check_same_run(run, reference, "4 ranks: EP 2 x edp 2 ZeRO-3, TP 2 x EP 2 x ZeRO-3, PP 2 x dp 2")
+
+    # The PP x EP x DP checkpoint of step 5 continues in one process.
+    assert main(["train", "--resume", "--run-dir", str(pp_run), "--steps", str(PP_STEPS), "--nproc", "1", "--pp", "1",
+                 "--ep", "1"]) == 0
+    check_same_run(pp_run, pp_reference, "1 process -> PP 2 x EP 2 DualPipeV -> PP 2 x TP 2 interleaved 1F1B -> "
+                                         "PP 2 x TP 2 1F1B -> PP 2 x EP 2 GPipe -> 1 process")
+    # Each segment ran at its layout (a trainer ignoring a flag would match too), and EP exchanged tokens.
+    for layout, last in PP_CHAIN:
+        extra = torch.load(pp_run / "checkpoints" / f"step-{last:06d}" / "extra.pt")
+        ran = {**{k: extra["layout"][k] for k in ("pp", "ep", "tp")}, "pp_schedule": extra["train_config"]["pp_schedule"]}
+        assert ran == {"ep": 1, "tp": 1, **layout}, (last, ran)
+    metrics = {m["step"]: m for m in read_metrics(pp_run)}
+    assert metrics[2]["ep_dispatch_bytes"] > 0 and metrics[5]["ep_dispatch_bytes"] > 0
 
 
 def test_distributed_checkpoints_are_atomic_and_resume_after_a_crash(tmp_path, monkeypatch):

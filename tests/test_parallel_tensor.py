@@ -1,5 +1,5 @@
-"""Tensor parallelism pieces: the TP degree is checked, and the mixed-DTensor clipping and optimizer groups
-behave like torch's. That TP runs (TP 2, TP 2 x EP 2 x ZeRO-3) split the model and train exactly like one
+"""Tensor parallelism pieces: the TP degree is checked, and the per-mesh clipping (parallel/grads.py, the one
+clipping function of every layout) and the optimizer groups behave like torch's. That TP runs (TP 2, TP 2 x EP 2 x ZeRO-3) split the model and train exactly like one
 process is checked through the trainer in test_parallel_distributed."""
 
 import pytest
@@ -8,7 +8,8 @@ import torch
 from moeforge.config import TrainConfig, preset
 from moeforge.errors import ConfigError
 from moeforge.model import Transformer
-from moeforge.parallel.tensor import check_tensor_parallel, clip_grad_norm_, split_param_groups
+from moeforge.parallel import clip_grad_norm
+from moeforge.parallel.tensor import check_tensor_parallel, split_param_groups
 from moeforge.train import make_optimizer
 
 def test_tp_degree_must_divide_heads():
@@ -25,7 +26,7 @@ def test_clip_grad_norm_matches_torch_on_plain_tensors():
     grads = [a.grad.clone(), b.grad.clone()]
     expected = torch.nn.utils.clip_grad_norm_([a, b], 0.5)
     a.grad, b.grad = grads
-    assert torch.allclose(clip_grad_norm_([a, b], 0.5), expected)
+    assert torch.allclose(clip_grad_norm([a, b], 0.5), expected)
     assert torch.allclose(torch.cat([a.grad.flatten(), b.grad]).norm(), torch.tensor(0.5), atol=1e-6)
 
 

@@ -41,7 +41,8 @@ def test_run_moves_from_one_process_to_two_and_back_and_matches_single_process(t
     ckpt = run / "checkpoints" / "step-000004"
     assert (ckpt / ".metadata").is_file() and (ckpt / "model.safetensors").is_file()
     assert "- steps: 4;" in (ckpt / "README.md").read_text() and "dp 2, ep 2" in (ckpt / "README.md").read_text()
-    assert main(["train", "--resume", "--run-dir", str(run), "--steps", "6", "--ep", "1"]) == 0
+    assert 'nproc = 2' in (run / "config.toml").read_text()  # the ranks record the launch, not nproc = 1
+    assert main(["train", "--resume", "--run-dir", str(run), "--steps", "6", "--nproc", "1", "--ep", "1"]) == 0
 
     want, got = read_metrics(single), read_metrics(run)
     assert [m["step"] for m in got] == list(range(1, 7))  # one line per step: only rank 0 wrote
@@ -72,10 +73,9 @@ def test_bad_layouts_fail_in_one_line_before_any_process_starts(tmp_path, capfd)
         assert main(["train", *SMALL, "--steps", "1", "--run-dir", str(tmp_path / "x"), "--nproc", "2", *flags]) == 2
         err = capfd.readouterr().err
         assert message in err and err.count("\n") == 1, err
-    # PP combines with dp only (4 processes named, none started: the layout is checked first).
-    for flags, message in ((["--ep", "2"], "pp=2 with ep=2, tp=1: the trainer combines pipeline stages with data "
-                                           "parallelism only"),
-                           (["--zero", "3"], "--zero 3 with pp=2 x dp=2")):
+    # ZeRO-3 of pipeline stages is refused (4 processes named, none started: the layout is checked first).
+    for flags, message in ((["--zero", "3"], "--zero 3 with pp=2 x dp=2"),
+                           (["--ep", "2", "--zero", "3"], "--zero 3 with pp=2 x dp=2")):
         assert main(["train", *SMALL, "--steps", "1", "--run-dir", str(tmp_path / "x"), "--nproc", "4", "--pp", "2",
                      *flags]) == 2
         err = capfd.readouterr().err

@@ -52,8 +52,13 @@ def test_against_predicts_a_finished_run_within_a_loose_factor(debug_run, capsys
     assert "torn last line" in captured.err
     assert r["processes"] == 1 and r["layout"].startswith("DP1 TP1 PP1 EP1")
     assert r["steps_timed"] == 5
-    r = compare(debug_run, threads=1, run_share=share)
+    r = compare(debug_run, threads=1)  # the share the run's own step clock recorded (cpu_s, runq_s)
+    assert r["share_source"] == "run" and 0 < r["cpu_share_during_run"] <= 1
     assert 1 / 3 < r["predicted_s"] / r["measured_s"] < 3
+    assert 1 / 2 < r["predicted_cpu_s"] / r["measured_cpu_s"] < 2  # CPU seconds: the load mostly drops out
+    rows = [json.loads(line) for line in (debug_run / "metrics.jsonl").read_text().splitlines()[:-1]]
+    for row in rows:  # wall = CPU + run-queue delay (+ blocked, none in one process), up to clock noise
+        assert row["cpu_s"] + row["runq_s"] <= 1.2 * (8 * 128 / row["tokens_per_s"]) + 0.05
     assert r["by_kind"]["gemm"] > 0 and r["by_kind"]["memory"] > 0 and r["by_kind"]["attention"] > 0
     assert sum(r["parts"].values()) == pytest.approx(r["predicted_s"])
     assert (tmp_path / "moeforge" / "plan-cpu.json").is_file()  # measured shapes are kept

@@ -346,7 +346,7 @@ class TrainConfig:
     cp: int = doc("Context-parallel degree: ranks sharing each sequence (2 x cp chunks, load-balanced; MLA's "
                   "compressed KV all-gathered); composes with dp only (docs/long-context.md).", default=1)
     pp: int = doc("Pipeline-parallel degree: ranks holding consecutive blocks of the model (pp > 1 runs alone "
-                  "or with data parallelism, --nproc = pp x dp, stages replicated over dp; not with ep or tp; "
+                  "or with dp, ep and tp, --nproc = pp x dp x tp, stages replicated over dp, no --zero 3; "
                   "docs/parallel-tp-pp.md).", default=1)
     pp_schedule: str = doc("Pipeline schedule: gpipe, 1f1b, interleaved-1f1b or dualpipev (the last two run two "
                            "stages per rank).", default="1f1b")

@@ -31,6 +31,7 @@ from .metrics_sinks import open_sinks
 from .model import Transformer
 from .model_card import training_facts
 from .precision import AdamWBF16Moments, apply_training_precision
+from .step_clock import StepClock
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -344,6 +345,7 @@ class Trainer:
         metrics_file = open(self.run_dir / "metrics.jsonl" if self.is_main else os.devnull, "a")
         sinks = open_sinks(self.run, self.run_dir, self.step, enabled=self.is_main)  # --tensorboard, --wandb
         start, val_loss, last_report = time.perf_counter(), None, time.perf_counter()
+        clock = StepClock()
         interactive = console.is_terminal
         columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[stats]}"), TimeRemainingColumn()]
@@ -351,9 +353,11 @@ class Trainer:
             task = progress.add_task("train", total=cfg.steps, completed=self.step, stats="")
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
+                clock.start()
                 m = self.train_step()
                 self.step += 1
                 m["tokens_per_s"] = round(tokens_per_step / (time.perf_counter() - t0), 1)
+                m.update(clock.stop())  # cpu_s, runq_s: what the planner's --against compares with
                 m["elapsed_s"] = round(time.perf_counter() - start, 2)
                 if m["skipped"] and self.bad_steps >= cfg.max_bad_steps:
                     metrics_file.write(json.dumps(m) + "\n")

@@ -220,15 +220,28 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def run_experts_in_turn(moe: "MoE", xs: torch.Tensor, counts: torch.Tensor, x: torch.Tensor):
+    """The default `MoE.expert_runner`: the routed experts on xs [N*K, D] (expert order, counts [E]), then
+    the shared experts on x [N, D] -> (routed rows [N*K, D], shared output [N, D] or None)."""
+    y = moe.experts(xs, counts)
+    return y, (moe.shared_experts(x) if moe.shared_experts is not None else None)
+
+
 class MoE(KeepsFP32):
     """Routed experts (top-K of E) plus always-on shared experts.
 
     `tokens_per_expert` accumulates how many tokens each expert received since the last reset: the
     signal for load monitoring and balancing, which read and reset it from outside the model. It stays
     fp32 under bf16 casts (bf16 counts are exact only up to 256).
+
+    `expert_runner(moe, xs, counts, x) -> (routed rows, shared output or None)` is the hook point for how
+    the two independent expert computations run: in turn (`run_experts_in_turn`), unless code outside the
+    model sets another on the instance (expert parallelism runs the shared experts while its token
+    exchange is in flight, `moeforge.parallel.expert`).
     """
 
     fp32_tensors = ("tokens_per_expert",)
+    expert_runner = staticmethod(run_experts_in_turn)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -256,9 +269,9 @@ class MoE(KeepsFP32):
         rank = rank.view(N, K)
         # Under autocast the experts compute in the autocast dtype: cast the N rows before the K-fold copy.
         xs = _Dispatch.apply(x, order, rank, compute_dtype(x))  # [N*K, D] in expert order
-        y = self.experts(xs, counts)  # [N*K, D]
+        y, shared = self.expert_runner(self, xs, counts, x)  # [N*K, D], [N, D] or None
         out = _Combine.apply(y, weights, rank, order)  # [N, D], fp32 sum of the K weighted outputs
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+        if shared is not None:
+            out = out + shared
         # Back to the residual stream's dtype (bf16 weights: bf16; fp32 weights under autocast: fp32).
         return out.to(x.dtype).view(shape[:-1] + out.shape[-1:])

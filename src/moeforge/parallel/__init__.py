@@ -37,9 +37,9 @@ def parallelize(model: nn.Module, layout: ParallelLayout, mesh, param_dtype: tor
     `expert_placement` (phy2log [MoE layers][slots]) swaps in redundant expert slots instead (replicated.py).
 
     The model must be initialised identically on every rank (same seed): each rank keeps its shards.
-    Pipeline stages (pp > 1: alone or with data parallelism, not with ep or tp) are cut afterwards with
-    `moeforge.parallel.pipeline.build_pipeline`, which also averages their gradients over dp: FSDP is not
-    applied then (the stages are replicated over their dp ranks).
+    Pipeline stages (pp > 1, with any of dp, ep and tp) are cut from the TP- and EP-parallelised model
+    afterwards with `moeforge.parallel.pipeline.build_pipeline`, which also averages their gradients over dp
+    (experts over edp): FSDP is not applied then (the stages are replicated over their dp ranks).
     """
     layout.check_model(model.config)
     layout.check_trainer()

@@ -25,15 +25,14 @@ backward is a straight-through estimator: the gradient of the received rows goes
 inverse exchange in the compute dtype. The combine stays in the compute dtype (as in DeepSeek-V3).
 `comm_bytes` counts the bytes each forward exchange sends to other ranks (`pop_comm_bytes`).
 
-Shared experts (`overlap_shared`): `MoE.forward` calls the routed experts, then the shared experts, on
-the same flattened input x. To compute the shared experts while the dispatch is in flight (DeepSeek-V3's
-overlap) without touching the model, a forward pre-hook on the router keeps x; the EP module starts the
-dispatch, runs the shared-experts module on x (its ordinary call: hooks, checkpoint and TP wrappers
-included), then waits. The shared module's class is extended so that its next call, with that very
-tensor x, returns the stored result instead of computing it again. Same operations on the same inputs:
-results are bitwise those without overlap. A layer whose MoE or routed-experts `forward` is wrapped on
-the instance (activation checkpointing of those regions, the memory profiler) is not overlapped: their
-recompute calls `forward` directly, without the router hook, and must replay the same operations.
+Shared experts (`overlap_shared`): the routed and shared experts of an MoE layer are independent, and
+`MoE.forward` runs them through its `expert_runner` hook point (in turn by default). With overlap on,
+`apply_expert_parallel` sets `overlap_shared_experts` as the layer's runner: it calls the EP module with
+`during_dispatch` = the shared-experts module's ordinary call on x (hooks, checkpoint and TP wrappers
+included), which the EP module runs after starting the dispatch and before waiting for it (DeepSeek-V3's
+overlap). Same operations on the same inputs: results are bitwise those without overlap. A layer whose
+routed-experts `forward` is wrapped on the instance (activation checkpointing of that region, the memory
+profiler) runs in turn: its recompute would run the shared experts inside the routed region again.
 
 The weights are DTensors sharded on dim 0 over the ep mesh, so their global shape and name equal the
 single-process model's: distributed checkpoints reshard them to any other layout, and FSDP can shard
@@ -50,7 +49,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.func import functional_call
 from torch.profiler import record_function
 
-from ..model.moe import MoE, GroupedExperts
+from ..model.moe import MoE, GroupedExperts, run_experts_in_turn
 from ..precision.logfmt import LogFmtPayload, logfmt_decode, logfmt_encode
 from ..precision.quant import E4M3, TILE, Quantized, quantize
 
@@ -148,28 +147,6 @@ class _ReceiveEncoded(torch.autograd.Function):
         return dx, None, None, None, None, None
 
 
-class _SharedOverlap:
-    """Mixed into the shared-experts module's class: a call whose input is the one the EP module ran it on
-    returns that stored result instead of computing it again."""
-
-    _ep_result: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (input, output, input version)
-    _ep_hits = 0  # calls answered with the stored result
-
-    def __call__(self, *args, **kwargs):
-        stored, self._ep_result = self._ep_result, None
-        if stored is not None and len(args) == 1 and not kwargs and args[0] is stored[0] \
-                and args[0]._version == stored[2]:
-            self._ep_hits += 1
-            return stored[1]
-        return super().__call__(*args, **kwargs)
-
-
-def _enable_overlap(shared: nn.Module) -> None:
-    cls = type(shared)
-    if not issubclass(cls, _SharedOverlap):
-        shared.__class__ = type(f"EPOverlapped{cls.__name__}", (_SharedOverlap, cls), {})
-
-
 class ExpertParallelExperts(nn.Module):
     """A drop-in for `GroupedExperts` holding this rank's E / ep experts (see the module docstring)."""
 
@@ -179,8 +156,8 @@ class ExpertParallelExperts(nn.Module):
             raise ValueError(f"unknown dispatch format {dispatch!r}; choose from {DISPATCH_FORMATS}")
         self.dispatch = dispatch
         self.comm_bytes = {"dispatch": 0, "combine": 0}  # forward bytes sent to other ranks, since reset
-        self._overlap: tuple[nn.Module, nn.Module] | None = None  # (MoE, shared experts): apply_expert_parallel
-        self._moe_input: torch.Tensor | None = None  # the MoE layer's flattened input, from the router's pre-hook
+        self.overlaps_shared = False  # apply_expert_parallel: its MoE runs the shared experts in its dispatch
+        self.overlapped = 0  # forwards that ran work during the dispatch (the shared experts), since creation
         ep, rank = ep_mesh.size(), ep_mesh.get_local_rank()
         E = experts.n_experts
         self.n_experts, self.n_local, self.ep_mesh = E, E // ep, ep_mesh
@@ -197,11 +174,12 @@ class ExpertParallelExperts(nn.Module):
         experts.n_experts = self.n_local
         self._kernel = (experts,)  # a tuple: not a submodule (its placeholders are not parameters of the model)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x [M, D] sorted by global expert, counts [E] -> [M, D] in the same order. The dispatch and the
-        combine run inside `moeforge.ep.dispatch` / `.combine` profiler ranges (`moeforge profile`)."""
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, during_dispatch=None) -> torch.Tensor:
+        """x [M, D] sorted by global expert, counts [E] -> [M, D] in the same order; `during_dispatch()`, if
+        given, runs while the dispatch is in flight. The dispatch and the combine run inside
+        `moeforge.ep.dispatch` / `.combine` profiler ranges (`moeforge profile`)."""
         with record_function("moeforge.ep.dispatch"):
-            local_in, index, inverse, recv_counts, splits = self._dispatch(x, counts)
+            local_in, index, inverse, recv_counts, splits = self._dispatch(x, counts, during_dispatch)
         kernel = self._kernel[0]
         kernel.impl = self.impl
         weights = {name: _local(getattr(self, name)) for name in ("gate_up_proj", "down_proj")}
@@ -213,7 +191,7 @@ class ExpertParallelExperts(nn.Module):
             self.comm_bytes["combine"] += (sum(output_splits) - output_splits[me]) * x.shape[1] * back.dtype.itemsize
             return all_to_all_single_autograd(back.contiguous(), input_splits, output_splits, self.ep_mesh.get_group())
 
-    def _dispatch(self, x: torch.Tensor, counts: torch.Tensor):
+    def _dispatch(self, x: torch.Tensor, counts: torch.Tensor, during_dispatch=None):
         """Send x's rows to their experts' ranks -> (rows for the local experts in expert order, the
         permutation and its inverse, recv_counts [S, El], (input_splits, output_splits))."""
         group = self.ep_mesh.get_group()
@@ -234,33 +212,26 @@ class ExpertParallelExperts(nn.Module):
         self.comm_bytes["dispatch"] += (sum(input_splits) - input_splits[me]) * row_bytes
         if self.dispatch == "compute":  # an AsyncCollectiveTensor: waited for at its first use (_Permute)
             recv = all_to_all_single_autograd(x.contiguous(), output_splits, input_splits, group)
-            self._run_shared()
+            self._while_in_flight(during_dispatch)
         else:
             with torch.no_grad():
                 payload = encode_rows(x.detach(), self.dispatch)
                 received = payload.new_empty(sum(output_splits), payload.shape[1])
                 work = dist.all_to_all_single(received, payload, output_splits, input_splits, group=group,
                                               async_op=True)
-            self._run_shared()
+            self._while_in_flight(during_dispatch)
             work.wait()
             recv = _ReceiveEncoded.apply(x, received, self.dispatch, input_splits, output_splits, group)
         return _Permute.apply(recv, index, inverse), index, inverse, recv_counts, (input_splits, output_splits)
 
-    def _run_shared(self) -> None:
-        """With overlap on: run the shared experts on the MoE input now (the dispatch is in flight) and
-        hand the result to the shared module's next call on that input (see `_SharedOverlap`)."""
-        x, self._moe_input = self._moe_input, None
-        if self._overlap is None or x is None:
-            return
-        moe, shared = self._overlap
-        if "forward" in vars(self) or "forward" in vars(moe):  # a checkpointed / profiled region: see above
-            return
-        out = super(_SharedOverlap, shared).__call__(x)
-        shared._ep_result = (x, out, x._version)
+    def _while_in_flight(self, work) -> None:
+        if work is not None:
+            work()
+            self.overlapped += 1
 
     def extra_repr(self) -> str:
         return (f"experts {self.n_local} of {self.n_experts} on this rank, impl={self.impl}, "
-                f"dispatch={self.dispatch}, overlap_shared={self._overlap is not None}")
+                f"dispatch={self.dispatch}, overlap_shared={self.overlaps_shared}")
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
@@ -271,21 +242,24 @@ def apply_expert_parallel(model: nn.Module, ep_mesh, dispatch: str = "compute",
                           overlap_shared: bool = True) -> nn.Module:
     """Swap every MoE layer's experts (main layers and MTP blocks) for their expert-parallel form, sending
     token rows as `dispatch` (compute, fp8 or logfmt); with `overlap_shared`, the shared experts run while
-    the dispatch is in flight."""
+    the dispatch is in flight (the layer's `expert_runner` becomes `overlap_shared_experts`)."""
     for module in model.modules():
         if isinstance(module, MoE) and isinstance(module.experts, GroupedExperts):
             ep = module.experts = ExpertParallelExperts(module.experts, ep_mesh, dispatch)
             if overlap_shared and module.shared_experts is not None:
-                _enable_overlap(module.shared_experts)
-                ep._overlap = (module, module.shared_experts)  # a tuple: no submodules (names unchanged)
-                module.gate.register_forward_pre_hook(_keep_moe_input(ep))
+                module.expert_runner = overlap_shared_experts
+                ep.overlaps_shared = True
     return model
 
 
-def _keep_moe_input(ep: ExpertParallelExperts):
-    def hook(gate, args):  # MoE.forward calls gate(x) and shared_experts(x) with the same x
-        ep._moe_input = args[0]
-    return hook
+def overlap_shared_experts(moe: MoE, xs: torch.Tensor, counts: torch.Tensor, x: torch.Tensor):
+    """An `MoE.expert_runner`: the shared experts on x computed while the EP dispatch of xs is in flight."""
+    experts = moe.experts
+    if moe.shared_experts is None or not isinstance(experts, ExpertParallelExperts) or "forward" in vars(experts):
+        return run_experts_in_turn(moe, xs, counts, x)  # a wrapped (checkpointed, profiled) region: see above
+    shared = []
+    y = experts(xs, counts, during_dispatch=lambda: shared.append(moe.shared_experts(x)))
+    return y, shared[0]
 
 
 def expert_parallel_modules(model: nn.Module) -> list[ExpertParallelExperts]:

@@ -1,4 +1,5 @@
-"""Gradient-norm clipping over parameters that live on different meshes.
+"""Gradient-norm clipping over parameters that live on different meshes: the one clipping function of
+every distributed layout (EP x FSDP, TP, pipeline stages, replicated experts).
 
 Under EP x FSDP, dense weights are DTensors over the dp mesh and expert weights DTensors over the
 (edp, ep) mesh; torch's `clip_grad_norm_` cannot stack norms of DTensors on different meshes. Here the
@@ -12,6 +13,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 
+@torch.no_grad()
 def clip_grad_norm(params, max_norm: float, group=None, uncounted=(), extra_sq=None) -> torch.Tensor:
     """Global L2 norm of all gradients (returned); scales them down to max_norm if larger.
 

@@ -232,6 +232,16 @@ def run_training(run, run_dir, resume: bool, argv: list[str], profile_memory: bo
         return launch_torchrun(cfg.nproc, strip_launch_flags(argv))
     from .trainer import DistributedTrainer, is_distributed_checkpoint
 
+    if under_torchrun():
+        # The launched ranks run without --nproc: record how many processes this machine really runs, so
+        # config.toml tells the truth and a plain `--resume` relaunches the same layout.
+        cfg.nproc = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.nproc))
+    elif cfg.zero == 3 and not resume:
+        # ZeRO-3 shards parameters over data-parallel ranks; one process has none to shard over (a resume
+        # of a ZeRO-3 run in one process keeps the saved value, which then simply does not apply).
+        raise ConfigError("--zero 3 shards parameters over processes; in one process it has nothing to shard: "
+                          "add --nproc N (or drop --zero)")
+
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and not resume:
         # torchrun --max-restarts started this job again after a rank failed: continue from the last checkpoint.
         if run_dir is None and cfg.run_dir is None:

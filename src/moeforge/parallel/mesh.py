@@ -103,16 +103,13 @@ class ParallelLayout:
         return self
 
     def check_trainer(self) -> "ParallelLayout":
-        """What `moeforge train` runs: dp x ep x tp, or pipeline stages, each replicated over dp ranks
-        (pp x dp; ep = tp = 1, ZeRO sharding not applied to stages)."""
-        if self.pp > 1 and (self.ep > 1 or self.tp > 1):
-            raise ConfigError(f"pp={self.pp} with ep={self.ep}, tp={self.tp}: the trainer combines pipeline "
-                              f"stages with data parallelism only (--nproc {self.pp * self.dp} --pp {self.pp}, "
-                              "dp = processes / pp); PP with expert or tensor parallelism is not implemented")
+        """What `moeforge train` runs: dp x ep x tp with ZeRO-2/3, or pipeline stages combined with any of dp,
+        ep and tp (pp x dp x ep x tp; stages replicated over their dp ranks, no ZeRO sharding of stages)."""
         if self.pp > 1 and self.dp > 1 and self.zero == 3:
-            raise ConfigError(f"--zero 3 with pp={self.pp} x dp={self.dp}: pipeline stages are replicated over "
-                              "their data-parallel ranks (gradients all-reduced, no parameter sharding); "
-                              "drop --zero 3")
+            raise ConfigError(f"--zero 3 with pp={self.pp} x dp={self.dp}: pipeline stages are not sharded (ZeRO-3 "
+                              "of stages is not implemented: FSDP2 units would not cover the last stage's head, MTP "
+                              "and loss, run outside its forward; stages are replicated over dp, gradients "
+                              "all-reduced); drop --zero 3")
         return self
 
     def check_context(self, cfg: TrainConfig) -> "ParallelLayout":

@@ -40,12 +40,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleDualPipeV, ScheduleGPipe,
                                           ScheduleInterleaved1F1B)
 
 from ..config import PP_SCHEDULES
 from ..errors import ConfigError
 from ..model.moe import MoE
+from .expert import ExpertParallelExperts
 from .grads import clip_grad_norm
 from ..model.transformer import Transformer, cross_entropy, mtp_losses
 
@@ -186,6 +188,8 @@ class Pipeline:
     n_microbatches: int
     batch_shape: tuple[int, int]
     dp_group: dist.ProcessGroup | None = None  # replicas of this pipeline rank (None or 1 rank: no dp)
+    expert_dp_group: dist.ProcessGroup | None = None  # ... holding the same EP experts (edp; None: no EP)
+    embedding_shard_shape: tuple[int, ...] = ()  # this rank's share of embed_tokens.weight (TP: vocab rows)
     _stages: list[PipelineStage] = field(default_factory=list)
     stage_ranks: list[int] = field(default_factory=list)  # pipeline rank of each global stage
     hidden_dtype: torch.dtype = torch.float32  # activations passed between stages
@@ -276,8 +280,14 @@ class Pipeline:
         computed in (e.g. transposed), and torch 2.13's fused CPU AdamW then updates the wrong elements
         (measured: 2*lr off). Give every gradient its parameter's layout, as autograd's accumulation does."""
         for p in self.parameters():
-            if p.grad is not None and p.grad.stride() != p.stride():
-                p.grad = p.grad.contiguous() if p.is_contiguous() else p.grad.clone().as_strided_(p.shape, p.stride())
+            if p.grad is None:
+                continue
+            g, lp = _local(p.grad), _local(p)
+            if g.stride() != lp.stride():
+                g = g.contiguous() if lp.is_contiguous() else g.clone().as_strided_(lp.shape, lp.stride())
+                p.grad = g if not isinstance(p.grad, DTensor) else DTensor.from_local(
+                    g, p.grad.device_mesh, p.grad.placements, run_check=False, shape=p.grad.shape,
+                    stride=p.grad.stride())
 
     def _embedding_copies(self) -> list[torch.Tensor]:
         """This rank's copies of the shared embedding weight: first stage's, then last stage's."""
@@ -299,37 +309,35 @@ class Pipeline:
                 for w in copies:
                     w.grad = total.clone()
             return
-        if grads:
-            total = grads[0]
-        else:
-            cfg = self.modules[0].config
-            total = torch.zeros(cfg.vocab_size, cfg.hidden_size, device=self.device)
-        dist.all_reduce(total, group=self.group)
+        # Across ranks on the local shards (under TP each rank holds its rows of the vocabulary).
+        total = grads[0] if grads else None
+        local = _local(total) if grads else torch.zeros(self.embedding_shard_shape, device=self.device)
+        dist.all_reduce(local, group=self.group)
         for w in copies:
             w.grad = total
 
     @torch.no_grad()
     def _average_grads_over_dp(self) -> None:
-        """Mean of each gradient over the data-parallel replicas: one all-reduce of all gradients flattened
-        (plus one flag per parameter: a gradient missing on every replica stays None, as in one process;
-        missing on some replicas only, it counts as zeros there)."""
+        """Mean of each gradient over the data-parallel replicas (DDP-like): one all-reduce of all gradients
+        flattened per group of replicas. Dense weights (plain, or TP shards: each rank its local shard) are
+        summed over dp; EP expert shards over the ranks holding the same experts (edp), since every dp rank's
+        tokens already reached them through the all-to-all; both are divided by dp (the mean of the dp ranks'
+        losses). One flag per parameter goes along: a gradient missing on every replica stays None, as in one
+        process; missing on some replicas only, it counts as zeros there."""
         if self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
             return
         params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flags = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
-        flat = torch.cat([g.detach().reshape(-1).float() for g in grads] + [flags])
-        dist.all_reduce(flat, group=self.dp_group)
-        flat[:-len(params)] /= dist.get_world_size(self.dp_group)
-        offset = 0
-        for p, g, flag in zip(params, grads, flat[-len(params):].tolist()):
-            n = g.numel()
-            if flag > 0:
-                g.copy_(flat[offset:offset + n].view(g.shape))  # in place: keeps the gradient's strides
-                p.grad = g
-            offset += n
+        experts = {id(p) for p in self.expert_parameters()}
+        dp = dist.get_world_size(self.dp_group)
+        for group, members in ((self.dp_group, [p for p in params if id(p) not in experts]),
+                               (self.expert_dp_group, [p for p in params if id(p) in experts])):
+            if members:
+                _mean_grads(members, group, dp, self.device)
+
+    def expert_parameters(self) -> list[torch.Tensor]:
+        """The EP-sharded expert weights of this rank's stages (each rank holds other experts)."""
+        return [p for m in self.modules for e in m.modules() if isinstance(e, ExpertParallelExperts)
+                for p in e.parameters()]
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -341,6 +349,31 @@ class Pipeline:
         """This rank's stages as one module under the full model's parameter names (for the optimizer,
         checkpoints and token counts)."""
         return PipelineRank(self.modules)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a plain tensor unchanged): what this rank computes and communicates."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def _mean_grads(params: list[torch.Tensor], group: dist.ProcessGroup | None, divide_by: int, device) -> None:
+    """Sum every gradient's local shard over `group` (one flattened all-reduce, plus a has-gradient flag per
+    parameter), divide by `divide_by`, in place. A group of None or one rank only divides."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    local = [_local(g) for g in grads]
+    flags = torch.tensor([float(p.grad is not None) for p in params], device=device)
+    flat = torch.cat([g.detach().reshape(-1).float() for g in local] + [flags])
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(flat, group=group)
+    flat[:-len(params)] /= divide_by
+    offset = 0
+    for p, g, lg, flag in zip(params, grads, local, flat[-len(params):].tolist()):
+        n = lg.numel()
+        if flag > 0:
+            lg.copy_(flat[offset:offset + n].view(lg.shape))  # in place: keeps the gradient's strides
+            p.grad = g
+        offset += n
 
 
 class PipelineRank(nn.Module):
@@ -382,7 +415,8 @@ class PipelineRank(nn.Module):
 
 def build_pipeline(model: Transformer, pp_mesh: DeviceMesh, batch_shape: tuple[int, int], n_microbatches: int,
                    schedule: str = "1f1b", layers_per_stage: list[int] | None = None,
-                   aux_loss_factory=None, dp_group: dist.ProcessGroup | None = None) -> Pipeline:
+                   aux_loss_factory=None, dp_group: dist.ProcessGroup | None = None,
+                   expert_dp_group: dist.ProcessGroup | None = None) -> Pipeline:
     """Cut `model` (the same weights on every rank) into this rank's stages and build the schedule.
 
     Args:
@@ -397,6 +431,9 @@ def build_pipeline(model: Transformer, pp_mesh: DeviceMesh, batch_shape: tuple[i
             `lambda m: RouterProbe(m, seq_alpha, seq_len=T).pop_loss`).
         dp_group: the data-parallel replicas of this pipeline rank (same stages, other rows): gradients
             are averaged over it after each step. batch_shape is then one replica's share.
+        expert_dp_group: with expert parallelism (the model already `apply_expert_parallel`-ed over the
+            ep ranks of dp_group), the ranks of dp_group holding the same experts (the edp group): expert
+            gradients are summed over it instead, then divided by dp too.
     """
     if schedule not in SCHEDULES:
         raise ConfigError(f"unknown pipeline schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
@@ -442,4 +479,5 @@ def build_pipeline(model: Transformer, pp_mesh: DeviceMesh, batch_shape: tuple[i
     shares = reads_embedding_at_end(model) and n_stages > 1
     owners = [next(r for r in range(pp) if s in stage_ids(r, pp, per_rank, style)) for s in range(n_stages)]
     return Pipeline(modules, sched, group, shares, first_rank == last_rank, n_microbatches, (B, T), dp_group,
-                    stages, stage_ranks=owners, hidden_dtype=hidden.dtype)
+                    expert_dp_group, tuple(_local(model.embed_tokens.weight).shape), stages, stage_ranks=owners,
+                    hidden_dtype=hidden.dtype)

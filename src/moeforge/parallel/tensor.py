@@ -112,31 +112,6 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             for k, v in model.named_parameters()}
 
 
-
-
-@torch.no_grad()
-def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
-    """`torch.nn.utils.clip_grad_norm_` for a model mixing plain tensors and DTensors on several meshes
-    (TP shards some parameters, not others; torch's version refuses to mix them). Returns the total norm.
-    """
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for p in parameters:  # one foreach norm per (mesh, placements) family; plain tensors together
-        if p.grad is not None:
-            g = p.grad
-            key = (g.device_mesh, g.placements) if isinstance(g, DTensor) else (None, None)
-            groups.setdefault(key, []).append(p)
-    squares = []
-    for params in groups.values():
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        squares.append(norm.float().square())
-    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
-    for params in groups.values():
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total
-
-
 def split_param_groups(groups: list[dict]) -> list[dict]:
     """Optimizer param groups split so that each holds one kind of tensor: plain, or DTensors of one mesh
     and placement. Fused/foreach optimizer kernels refuse to mix them; the update itself is unchanged.

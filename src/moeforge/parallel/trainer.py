@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from rich.console import Console
 
 from .. import hardware
@@ -145,7 +146,8 @@ class DistributedTrainer(Trainer):
         self.pipeline = build_pipeline(model, self.mesh["pp"], (rows, cfg.seq_len),
                                        self.layout.pipeline_microbatches(cfg), cfg.pp_schedule,
                                        aux_loss_factory=lambda stage: lambda: self.router_probe.pop_loss(),
-                                       dp_group=self.dp_group)
+                                       dp_group=self.dp_group,
+                                       expert_dp_group=self.mesh["edp"].get_group() if self.layout.ep > 1 else None)
         self.pp_group = self.mesh["pp"].get_group()
         rank_module = self.pipeline.rank_module()
         rank_module.full_model_parameters = total
@@ -153,8 +155,9 @@ class DistributedTrainer(Trainer):
 
     def build_optimizer(self):
         optimizer = super().build_optimizer()
-        if self.layout.tp > 1 or self.redundant is not None:  # fused/foreach kernels refuse groups mixing plain
-            # tensors (redundant expert slots) and DTensors (TP, FSDP)
+        if self.layout.tp > 1 or self.pipeline is not None or self.redundant is not None:  # fused/foreach kernels
+            # refuse to mix plain tensors and DTensors (TP shards; EP expert shards beside the plain dense weights
+            # of pipeline stages; plain redundant expert slots beside FSDP's DTensors)
             optimizer = type(optimizer)(split_param_groups(optimizer.param_groups))
         return optimizer
 
@@ -238,8 +241,8 @@ class DistributedTrainer(Trainer):
 
     def _gather_full_state(self) -> dict | None:
         """The whole model's state dict (CPU tensors) on rank 0, from every stage; None on other ranks."""
-        local = {k: v.detach().cpu() for k, v in self.model.state_dict().items()
-                 if not k.startswith(PipelineRank.LAST_STAGE_COPY + ".")}
+        local = {k: full_tensor(v).detach().cpu() for k, v in self.model.state_dict().items()
+                 if not k.startswith(PipelineRank.LAST_STAGE_COPY + ".")}  # TP / EP shards gathered first
         gathered = [None] * self.world if self.is_main else None
         dist.gather_object(local, gathered, dst=0)
         if not self.is_main:
@@ -378,6 +381,11 @@ class DistributedTrainer(Trainer):
                 shutil.rmtree(stale, ignore_errors=True)
         dist.barrier()
         return final
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered over its mesh (a collective of its mesh's ranks); a plain tensor unchanged."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def saved_name(name: str) -> str:

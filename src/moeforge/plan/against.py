@@ -32,13 +32,38 @@ class RunRecord:
     run: RunConfig
     step_times: list  # seconds per optimizer step, from tokens_per_s
     memory: dict | None  # memory.json (--profile-memory), if any
+    processes: int  # ranks the run had (see `infer_processes`)
+    cpu_times: list = ()  # rank 0's CPU seconds per step (cpu_s; runs since the step clock)
+    runq_times: list = ()  # rank 0's run-queue delay per step (runq_s: runnable, no core free)
 
     @property
     def measured(self) -> float:
-        times = self.step_times[WARMUP_STEPS:] or self.step_times
-        return statistics.median(times)
+        return statistics.median(_timed(self.step_times))
 
-    processes: int  # ranks the run had (see `infer_processes`)
+    @property
+    def measured_cpu(self) -> float | None:
+        return statistics.median(_timed(self.cpu_times)) if self.cpu_times else None
+
+    @property
+    def measured_blocked(self) -> float | None:
+        """Median seconds per step rank 0 was neither on a core nor waiting for one: waiting for peers
+        (collectives, pipeline sends), the bubble. wall = CPU + run-queue delay + blocked."""
+        if not self.cpu_times or len(self.runq_times) != len(self.cpu_times):
+            return None
+        return statistics.median(_timed([w - c - q for w, c, q in zip(self.step_times, self.cpu_times, self.runq_times)]))
+
+    @property
+    def cpu_share(self) -> float | None:
+        """The fraction of a core rank 0 got while it could run: CPU / (CPU + run-queue delay), median over
+        the timed steps. Blocked time (waiting for a peer) is in neither, so it does not lower the share."""
+        if not self.cpu_times or len(self.runq_times) != len(self.cpu_times):
+            return None
+        shares = [c / (c + q) for c, q in zip(self.cpu_times, self.runq_times) if c > 0]
+        return min(1.0, statistics.median(_timed(shares))) if shares else None
+
+
+def _timed(values):
+    return list(values[WARMUP_STEPS:]) or list(values)
 
 
 def infer_processes(d: Path, run: RunConfig) -> int:
@@ -68,7 +93,10 @@ def read_run(run_dir: str | Path, processes: int | None = None) -> RunRecord:
     rows = read_metrics(metrics, warn=lambda msg: print(f"warning: {msg}", file=sys.stderr))
     t = run.train
     tokens = t.batch_size * t.seq_len * t.grad_accum
-    times = [tokens / r["tokens_per_s"] for r in rows if r.get("tokens_per_s") and not r.get("skipped")]
+    timed = [r for r in rows if r.get("tokens_per_s") and not r.get("skipped")]
+    times = [tokens / r["tokens_per_s"] for r in timed]
+    cpu = [r["cpu_s"] for r in timed if "cpu_s" in r]
+    runq = [r["runq_s"] for r in timed if "runq_s" in r]
     if not times:
         raise ConfigError(f"{d}/metrics.jsonl: no timed steps (tokens_per_s) to compare with")
     mem = None
@@ -77,7 +105,8 @@ def read_run(run_dir: str | Path, processes: int | None = None) -> RunRecord:
             mem = json.loads((d / "memory.json").read_text())
         except ValueError:
             mem = None
-    return RunRecord(d, run, times, mem, processes or infer_processes(d, run))
+    cpu = cpu if len(cpu) == len(times) else []
+    return RunRecord(d, run, times, mem, processes or infer_processes(d, run), cpu, runq if cpu else [])
 
 
 def run_layout(run: RunConfig, world: int) -> tuple[Layout, TrainSettings]:
@@ -107,27 +136,59 @@ def run_layout(run: RunConfig, world: int) -> tuple[Layout, TrainSettings]:
     s = TrainSettings(seq_len=t.seq_len, global_batch=t.batch_size * t.grad_accum,
                       precision="bf16" if bf16 else "fp32", node_limit=None, dispatch_bytes=dispatch,
                       combine_bytes=act, weight_bytes=4.0, master_bytes=0.0, grad_bytes=4.0, moment_bytes=moments,
-                      act_bytes=act, grad_comm_bytes=4.0, memory_headroom=1.0)
+                      act_bytes=act, grad_comm_bytes=4.0, memory_headroom=1.0, sequence_parallel=False)
     return lo, s
 
 
 def predict_run(rec: RunRecord, device=None, threads: int | None = None, run_share: float | None = None):
-    """(layout, settings, StepTime) predicted for the run on this machine, measured now. threads: per
-    rank (default: OMP_NUM_THREADS, else the cores shared evenly, as `moeforge train --nproc` does)."""
+    """(layout, settings, StepTime, rank 0's CPU seconds) predicted for the run on this machine, measured
+    now. threads: per rank (default: OMP_NUM_THREADS, else the cores shared evenly, as `moeforge train
+    --nproc` does). run_share: the CPU share the run's ranks got while runnable (default: the run's own
+    step clock, else the load measured now, `CPUDevice.slowdown`)."""
+    from dataclasses import replace
+
     from . import network as net
     from .device import CPUDevice
-    from .steptime import step_time
+    from .steptime import _stage_step_time, step_time
 
     lo, s = run_layout(rec.run, rec.processes)
     model = from_moe(rec.run.model, rec.run.train.preset)
     if threads is None:
         threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or max(1, (os.cpu_count() or 1) // rec.processes)
+    if run_share is None:
+        run_share = rec.cpu_share
     if device is None:
         device = CPUDevice(threads=threads, ranks=rec.processes, run_share=run_share)
     hw = local_cpu_hardware(device)
-    link = net.Link(device.rates["socket_bw"], device.rates["socket_latency_s"])
+    link = gloo_link(device) if rec.processes > 1 else net.Link(device.rates["socket_bw"], 0.0)
     topo = net.Topology("nvswitch", lo.gpus, lo.gpus, link, link)
-    return lo, s, step_time(model, hw, topo, lo, s, device=device)
+    st = step_time(model, hw, topo, lo, s, device=device)
+    own = replace(device, run_share=1.0)  # rank 0 (the first stage) on a core of its own: CPU seconds
+    cpu = _stage_step_time(model, hw, topo, lo, s, own, 0).compute
+    host = wrapper_seconds(rec, lo, device)
+    if host:
+        st = replace(st, compute=st.compute + host * device.slowdown, total=st.total + host * device.slowdown,
+                     by_kind={**st.by_kind, "fsdp2/dtensor host": host * device.slowdown})
+    return lo, s, st, cpu + host
+
+
+def wrapper_seconds(rec: RunRecord, lo: Layout, device) -> float:
+    """Host CPU seconds per step of the distributed wrappers: a rank's parameters are FSDP2 / DTensor
+    tensors when dp > 1 (ZeRO-2/3) or tp > 1, each costing `CPUDevice.wrapper` per step (measured)."""
+    if (lo.dp == 1 and lo.tp == 1) or not rec.run.train.preset:
+        return 0.0
+    w = device.wrapper(rec.run.train.preset)
+    device.save()
+    return w["per_tensor_s"] * w["tensors"] / lo.pp
+
+
+def gloo_link(device):
+    """The link every gloo collective of a local run crosses: gloo's own measured alpha and beta."""
+    from . import network as net
+
+    g = device.gloo()
+    device.save()
+    return net.Link(g["gloo_bw"], g["gloo_latency_s"])
 
 
 def local_cpu_hardware(device):
@@ -142,11 +203,17 @@ def local_cpu_hardware(device):
 def compare(run_dir: str | Path, device=None, threads: int | None = None, processes: int | None = None,
             run_share: float | None = None) -> dict:
     rec = read_run(run_dir, processes)
-    lo, s, st = predict_run(rec, device, threads, run_share)
+    share = run_share if run_share is not None else rec.cpu_share
+    lo, s, st, cpu = predict_run(rec, device, threads, share)
+    measured_cpu = rec.measured_cpu
     out = {"run": str(rec.run_dir), "layout": lo.short(), "processes": rec.processes, "predicted_s": st.total,
            "measured_s": rec.measured, "error": st.total / rec.measured - 1, "steps_timed": len(rec.step_times),
            "parts": st.parts(), "by_kind": st.by_kind, "optimizer_s": st.optimizer,
-           "memory_predicted": st.memory.to_json(), "cpu_share_during_run": run_share}
+           "memory_predicted": st.memory.to_json(), "cpu_share_during_run": share,
+           "share_source": "given" if run_share is not None else ("run" if share is not None else "load now"),
+           "predicted_cpu_s": cpu, "measured_cpu_s": measured_cpu,
+           "cpu_error": cpu / measured_cpu - 1 if measured_cpu else None,
+           "predicted_waits_s": st.total - st.compute, "measured_blocked_s": rec.measured_blocked}
     if rec.memory:
         keys = {"weights": "parameters", "gradients": "gradients", "optimizer": "optimizer",
                 "activations": "activations"}
@@ -162,6 +229,7 @@ def against_report(run_dir: str | Path, as_json: bool = False, threads: int | No
     lines = [f"{r['run']}: {r['layout']}, {r['processes']} process(es)",
              f"step time: predicted {r['predicted_s']:.3f} s, measured {r['measured_s']:.3f} s (median of "
              f"{max(1, r['steps_timed'] - WARMUP_STEPS)} steps) -> error {100 * r['error']:+.0f}%",
+             cpu_line(r),
              "predicted breakdown: " + ", ".join(f"{k} {v:.3f} s" for k, v in r["parts"].items() if v > 0),
              "compute by kind: " + ", ".join(f"{k} {v:.3f} s" for k, v in sorted(r["by_kind"].items()))
              + f" (optimizer {r['optimizer_s']:.3f} s)"]
@@ -178,20 +246,45 @@ def against_report(run_dir: str | Path, as_json: bool = False, threads: int | No
     return "\n".join(lines)
 
 
+def cpu_line(r: dict) -> str:
+    """Where the measured wall time went (the run's step clock) next to the model's CPU seconds and waits."""
+    share = r["cpu_share_during_run"]
+    head = f"CPU share {share:.2f} ({r['share_source']})" if share is not None else "CPU share: load measured now"
+    if r["measured_cpu_s"] is None:
+        return f"{head}; predicted CPU {r['predicted_cpu_s']:.3f} s/step (the run has no step clock: cpu_s, runq_s)"
+    return (f"{head}; CPU s/step of the training thread: predicted {r['predicted_cpu_s']:.3f}, measured "
+            f"{r['measured_cpu_s']:.3f} ({100 * r['cpu_error']:+.0f}%); waits: predicted "
+            f"{r['predicted_waits_s']:.3f} s, measured blocked {r['measured_blocked_s']:.3f} s")
+
+
 def validation_table(run_dirs, threads: int | None = None, shares: dict | None = None) -> str:
-    """Predicted vs measured for each run, and the mean absolute error. shares: {run dir name: CPU share
-    probed while it ran} (benchmarks/planner_validation.py), else the share measured now."""
-    rows, errors = [], []
+    """Predicted vs measured for each run: rank 0's CPU seconds per step (the op model, load-free) and the
+    wall seconds per step (plus the waits: bubble, collectives, the share the load left), with the mean
+    absolute error of each. shares: {run dir name: CPU share} to use instead of the run's step clock."""
+    rows, errors, cpu_errors = [], [], []
     for d in run_dirs:
         try:
             r = compare(d, threads=threads, run_share=(shares or {}).get(Path(d).name))
         except ConfigError as e:
-            rows.append(f"| {Path(d).name} | - | - | - | - | {e} |")
+            rows.append(f"| {Path(d).name} | - | - | - | - | - | - | - | - | - | - | {e} |")
             continue
         errors.append(abs(r["error"]))
-        rows.append(f"| {Path(d).name} | {r['layout']} | {r['processes']} | {r['predicted_s']:.3f} | "
+        cpu = "- | - | -"
+        if r["cpu_error"] is not None:
+            cpu_errors.append(abs(r["cpu_error"]))
+            cpu = f"{r['predicted_cpu_s']:.3f} | {r['measured_cpu_s']:.3f} | {100 * r['cpu_error']:+.0f}%"
+        share = f"{r['cpu_share_during_run']:.2f}" if r["cpu_share_during_run"] is not None else "-"
+        blocked = f"{r['measured_blocked_s']:.3f}" if r["measured_blocked_s"] is not None else "-"
+        rows.append(f"| {Path(d).name} | {r['layout']} | {r['processes']} | {cpu} | {share} | "
+                    f"{r['predicted_waits_s']:.3f} | {blocked} | {r['predicted_s']:.3f} | "
                     f"{r['measured_s']:.3f} | {100 * r['error']:+.0f}% |")
-    head = ["| run | layout | processes | predicted s | measured s | error |", "|---|---|---|---|---|---|"]
-    mae = f"mean absolute error {100 * statistics.mean(errors):.0f}% over {len(errors)} runs" if errors else "no runs"
-    return "\n".join(head + rows + ["", mae])
-
+    head = ["| run | layout | processes | predicted CPU s | measured CPU s | CPU error | CPU share | "
+            "predicted waits s | measured blocked s | predicted wall s | measured wall s | wall error |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    tail = [""]
+    if cpu_errors:
+        tail.append(f"CPU seconds per step (rank 0): mean absolute error {100 * statistics.mean(cpu_errors):.0f}% "
+                    f"over {len(cpu_errors)} runs")
+    tail.append(f"wall seconds per step: mean absolute error {100 * statistics.mean(errors):.0f}% over {len(errors)} runs"
+                if errors else "no runs")
+    return "\n".join(head + rows + tail)

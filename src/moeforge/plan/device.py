@@ -212,7 +212,7 @@ def measure_gemm(m: int, n: int, k: int, groups: int, dtype: str, threads: int, 
             return _median_time(lambda: torch.bmm(a3, b), repeats)
 
 
-def measure_memory(threads: int, mb: float = 8.0, repeats: int = 7) -> dict:
+def measure_memory(threads: int, mb: float = 8.0, repeats: int = 15) -> dict:
     """Element-wise bandwidth (bytes moved per second by a + b, x * y into a fresh tensor: what eager ops
     do) at activation-sized tensors, and the cost of dispatching one tiny operation."""
     import torch
@@ -290,6 +290,12 @@ class CPUDevice:
         others = max(0.0, cores / self.rates["share"] - 1)
         return max(1.0, (others + self.ranks * self.threads) / cores)
 
+    @property
+    def comm_slowdown(self) -> float:
+        """gloo's collectives run on the same shared cores (packing, socket copies, wake-ups): they stretch
+        by the same factor as the kernels."""
+        return self.slowdown
+
     def gemm(self, op: Op, dtype: str) -> float:
         m, n, k, g = op.m, op.n, op.k, op.groups
         if op.kind == "attention":  # eager attention: batched matmuls over B*H (bmm)
@@ -308,6 +314,18 @@ class CPUDevice:
         else:
             raise ValueError(op.kind)
         return t * self.slowdown
+
+    def gloo(self) -> dict:
+        """gloo's measured alpha-beta between two processes here (gloo_link.py), cached on disk."""
+        from .gloo_link import measure_gloo
+
+        return self.cache.get("gloo|2|median-beta", measure_gloo)
+
+    def wrapper(self, preset: str) -> dict:
+        """FSDP2's host seconds per parameter tensor per step for a preset (wrapper_cost.py), cached on disk."""
+        from .wrapper_cost import measure_wrapper_cost
+
+        return self.cache.get(f"fsdp2|{preset}|{self.threads}", lambda: measure_wrapper_cost(preset))
 
     def save(self) -> None:
         self.cache.save()

@@ -71,6 +71,9 @@ class TrainSettings:
     act_bytes: float = 2.0  # activations (BF16)
     grad_comm_bytes: float = 2.0  # gradient all-reduce / reduce-scatter payload per element
     memory_headroom: float = 0.9  # usable fraction of device memory (allocator, workspaces, NCCL buffers)
+    # TP with sequence parallelism (Megatron, DeepSeek): norms, router and routed experts see tokens / TP.
+    # False: moeforge's own TP (activations outside the split heads and columns, logits whole on each rank)
+    sequence_parallel: bool = True
 
     def validate(self) -> "TrainSettings":
         if self.seq_len < 1 or self.global_batch < 1:

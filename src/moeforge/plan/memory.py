@@ -56,14 +56,19 @@ def stage_params(model: ModelShape, layout: Layout, stage: int) -> tuple[float, 
 def _stage_params(model: ModelShape, tp: int, ep: int, pp: int, stage: int) -> tuple[float, float]:
     """(non-expert, routed-expert) parameters held by one rank of a pipeline stage.
 
-    Non-expert weights are split by TP (heads, MLP columns, vocab); routed experts by EP, each expert
-    whole (no expert TP, as in DeepSeek-V3); norms are replicated."""
+    Non-expert weights are split by TP (heads, MLP columns, vocab) except MLA's low-rank down projections
+    (q_a, kv_a: every TP rank needs the whole latent) and the norms, which are replicated; routed experts
+    by EP, each expert whole (no expert TP, as in DeepSeek-V3). The last stage also holds the MTP modules
+    (eh_proj, norms, one MoE block each) and, when it is not the first, a copy of the input embedding
+    they read (measured on moeforge's pipeline, docs/planner.md)."""
     m = model
     layers = stage_layers(m.num_layers, pp)[stage]
     dense_params, expert = 0.0, 0.0
     layer_norms = (m.norm_params - m.hidden_size) / max(1, m.num_layers)
+    replicated = _replicated_attention_params(m)
+    attention = (m.attention_params - replicated) / tp + replicated
     for i in layers:
-        dense_params += m.attention_params / tp + layer_norms
+        dense_params += attention + layer_norms
         if i < m.dense_layers:
             dense_params += m.dense_mlp_params / tp
         else:
@@ -73,12 +78,37 @@ def _stage_params(model: ModelShape, tp: int, ep: int, pp: int, stage: int) -> t
         dense_params += m.embedding_params / tp
     if stage == pp - 1:  # the head (a tied table needs its own copy when it sits on another stage)
         dense_params += (m.head_params or m.embedding_params * (pp > 1)) / tp + m.hidden_size
+        depth = _mtp_depth(m)
+        if depth:
+            D = m.hidden_size
+            dense_params += depth * (2 * D * D + 3 * D + attention + layer_norms + m.shared_expert_params / tp)
+            expert += depth * m.routed_expert_params / ep
+            if pp > 1 and m.head_params:  # the embedding the MTP modules look up
+                dense_params += m.embedding_params / tp
     return dense_params, expert
+
+
+def _mtp_depth(model: ModelShape) -> int:
+    return model.moe_config.num_nextn_predict_layers if model.moe_config is not None else 0
+
+
+def _replicated_attention_params(model: ModelShape) -> float:
+    """MLA's q_a_proj and kv_a_proj_with_mqa: not split by TP (moeforge's parallel/tensor.py, Megatron)."""
+    c = model.moe_config
+    if c is None or model.kv_lora_rank is None:
+        return 0.0
+    return model.hidden_size * ((c.q_lora_rank or 0) + c.kv_lora_rank + c.qk_rope_head_dim)
 
 
 @lru_cache(maxsize=1024)
 def layer_activation_elems(model: ModelShape, moe: bool, selective: bool = False) -> float:
-    """Activation-dtype elements saved for backward per token in one layer.
+    """Activation-dtype elements saved for backward per token in one layer (see `layer_activation_split`)."""
+    return sum(layer_activation_split(model, moe, selective))
+
+
+@lru_cache(maxsize=1024)
+def layer_activation_split(model: ModelShape, moe: bool, selective: bool = False) -> tuple[float, float]:
+    """(split by TP heads or columns, the rest) of the elements saved for backward per token in one layer.
 
     No recomputation -- MLA: norm input and output, q_a output and its normed copy, q, the kv_a output,
     normed latent, kv_b output, the assembled k and v, the attention output. GQA: norm in/out, q, k, v,
@@ -88,6 +118,8 @@ def layer_activation_elems(model: ModelShape, moe: bool, selective: bool = False
     recomputed, and MoE expert inputs (dispatched tokens, SwiGLU inputs) are cached in FP8 (half an element).
     Expert outputs need not be kept for the gate-weight gradient: <dL/dy, W_down h> = <W_down^T dL/dy, h>,
     both of which the expert's backward computes anyway.
+    The first part is what TP splits (per-head tensors, the shared experts' and dense MLP's columns); the
+    rest (norms, the MLA latents, the router, routed experts, layer inputs) only sequence parallelism splits.
     """
     m, D = model, model.hidden_size
     F, K, S = m.expert_intermediate, m.experts_per_token, m.n_shared_experts
@@ -97,23 +129,24 @@ def layer_activation_elems(model: ModelShape, moe: bool, selective: bool = False
         q_lora = c.q_lora_rank or 0
         latent = c.kv_lora_rank + c.qk_rope_head_dim
         if selective:
-            attn = D + q_lora + latent + H * c.v_head_dim
+            attn_tp, attn = H * c.v_head_dim, D + q_lora + latent
         else:
-            attn = (2 * D + 2 * q_lora + H * c.qk_head_dim + latent + c.kv_lora_rank
-                    + H * (c.qk_nope_head_dim + c.v_head_dim) + H * c.qk_head_dim + 2 * H * c.v_head_dim)
+            attn_tp = H * c.qk_head_dim + H * (c.qk_nope_head_dim + c.v_head_dim) + H * c.qk_head_dim + 2 * H * c.v_head_dim
+            attn = 2 * D + 2 * q_lora + latent + c.kv_lora_rank
     else:
         H, KV, hd = m.num_heads, m.num_kv_heads, m.head_dim
-        attn = D + (H + 2 * KV) * hd + H * hd if selective else 2 * D + (H + 2 * KV) * hd + (H + KV) * hd + H * hd
+        attn_tp = (H + 2 * KV) * hd + H * hd if selective else (H + 2 * KV) * hd + (H + KV) * hd + H * hd
+        attn = D if selective else 2 * D
     if moe:
         router = 2 * 2 * m.n_routed_experts
         if selective:
-            mlp = D + router + K * (D / 2 + F) + S * 2 * F
+            mlp_tp, mlp = S * 2 * F, D + router + K * (D / 2 + F)
         else:
-            mlp = 2 * D + router + K * (2 * D + 3 * F) + S * 3 * F + D
+            mlp_tp, mlp = S * 3 * F, 2 * D + router + K * (2 * D + 3 * F) + D
     else:
         F = m.dense_intermediate
-        mlp = D + 2 * F + D if selective else 2 * D + 3 * F + D
-    return attn + mlp
+        mlp_tp, mlp = (2 * F, 2 * D) if selective else (3 * F, 3 * D)
+    return attn_tp + mlp_tp, attn + mlp
 
 
 def activation_bytes(model: ModelShape, layout: Layout, settings: TrainSettings, stage: int) -> float:
@@ -123,12 +156,16 @@ def activation_bytes(model: ModelShape, layout: Layout, settings: TrainSettings,
     layers = stage_layers(m.num_layers, lo.pp)[stage]
     sel = lo.recompute == "selective"
     n_moe = sum(1 for i in layers if i >= m.dense_layers)
-    per_moe, per_dense = layer_activation_elems(m, True, sel), layer_activation_elems(m, False, sel)
-    per_layer = [per_moe] * n_moe + [per_dense] * (len(layers) - n_moe)
     scale = tokens * settings.act_bytes / lo.tp  # sequence parallel shards everything TP does not
+    if settings.sequence_parallel:
+        per_moe, per_dense = layer_activation_elems(m, True, sel), layer_activation_elems(m, False, sel)
+    else:  # the unsplit part on every TP rank (in units of `scale`)
+        per_moe, per_dense = (a + lo.tp * b for a, b in (layer_activation_split(m, moe, sel) for moe in (True, False)))
+    per_layer = [per_moe] * n_moe + [per_dense] * (len(layers) - n_moe)
     working = 0.0
+    unsplit = 1 if settings.sequence_parallel else lo.tp  # layer inputs, logits: whole on every TP rank
     if lo.recompute == "full":  # keep each layer's input; one layer is recomputed at a time in backward
-        one_mb = len(layers) * m.hidden_size * scale
+        one_mb = len(layers) * m.hidden_size * scale * unsplit
         working = max(per_layer, default=0) * scale
     else:
         one_mb = sum(per_layer) * scale
@@ -137,7 +174,9 @@ def activation_bytes(model: ModelShape, layout: Layout, settings: TrainSettings,
         in_flight = min(micro_batches_of(lo, settings), lo.pp - stage) * (1 + (lo.pp - 1) / (lo.pp * lo.virtual_stages))
     act = one_mb * max(1, in_flight) + working
     if stage == lo.pp - 1:  # logits (activation dtype) and their FP32 copy for the loss, one micro-batch
-        act += tokens * m.vocab_size * (settings.act_bytes + 4) / lo.tp
+        logits = tokens * m.vocab_size * (settings.act_bytes + 4) / lo.tp * unsplit
+        depth = _mtp_depth(m)  # each MTP module: its inputs (2D, normed), one MoE block, its own logits
+        act += logits + depth * ((4 * m.hidden_size * unsplit + per_moe) * scale + logits)
     return act
 
 
@@ -147,26 +186,33 @@ def micro_batches_of(layout: Layout, settings: TrainSettings) -> int:
 
 def memory_per_rank(model: ModelShape, layout: Layout, settings: TrainSettings) -> Memory:
     """The fullest rank's memory. ZeRO shards over DP (non-expert) or expert-DP (routed experts)."""
-    s, lo = settings, layout
+    lo = layout
     best: Memory | None = None
-    copies = 2 if lo.schedule == "dualpipe" else 1
     for stage in range(lo.pp):
-        dense_p, expert_p = stage_params(model, lo, stage)
-        if lo.schedule == "dualpipe":  # the mirror stage lives here too
-            d2, e2 = stage_params(model, lo, lo.pp - 1 - stage)
-            dense_p, expert_p = dense_p + d2, expert_p + e2
-        shards = {0: (1, 1, 1), 1: (1, 1, lo.dp), 2: (1, lo.dp, lo.dp), 3: (lo.dp, lo.dp, lo.dp)}[lo.zero]
-        eshards = {0: (1, 1, 1), 1: (1, 1, lo.edp), 2: (1, lo.edp, lo.edp), 3: (lo.edp,) * 3}[lo.zero]
-        weights = s.weight_bytes * (dense_p / shards[0] + expert_p / eshards[0])
-        grads = s.grad_bytes * (dense_p / shards[1] + expert_p / eshards[1])
-        opt = (s.master_bytes + 2 * s.moment_bytes) * (dense_p / shards[2] + expert_p / eshards[2])
-        act = activation_bytes(model, lo, s, stage)
-        if lo.schedule == "dualpipe":
-            act = max(act, activation_bytes(model, lo, s, lo.pp - 1 - stage))
-        mem = Memory(weights, grads, opt, act, stage)
+        mem = stage_memory(model, lo, settings, stage)
         if best is None or mem.total > best.total:
             best = mem
-        if copies == 2 and stage >= math.ceil(lo.pp / 2):
+        if lo.schedule == "dualpipe" and stage >= math.ceil(lo.pp / 2):
             break
     assert best is not None
     return best
+
+
+def stage_memory(model: ModelShape, layout: Layout, settings: TrainSettings, stage: int) -> Memory:
+    """Memory of a rank of pipeline stage `stage` (under DualPipe: the rank holding `stage` and its mirror)."""
+    s, lo = settings, layout
+    dense_p, expert_p = stage_params(model, lo, stage)
+    if lo.schedule == "dualpipe":  # the mirror stage lives here too
+        d2, e2 = stage_params(model, lo, lo.pp - 1 - stage)
+        dense_p, expert_p = dense_p + d2, expert_p + e2
+        if stage in (0, lo.pp - 1) and model.head_params and _mtp_depth(model):
+            dense_p -= model.embedding_params / lo.tp  # first and last stage share a rank: one embedding
+    shards = {0: (1, 1, 1), 1: (1, 1, lo.dp), 2: (1, lo.dp, lo.dp), 3: (lo.dp, lo.dp, lo.dp)}[lo.zero]
+    eshards = {0: (1, 1, 1), 1: (1, 1, lo.edp), 2: (1, lo.edp, lo.edp), 3: (lo.edp,) * 3}[lo.zero]
+    weights = s.weight_bytes * (dense_p / shards[0] + expert_p / eshards[0])
+    grads = s.grad_bytes * (dense_p / shards[1] + expert_p / eshards[1])
+    opt = (s.master_bytes + 2 * s.moment_bytes) * (dense_p / shards[2] + expert_p / eshards[2])
+    act = activation_bytes(model, lo, s, stage)
+    if lo.schedule == "dualpipe":
+        act = max(act, activation_bytes(model, lo, s, lo.pp - 1 - stage))
+    return Memory(weights, grads, opt, act, stage)

@@ -181,7 +181,7 @@ def _stage_step_time(model, hw, topo, layout, settings, device, stage: int) -> S
             kinds[kind] = kinds.get(kind, 0.0) + m * t_mb + t_step
         for op in collectives:
             t, algo = collective_time(op, topo, lo, s)
-            t *= op.count
+            t *= op.count * getattr(device, "comm_slowdown", 1.0)
             algos[op.group] = algo
             if op.phase == "step":
                 dp_comm += t

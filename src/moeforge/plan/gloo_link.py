@@ -1,0 +1,83 @@
+"""gloo on this machine as an alpha-beta link: measured with two real gloo processes over loopback TCP.
+
+Why: moeforge's multi-process CPU runs talk through gloo, and gloo is not a raw socket. A socket pair
+in one process measured 4 us latency here; a gloo send/recv between two processes costs ~80-100 us
+(its TCP pairs, the tensor's (un)packing, two process wake-ups). The step-time model needs gloo's
+own alpha and beta, so they are measured as a component: half a send/recv round trip for a few sizes,
+the fastest of a dozen repetitions (the uncontended cost; contention with other jobs is accounted
+separately, as the CPU share the run got), alpha = the 8-byte time, beta = the median over the larger
+sizes of bytes / (time - alpha) (on a busy machine one size's dozen repetitions can all be slow).
+An all-reduce at two ranks is timed alongside, to check the ring formula the planner applies to it
+(`benchmarks/planner_validation.py --gloo` prints both). Cached with the GEMM timings (device.py).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+SIZES = (8, 65536, 1 << 20, 4 << 20)
+REPEATS = 12
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, queue) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    out = {}
+    try:
+        for nbytes in SIZES:
+            t = torch.zeros(max(1, nbytes // 4))
+            p2p, ar = [], []
+            for _ in range(REPEATS):
+                dist.barrier()
+                t0 = time.perf_counter()
+                if rank == 0:
+                    dist.send(t, 1)
+                    dist.recv(t, 1)
+                else:
+                    dist.recv(t, 0)
+                    dist.send(t, 0)
+                p2p.append((time.perf_counter() - t0) / 2)
+            for _ in range(REPEATS):
+                dist.barrier()
+                t0 = time.perf_counter()
+                dist.all_reduce(t)
+                ar.append(time.perf_counter() - t0)
+            out[nbytes] = (min(p2p), min(ar))
+    finally:
+        if rank == 0:
+            queue.put(out)
+        dist.destroy_process_group()
+
+
+def measure_gloo(timeout: float = 180.0) -> dict:
+    """{'gloo_latency_s', 'gloo_bw', 'p2p': {bytes: s}, 'all_reduce2': {bytes: s}} from two gloo processes."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, queue), daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        res = queue.get(timeout=timeout)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+    small = res[SIZES[0]][0]
+    rates = sorted(n / max(res[n][0] - small, 1e-9) for n in SIZES[1:])
+    bw = rates[len(rates) // 2]  # the median size's: one slow repetition set on a busy machine moves it least
+    return {"gloo_latency_s": small, "gloo_bw": bw, "p2p": {str(k): v[0] for k, v in res.items()},
+            "all_reduce2": {str(k): v[1] for k, v in res.items()}}
