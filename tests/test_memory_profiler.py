@@ -135,7 +135,8 @@ def _other_value(field):
     """A valid value different from the field's default (to pass as a flag)."""
     special = {"data": "corpus.txt", "tokenizer": "tokenizer.json", "schedule": "wsd", "routing": "balanced",
                "pp_schedule": "gpipe", "offload": "optimizer", "run_dir": "somewhere", "sample_prompt": "x",
-               "ep_dispatch": ["fp8", "--ep", "2"], "bias_update_final_speed": "1e-4", "val_fraction": "0.1",
+               "ep_dispatch": ["fp8", "--ep", "2"], "redundant_experts": ["2", "--ep", "2", "--rebalance-every", "1"],
+               "rebalance_every": ["1", "--ep", "2", "--redundant-experts", "2"], "bias_update_final_speed": "1e-4", "val_fraction": "0.1",
                "min_lr_ratio": "0.5", "wsd_decay_fraction": "0.3", "bias_freeze_fraction": "0.5"}
     if field.name in special:
         value = special[field.name]

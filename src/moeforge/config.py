@@ -335,6 +335,13 @@ class TrainConfig:
                            "fp8/logfmt need ep > 1.", default="compute")
     ep_overlap_shared: bool = doc("Expert parallelism: compute the shared experts while the dispatch all-to-all "
                                   "is in flight (same results).", default=True)
+    redundant_experts: int = doc("Expert parallelism: R extra physical expert slots per MoE layer (R / ep more per "
+                                 "rank) holding copies of the hottest experts, re-placed every --rebalance-every "
+                                 "steps from the measured loads (same losses as without; docs/balancing.md).",
+                                 default=0)
+    rebalance_every: int = doc("With --redundant-experts: re-plan the expert placement from the loads of the last K "
+                               "steps every K steps, moving weights and AdamW moments to their new slots.",
+                               default=0)
     tp: int = doc("Tensor-parallel degree.", default=1)
     cp: int = doc("Context-parallel degree: ranks sharing each sequence (2 x cp chunks, load-balanced; MLA's "
                   "compressed KV all-gathered); composes with dp only (docs/long-context.md).", default=1)
@@ -398,6 +405,7 @@ class TrainConfig:
         if self.ep_dispatch != "compute" and self.ep == 1:
             raise ConfigError(f"ep_dispatch={self.ep_dispatch} needs ep > 1: with ep=1 no tokens are exchanged "
                               "(use --ep-dispatch compute)")
+        check_redundant_experts(self)
         if self.offload not in ("none", "optimizer", "activations", "all"):
             raise ConfigError(f"offload must be none, optimizer, activations or all, got {self.offload!r}")
         if self.pp_schedule not in PP_SCHEDULES:
@@ -440,7 +448,7 @@ RESUME_FREE_FIELDS = frozenset({
     "steps", "run_dir", "eval_every", "eval_batches", "log_every", "log_expert_counts", "save_every",
     "keep_checkpoints", "max_bad_steps", "sample_tokens", "sample_prompt", "compile", "device",
     "nproc", "dp", "ep", "tp", "pp", "pp_schedule", "pp_microbatches", "zero", "ep_dispatch",
-    "ep_overlap_shared", "dist_timeout", "activation_checkpointing", "memory_budget", "offload"})
+    "ep_overlap_shared", "redundant_experts", "rebalance_every", "dist_timeout", "activation_checkpointing", "memory_budget", "offload"})
 
 
 def config_changes(saved: dict, run: RunConfig) -> list[tuple[str, Any, Any]]:
@@ -507,6 +515,33 @@ def resolve_run_config(toml: dict | None = None, train_overrides: dict | None = 
     model = ModelConfig.from_dict(model_dict).validate()
     check_routing(train, model)
     return RunConfig(model=model, train=train)
+
+
+def check_redundant_experts(train: TrainConfig) -> None:
+    """--redundant-experts R --rebalance-every K against the layout flags (one line for the first problem)."""
+    R, K = train.redundant_experts, train.rebalance_every
+    if R < 0:
+        raise ConfigError(f"--redundant-experts must be >= 0, got {R}")
+    if R == 0:
+        if K != 0:
+            raise ConfigError(f"--rebalance-every {K} needs --redundant-experts R > 0 (without extra slots there is "
+                              "nothing to re-place)")
+        return
+    if train.ep < 2:
+        raise ConfigError(f"--redundant-experts {R} needs expert parallelism (--ep > 1): the extra slots are spread "
+                          "over the ep ranks")
+    if R % train.ep:
+        raise ConfigError(f"--redundant-experts {R} must divide evenly over the ep={train.ep} ranks (a multiple of "
+                          f"{train.ep})")
+    if K < 1:
+        raise ConfigError(f"--rebalance-every must be >= 1 with --redundant-experts (steps between re-placements), "
+                          f"got {K}")
+    for flag, value in (("--pp", train.pp), ("--tp", train.tp), ("--cp", train.cp)):
+        if value > 1:
+            raise ConfigError(f"--redundant-experts with {flag} {value}: redundant experts run with dp x ep only")
+    if train.ep_dispatch != "compute":
+        raise ConfigError(f"--redundant-experts with --ep-dispatch {train.ep_dispatch}: replicated slots send rows "
+                          "in the compute dtype only (use --ep-dispatch compute)")
 
 
 def check_routing(train: TrainConfig, model: ModelConfig) -> None:

@@ -31,9 +31,10 @@ __all__ = ["DISPATCH_FORMATS", "ExpertParallelExperts", "ParallelLayout", "Paral
 
 
 def parallelize(model: nn.Module, layout: ParallelLayout, mesh, param_dtype: torch.dtype | None = None,
-                ep_dispatch: str = "compute", ep_overlap_shared: bool = True) -> nn.Module:
+                ep_dispatch: str = "compute", ep_overlap_shared: bool = True, expert_placement=None) -> nn.Module:
     """Apply the layout to a built (and hardware-configured) model on every rank; returns the same model.
-    `ep_dispatch` (compute, fp8, logfmt) and `ep_overlap_shared` configure expert parallelism (expert.py).
+    `ep_dispatch` (compute, fp8, logfmt) and `ep_overlap_shared` configure expert parallelism (expert.py);
+    `expert_placement` (phy2log [MoE layers][slots]) swaps in redundant expert slots instead (replicated.py).
 
     The model must be initialised identically on every rank (same seed): each rank keeps its shards.
     Pipeline stages (pp > 1, with any of dp, ep and tp) are cut from the TP- and EP-parallelised model
@@ -44,7 +45,9 @@ def parallelize(model: nn.Module, layout: ParallelLayout, mesh, param_dtype: tor
     layout.check_trainer()
     if layout.tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
-    if layout.ep > 1:
+    if layout.ep > 1 and expert_placement is not None:
+        apply_replicated_expert_parallel(model, mesh["ep"], expert_placement)
+    elif layout.ep > 1:
         apply_expert_parallel(model, mesh["ep"], ep_dispatch, ep_overlap_shared)
     if (layout.dp > 1 or layout.ep > 1 or layout.cp > 1) and layout.pp == 1:
         apply_fsdp(model, mesh, layout, mixed_precision(param_dtype))

@@ -11,6 +11,10 @@ The optimizer state is saved flattened (`flatten_optimizer_state_dict`: hyperpar
 parameter name, as torchtitan does): pipeline stages hold different parameters, and a per-group list of
 parameter names would be one key with a different value on every stage, of which DCP keeps one.
 Checkpoints written before this (unflattened, `optim.param_groups.0.params`) still load.
+
+`view`: an object whose `to_saved(model_sd, optim_sd)` maps this rank's state dicts to the layout saved
+(and loaded), and `from_saved(...)` back; redundant expert slots use it to keep checkpoints in the
+logical layout (`moeforge.parallel.rebalance.RedundantExperts`).
 """
 
 from __future__ import annotations
@@ -33,10 +37,13 @@ def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def save(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict | None = None):
+def save(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict | None = None,
+         view=None):
     """Write model + optimizer shards (all ranks call this) and `extra` (rank 0) to folder `path`."""
     path = Path(path)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True))
+    if view is not None:
+        model_sd, optim_sd = view.to_saved(model_sd, optim_sd)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
     if _is_main():
         torch.save(extra or {}, path / EXTRA_FILE)
@@ -45,7 +52,7 @@ def save(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 
 def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         alias: Callable[[str], str] | None = None) -> dict:
+         alias: Callable[[str], str] | None = None, view=None) -> dict:
     """Load a checkpoint saved at any layout into this (already parallelised) model and optimizer (all
     ranks call this); returns its `extra` dict. A fresh optimizer is fine: its state is created first.
 
@@ -57,6 +64,8 @@ def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     options = StateDictOptions(flatten_optimizer_state_dict="optim.param_groups.0.params" not in saved)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    if view is not None:  # placeholders in the saved layout, filled by dcp.load
+        model_sd, optim_sd = view.to_saved(model_sd, optim_sd)
     state = {"model": model_sd, "optim": optim_sd}
     copies = _take_out_aliases(state, saved, alias) if alias else []
     try:
@@ -68,6 +77,8 @@ def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     for part, key, source in copies:
         value = state[part][source]
         state[part][key] = value.detach().clone() if isinstance(value, torch.Tensor) else value
+    if view is not None:
+        state["model"], state["optim"] = view.from_saved(state["model"], state["optim"])
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=options)
     extra = path / EXTRA_FILE

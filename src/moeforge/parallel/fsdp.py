@@ -6,6 +6,8 @@
 * Expert weights (already DTensors over the ep mesh) are sharded over the expert-data-parallel mesh
   "edp": the ranks that hold the same experts. Their gradient reduction divides by the full dp degree,
   since every dp rank's tokens reached them through the all-to-all (torchtitan does the same).
+* Redundant expert slots (`replicated.py`) are left out (`ignored_params`): each rank's slots hold
+  different experts, so FSDP must neither shard nor average them; `replicated.sync_replica_grads` does.
 * Mixed precision: an optional `MixedPrecisionPolicy` (e.g. bf16 parameters for compute, fp32
   gradient reduction); sharded master weights and optimizer state stay fp32.
 """
@@ -21,6 +23,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from .expert import ExpertParallelExperts
 from .mesh import ParallelLayout
+from .replicated import slot_parameters
 
 
 def mixed_precision(param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None = torch.float32):
@@ -38,6 +41,9 @@ def apply_fsdp(model: nn.Module, mesh, layout: ParallelLayout, mp_policy: MixedP
     # FP8 x EP x ZeRO-3 runs equal the single process), so the warning is noise for these modules.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPFp8Linear\) returned a view tensor")
     kw = {"reshard_after_forward": layout.reshard_after_forward}
+    slots = set(slot_parameters(model))
+    if slots:
+        kw["ignored_params"] = slots
     if mp_policy is not None:
         kw["mp_policy"] = mp_policy
     dp_mesh = mesh["dp_cp"]  # context-parallel ranks average their gradients like data-parallel ones

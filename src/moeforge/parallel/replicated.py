@@ -25,11 +25,12 @@ dense [E, ...] buffer per weight, all-reduces (sums) it over the group (the ep g
 dp group when ep < dp, so that copies on other expert-data-parallel ranks are summed too), divides by
 `divide_by` (the dp degree when each rank's loss is the mean over its own tokens), and copies row
 phy2log[s] back into slot s. Replicas then have identical gradients and (with identical optimizer state)
-identical updates. Cost per MoE layer and step: one all-reduce of the layer's whole logical expert
-gradient, E x 3 x F x D numbers (about 2 x that many bytes x dtype size sent per rank with a ring), where
-unreplicated expert parallelism only reduces its own E/ep experts over edp: ep times the volume. An
-all-reduce per replica group over subgroups would send only the replicated experts' gradients but needs a
-process group per distinct set of ranks; the dense buffer is one collective, simple and plainly correct.
+identical updates. Cost per MoE layer and step, when the group is the ep group: one all-reduce of the
+gradients of the experts with copies on several ranks only (the others have all their copies on one rank,
+whose local sum is the whole gradient), plus one scalar for the norm; over a larger group (dp, when
+ep < dp) the whole dense buffer, E x 3 x F x D numbers, ep times what unreplicated EP reduces over edp. An
+all-reduce per replica group over subgroups would send less there but needs a process group per distinct
+set of ranks.
 
 The squared norm of the logical expert gradients is kept by the sync (`replica_grad_sq`), so clipping can
 count each logical expert once (`clip_grad_norm(..., uncounted=slot params, extra_sq=replica_grad_sq(model))`),
@@ -37,8 +38,9 @@ not once per replica.
 
 Checkpoints in the logical (Hugging Face) layout: `logical_expert_state(model)` gathers each logical
 expert's weights (from its first replica) into [E, ...] tensors keyed by the plain model's names, and
-`load_logical_expert_state(model, state)` writes them into every slot. The trainer does not use this
-module yet (see docs/balancing.md).
+`load_logical_expert_state(model, state)` writes them into every slot. The trainer uses this module
+through `moeforge.parallel.rebalance` (`moeforge train --redundant-experts R --rebalance-every K`), which
+also re-plans the placement during the run (`set_placement` + moving the slots' weights and moments).
 """
 
 from __future__ import annotations
@@ -116,23 +118,10 @@ class ReplicatedExpertParallelExperts(nn.Module):
         self.n_experts, self.n_slots, self.n_local, self.ep_mesh = E, S, S // ep, ep_mesh
         self.ep, self.rank = ep, rank
         self.impl = experts.impl
-        p2l = torch.tensor(phy2log, dtype=torch.long)
-        logcnt = torch.bincount(p2l, minlength=E)
-        # slots_of[e, r]: the r-th replica's slot of expert e (slot order), padded with -1.
-        order = torch.argsort(p2l, stable=True)
-        starts = logcnt.cumsum(0) - logcnt
-        slots_of = torch.full((E, int(logcnt.max())), -1, dtype=torch.long)
-        for e in range(E):
-            slots_of[e, :logcnt[e]] = order[starts[e]:starts[e] + logcnt[e]]
-        lo, hi = rank * self.n_local, (rank + 1) * self.n_local
-        local = p2l[lo:hi]
-        first = torch.zeros(S, dtype=torch.bool)
-        first[slots_of[:, 0]] = True  # each expert's first replica: the copy read for the logical weights
         dev = experts.gate_up_proj.device
-        for name, value in (("phy2log", p2l), ("logcnt", logcnt), ("slots_of", slots_of),
-                            ("local_phy2log", local), ("local_first", first[lo:hi]),
-                            ("slot_counts", torch.zeros(self.n_local, dtype=torch.long))):
-            self.register_buffer(name, value.to(dev), persistent=False)
+        self.register_buffer("slot_counts", torch.zeros(self.n_local, dtype=torch.long, device=dev), persistent=False)
+        self.set_placement(phy2log)
+        local = self.local_phy2log
         for name in WEIGHTS:
             w = getattr(experts, name).detach()
             setattr(self, name, nn.Parameter(w[local.to(w.device)].clone()))
@@ -142,6 +131,35 @@ class ReplicatedExpertParallelExperts(nn.Module):
         experts.n_experts = self.n_local
         self._kernel = (experts,)  # a tuple: not a submodule
         self.logical_grad_sq: torch.Tensor | None = None  # set by sync_grads
+
+    @torch.no_grad()
+    def set_placement(self, phy2log) -> None:
+        """Take a new placement (same slot count): recompute the routing tables. The slot weights are not
+        touched: moving them is the caller's job (`moeforge.parallel.rebalance.move_slots`)."""
+        phy2log = check_placement([phy2log], None, 1, self.n_experts, self.ep)[0]
+        if len(phy2log) != self.n_slots:
+            raise ConfigError(f"placement has {len(phy2log)} slots, this layer {self.n_slots}")
+        E, dev = self.n_experts, self.slot_counts.device
+        p2l = torch.tensor(phy2log, dtype=torch.long)
+        logcnt = torch.bincount(p2l, minlength=E)
+        # slots_of[e, r]: the r-th replica's slot of expert e (slot order), padded with -1.
+        order = torch.argsort(p2l, stable=True)
+        starts = logcnt.cumsum(0) - logcnt
+        slots_of = torch.full((E, int(logcnt.max())), -1, dtype=torch.long)
+        for e in range(E):
+            slots_of[e, :logcnt[e]] = order[starts[e]:starts[e] + logcnt[e]]
+        lo, hi = self.rank * self.n_local, (self.rank + 1) * self.n_local
+        first = torch.zeros(self.n_slots, dtype=torch.bool)
+        first[slots_of[:, 0]] = True  # each expert's first replica: the copy read for the logical weights
+        rank_of = torch.arange(self.n_slots) // self.n_local
+        ranks = torch.zeros(E, self.ep, dtype=torch.bool)
+        ranks[p2l, rank_of] = True  # ranks[e, r]: rank r holds a copy of expert e
+        spread = torch.nonzero(ranks.sum(1) > 1).flatten()  # copies on several ranks: gradients all-reduced
+        single = torch.nonzero((ranks.sum(1) == 1) & ranks[:, self.rank]).flatten()  # all copies here
+        for name, value in (("phy2log", p2l), ("logcnt", logcnt), ("slots_of", slots_of),
+                            ("local_phy2log", p2l[lo:hi]), ("local_first", first[lo:hi]),
+                            ("spread_experts", spread), ("single_rank_experts", single)):
+            self.register_buffer(name, value.to(dev), persistent=False)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, D] sorted by logical expert, counts [E] -> [M, D] in the same order."""
@@ -178,20 +196,39 @@ class ReplicatedExpertParallelExperts(nn.Module):
 
     @torch.no_grad()
     def sync_grads(self, divide_by: float = 1.0, group=None) -> None:
-        """Every slot's gradient := (sum over all replicas of its expert, over `group`) / divide_by."""
-        group = self.ep_mesh.get_group() if group is None else group
+        """Every slot's gradient := (sum over all replicas of its expert, over `group`) / divide_by.
+
+        When `group` is the ep group itself, only the experts with copies on several ranks are all-reduced
+        (the others' copies are all on one rank: their local sum is the whole gradient, bitwise what the
+        dense all-reduce would give, as the other ranks add zeros); over a larger group (dp with ep < dp)
+        every expert has copies elsewhere and the dense buffer is all-reduced."""
+        ep_group = self.ep_mesh.get_group()
+        group = ep_group if group is None else group
+        compact = group is ep_group or dist.get_process_group_ranks(group) == dist.get_process_group_ranks(ep_group)
+        spread = self.spread_experts
         sq = None
         for name in WEIGHTS:
             w = getattr(self, name)
             grad = w.grad if w.grad is not None else torch.zeros_like(w)  # every rank must join the collective
             dense = grad.new_zeros((self.n_experts,) + tuple(w.shape[1:]))
             dense.index_add_(0, self.local_phy2log, grad)
-            dist.all_reduce(dense, group=group)
+            if not compact:
+                dist.all_reduce(dense, group=group)
+            elif spread.numel():
+                rows = dense.index_select(0, spread)
+                dist.all_reduce(rows, group=group)
+                dense.index_copy_(0, spread, rows)
             if divide_by != 1.0:
                 dense /= divide_by
             w.grad = dense.index_select(0, self.local_phy2log)
-            part = dense.float().square().sum()
+            if compact:  # spread experts: the same on every rank, counted by rank 0; the others by their rank
+                mine = self.single_rank_experts if self.rank else torch.cat([self.single_rank_experts, spread])
+                part = dense.index_select(0, mine).float().square().sum()
+            else:
+                part = dense.float().square().sum()
             sq = part if sq is None else sq + part
+        if compact:
+            dist.all_reduce(sq, group=group)
         self.logical_grad_sq = sq
 
     @torch.no_grad()

@@ -8,7 +8,9 @@ What changes against the single-process trainer, and why:
   use counts summed over the dp group;
 * only rank 0 prints, writes metrics and the run folder; everyone writes its checkpoint shards (DCP),
   and rank 0 adds a Hugging Face export of the weights to each checkpoint folder;
-* every step runs inside `collective_errors`, so a dead or stuck peer ends the run with one message.
+* every step runs inside `collective_errors`, so a dead or stuck peer ends the run with one message;
+* with --redundant-experts, `self.redundant` (rebalance.py) syncs the slots' gradients in clip_gradients,
+  re-places experts after the step, and maps checkpoints and the export to the logical layout.
 
 Pipeline parallelism (--pp P, --nproc P x dp): every rank builds the whole model from the same seed and
 keeps its stage(s) (`build_pipeline`); `self.model` is then this rank's `PipelineRank` (full-model
@@ -47,6 +49,7 @@ from .grads import clip_grad_norm
 from .launch import collective_errors, init_distributed, register_process
 from .mesh import ParallelLayout, build_mesh
 from .pipeline import PipelineRank, build_pipeline
+from .rebalance import RedundantExperts, initial_placement
 from .tensor import split_param_groups
 
 
@@ -67,6 +70,8 @@ class DataParallelSlice:
 
 
 class DistributedTrainer(Trainer):
+    redundant: RedundantExperts | None = None  # --redundant-experts: the slots, their gradients and moves
+
     def __init__(self, run: RunConfig, run_dir: Path | str | None = None, resume: bool = False,
                  console: Console | None = None, allow_config_change: tuple[str, ...] | str = ()):
         cfg = run.train
@@ -119,8 +124,12 @@ class DistributedTrainer(Trainer):
         # On 2-D meshes (EP x FSDP expert shards, TP x FSDP norms) DTensor warns, on every step and save, that
         # it reduces one mesh dim after the other; that is the expected cost here, not a problem to report.
         logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+        placement = initial_placement(self.run.model, self.layout.ep, self.cfg.redundant_experts) \
+            if self.cfg.redundant_experts else None
         model = parallelize(model, self.layout, self.mesh, ep_dispatch=self.cfg.ep_dispatch,
-                            ep_overlap_shared=self.cfg.ep_overlap_shared)
+                            ep_overlap_shared=self.cfg.ep_overlap_shared, expert_placement=placement)
+        if placement is not None:
+            self.redundant = RedundantExperts(model, self.mesh, self.layout, self.cfg, self.run.model)
         if self.layout.pp == 1:
             return model
         return self._build_pipeline(model)
@@ -146,22 +155,29 @@ class DistributedTrainer(Trainer):
 
     def build_optimizer(self):
         optimizer = super().build_optimizer()
-        if self.layout.tp > 1 or self.pipeline is not None:  # fused/foreach kernels refuse to mix plain tensors
-            # and DTensors (TP shards; EP expert shards beside the plain dense weights of pipeline stages)
+        if self.layout.tp > 1 or self.pipeline is not None or self.redundant is not None:  # fused/foreach kernels
+            # refuse to mix plain tensors and DTensors (TP shards; EP expert shards beside the plain dense weights
+            # of pipeline stages; plain redundant expert slots beside FSDP's DTensors)
             optimizer = type(optimizer)(split_param_groups(optimizer.param_groups))
         return optimizer
 
     def clip_gradients(self, params, max_norm):
         if self.pipeline is not None:  # the norm over every stage (and the shared embedding once)
             return self.pipeline.clip_grad_norm_(max_norm)
+        if self.redundant is not None:  # slots get their logical experts' gradients; each expert counted once
+            return self.redundant.sync_and_clip(params, max_norm)
         return clip_grad_norm(params, max_norm)
 
     def train_step(self) -> dict:
         with collective_errors(f"step {self.step + 1}", self.cfg.dist_timeout):
             pop_comm_bytes(self.model)  # evaluation's exchanges are not this step's
+            if self.redundant is not None:
+                self.redundant.start_step()
             m = super().train_step()
             if self.layout.ep > 1:
                 m.update(self._comm_bytes())
+            if self.redundant is not None:  # rows per EP rank; every K steps, re-place the experts
+                m.update(self.redundant.after_step(self.step + 1, self.optimizer, self.console))
             return self._mean_over_dp(m, ("loss", "lm_loss", "mtp_loss", "aux_loss"))
 
     def step_is_finite(self, loss: float, grad_norm) -> bool:
@@ -285,10 +301,12 @@ class DistributedTrainer(Trainer):
         if ckpt is None:
             raise ConfigError(f"--resume: no checkpoint in {self.run_dir}")
         if is_distributed_checkpoint(ckpt):
-            extra = dist_checkpoint.load(ckpt, self.model, self.optimizer, alias=saved_name)
+            extra = dist_checkpoint.load(ckpt, self.model, self.optimizer, alias=saved_name, view=self.redundant)
         else:
             extra = self._load_single_process_checkpoint(ckpt)
         self._restore_state(extra)
+        if self.redundant is not None:
+            self.redundant.restore(extra, self.optimizer)
         if self.is_main:
             self._continue_run_files()
         self.console.print(f"resuming {self.run_dir} from step {self.step} ({self.world} processes)")
@@ -308,7 +326,9 @@ class DistributedTrainer(Trainer):
         # also a second embedding, which takes the first one's values).
         name_of = {id(p): n for n, p in self.model.named_parameters()}
         names = [name_of[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
-        order = names if self.pipeline is None else self._full_optimizer_names
+        # (The plain run's order is decay_split's; this optimizer's groups may be split by tensor kind.)
+        order = [n for part in decay_split(self.model) for n in part] if self.pipeline is None \
+            else self._full_optimizer_names
         holders: dict[str, list[str]] = {}  # saved name -> this rank's names holding it
         for n in names:
             holders.setdefault(saved_name(n), []).append(n)
@@ -316,6 +336,10 @@ class DistributedTrainer(Trainer):
             weights = {k: weights[saved_name(k)] for k in self.model.state_dict()}
         saved = state["optimizer"]
         try:
+            if self.redundant is not None:  # the full logical experts -> this rank's slots
+                optim_state = {n: dict(v) for i, v in saved["state"].items() for n in [order[i]]}
+                self.redundant.full_to_slots(weights, optim_state)
+                saved = {**saved, "state": {i: optim_state[order[i]] for i in saved["state"]}}
             optim = {"state": {n: v if j == 0 else copy.deepcopy(v)  # copies must not share moment tensors
                                for i, v in saved["state"].items() for j, n in enumerate(holders.get(order[i], []))},
                      "param_groups": [{**g, "params": [n for i in g["params"] for n in holders.get(order[i], [])]}
@@ -339,13 +363,17 @@ class DistributedTrainer(Trainer):
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
         extra = {**self._state(), "layout": dataclasses.asdict(self.layout)}
+        if self.redundant is not None:
+            extra["expert_placement"] = self.redundant.extra_state()
         with collective_errors(f"checkpoint at step {self.step}", self.cfg.dist_timeout):
-            dist_checkpoint.save(tmp, self.model, self.optimizer, extra)
+            dist_checkpoint.save(tmp, self.model, self.optimizer, extra, view=self.redundant)
             if self.pipeline is not None:
                 full = self._gather_full_state()
             else:
                 full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
                                                                                   cpu_offload=True))
+            if self.redundant is not None:  # the export holds the logical experts, as without redundancy
+                full.update({k: v.cpu() for k, v in self.redundant.logical_weights().items()})
         if self.is_main:
             export_hf(full, self.run.model, tmp, card=training_facts(self))
             publish(tmp, final)  # fsync, then rename (the previous step-N goes only once this one is in)
