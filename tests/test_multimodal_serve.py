@@ -6,7 +6,6 @@ the problem."""
 
 import base64
 import io
-import threading
 import time
 from contextlib import contextmanager
 
@@ -19,35 +18,25 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from moeforge.data import ByteTokenizer  # noqa: E402
 from moeforge.inference.engine import Engine  # noqa: E402
-from moeforge.inference.server import create_app  # noqa: E402
 from moeforge.multimodal import media  # noqa: E402
 from moeforge.multimodal.data import render_image  # noqa: E402
 from moeforge.multimodal.generation import answer_segments, segments_batch  # noqa: E402
 from moeforge.multimodal.serving import MediaEncoder  # noqa: E402
 from test_inference_decode import debug_model, one_thread  # noqa: E402,F401 (autouse fixture)
 from test_multimodal import CFG, tiny_lm  # noqa: E402
-from test_serve import free_port  # noqa: E402
+from test_serve import running_server  # noqa: E402
 
 TOK = ByteTokenizer()
 
 
 @contextmanager
 def serving(engine: Engine):
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine, "mm"), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(400):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
-    try:
-        yield client
-    finally:
-        client.close()
-        srv.should_exit = True
-        thread.join(10)
+    with running_server(engine, "mm") as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+        try:
+            yield client
+        finally:
+            client.close()
 
 
 @pytest.fixture(scope="module")

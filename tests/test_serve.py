@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def running_server(engine: Engine, model_id: str):
+    """A real uvicorn server for `engine` on a free loopback port, in a thread; yields its base URL and
+    stops it (the app's lifespan shutdown) on exit. Shared by the server tests."""
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(engine, model_id), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(400):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
 @pytest.fixture(scope="module")
 def server():
     torch.manual_seed(0)
@@ -39,18 +59,8 @@ def server():
     torch.set_num_threads(1)
     model = debug_model()
     engine = Engine(model, ByteTokenizer(), max_queue=8, max_batch=4)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine, "debug"), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+    with running_server(engine, "debug") as base, httpx.Client(base_url=base, timeout=60) as client:
         yield client, model
-    srv.should_exit = True
-    thread.join(10)
     assert not engine.worker.is_alive()  # the lifespan shutdown stopped the worker
     torch.set_num_threads(threads)
 

@@ -2,7 +2,6 @@
 naming them, batches of several requests giving each request's unbatched output, logprobs equal to the
 model's own log_softmax, usage in streams, and prompt logprobs (`echo`) as lm-evaluation-harness asks."""
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -17,9 +16,8 @@ uvicorn = pytest.importorskip("uvicorn")
 from moeforge.data import ByteTokenizer  # noqa: E402
 from moeforge.inference import SamplingParams, generate  # noqa: E402
 from moeforge.inference.engine import Engine, Job  # noqa: E402
-from moeforge.inference.server import create_app  # noqa: E402
 from test_inference_decode import debug_model, one_thread  # noqa: E402,F401 (autouse fixture)
-from test_serve import free_port  # noqa: E402
+from test_serve import running_server  # noqa: E402
 
 MAX_BATCH = 4
 
@@ -31,21 +29,10 @@ def served():
     torch.set_num_threads(1)
     model = debug_model()
     engine = Engine(model, ByteTokenizer(), max_queue=16, max_batch=MAX_BATCH)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine, "debug"), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(400):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
-    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
-    with httpx.Client(base_url=base, timeout=120) as raw:
+    with running_server(engine, "debug") as base, httpx.Client(base_url=base, timeout=120) as raw:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
         yield client, raw, engine, model
-    client.close()
-    srv.should_exit = True
-    thread.join(10)
+        client.close()
     torch.set_num_threads(threads)
 
 
