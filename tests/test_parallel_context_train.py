@@ -20,14 +20,14 @@ def _one_thread():
         yield
 
 
-def check_equal(run, single):
+def check_equal(run, single, step: int = 3):
     for a, b in zip(read_metrics(run), read_metrics(single), strict=True):
         for key in KEYS:
             if key in b:
                 assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
         assert a["expert_counts"] == b["expert_counts"], a["step"]
-    got = read_safetensors(run / "checkpoints" / "step-000003")
-    want = read_safetensors(single / "checkpoints" / "step-000003")
+    got = read_safetensors(run / "checkpoints" / f"step-{step:06d}")
+    want = read_safetensors(single / "checkpoints" / f"step-{step:06d}")
     assert got.keys() == want.keys()
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=1e-5, msg=name)
@@ -51,11 +51,22 @@ def test_data_x_context_parallel_run_matches_single_process(tmp_path):
     check_equal(run, single)
 
 
+def test_context_x_expert_and_context_x_tensor_parallel_runs_match_single_process(tmp_path):
+    """dp 2 (ep 2) x cp 2: each EP group exchanges the tokens of one context chunk, and the experts' gradients
+    are reduced over edp x cp. cp 2 x tp 2: each rank attends with its heads over the gathered latents."""
+    single = tmp_path / "single"
+    common = [*SMALL, "--steps", "2", "--save-every", "2", "--log-expert-counts", "--seq-aux-alpha", "1e-2"]
+    assert main(["train", *common, "--run-dir", str(single)]) == 0
+    for name, flags in (("epcp", ["--ep", "2"]), ("tpcp", ["--tp", "2"])):
+        assert main(["train", *common, "--run-dir", str(tmp_path / name), "--nproc", "4", "--cp", "2", *flags]) == 0
+        check_equal(tmp_path / name, single, step=2)
+    assert all(m["ep_dispatch_bytes"] > 0 for m in read_metrics(tmp_path / "epcp"))  # tokens crossed EP ranks
+
+
 def test_layouts_context_parallelism_is_not_built_for_fail_in_one_line(tmp_path, capfd):
     for nproc, flags, message in (
-            ("4", ["--cp", "2", "--ep", "2"], "cp=2 with ep=2: context parallelism composes with data parallelism only"),
-            ("4", ["--cp", "2", "--tp", "2"], "cp=2 with tp=2: context parallelism composes with data parallelism"),
-            ("4", ["--cp", "2", "--pp", "2"], "cp=2 with pp=2: context parallelism composes"),
+            ("4", ["--cp", "2", "--pp", "2"], "cp=2 with pp=2: context parallelism composes with data, expert and "
+                                              "tensor parallelism only"),
             ("2", ["--cp", "2", "--seq-len", "30"], "seq_len=30 must be a multiple of 2 x cp = 4"),
             ("2", ["--cp", "2", "--activation-checkpointing", "full"], "--activation-checkpointing is not applied "
                                                                        "with context parallelism"),
