@@ -116,14 +116,32 @@ def layer_activation_elems(model: ModelShape, moe: bool, selective: bool = False
     return attn + mlp
 
 
+def cp_key_elems(model: ModelShape, selective: bool = False) -> float:
+    """Of `layer_activation_elems`, the elements per key position that every context-parallel rank keeps for
+    the whole sequence (parallel/context.py): the gathered normed latent and rope key, the per-head K and V
+    rebuilt from them (kv_b output; not kept under selective recompute) and the assembled K and V. 0 for GQA
+    (the planner models context parallelism for MLA only)."""
+    c = model.moe_config
+    if model.kv_lora_rank is None or c is None:
+        return 0.0
+    H = c.num_attention_heads
+    kv_b = 0 if selective else H * (c.qk_nope_head_dim + c.v_head_dim)
+    return c.kv_lora_rank + c.qk_rope_head_dim + kv_b + H * c.qk_head_dim + H * c.v_head_dim
+
+
 def activation_bytes(model: ModelShape, layout: Layout, settings: TrainSettings, stage: int) -> float:
-    """Activations of the fullest moment on this stage's rank."""
+    """Activations of the fullest moment on this stage's rank. With context parallelism a rank holds
+    seq_len / cp of each sequence's tokens, but K and V (`cp_key_elems`) of the whole sequence."""
     m, lo = model, layout
     tokens = lo.micro_batch * settings.seq_len
     layers = stage_layers(m.num_layers, lo.pp)[stage]
     sel = lo.recompute == "selective"
     n_moe = sum(1 for i in layers if i >= m.dense_layers)
     per_moe, per_dense = layer_activation_elems(m, True, sel), layer_activation_elems(m, False, sel)
+    if lo.cp > 1:  # per local token: the local elements, and the whole sequence's keys spread over the cp ranks
+        keys = cp_key_elems(m, sel)
+        per_moe, per_dense = per_moe + keys * (lo.cp - 1), per_dense + keys * (lo.cp - 1)
+        tokens = tokens // lo.cp
     per_layer = [per_moe] * n_moe + [per_dense] * (len(layers) - n_moe)
     scale = tokens * settings.act_bytes / lo.tp  # sequence parallel shards everything TP does not
     working = 0.0
@@ -155,7 +173,8 @@ def memory_per_rank(model: ModelShape, layout: Layout, settings: TrainSettings) 
         if lo.schedule == "dualpipe":  # the mirror stage lives here too
             d2, e2 = stage_params(model, lo, lo.pp - 1 - stage)
             dense_p, expert_p = dense_p + d2, expert_p + e2
-        shards = {0: (1, 1, 1), 1: (1, 1, lo.dp), 2: (1, lo.dp, lo.dp), 3: (lo.dp, lo.dp, lo.dp)}[lo.zero]
+        rep = lo.dense_replicas  # dp (x cp)
+        shards = {0: (1, 1, 1), 1: (1, 1, rep), 2: (1, rep, rep), 3: (rep, rep, rep)}[lo.zero]
         eshards = {0: (1, 1, 1), 1: (1, 1, lo.edp), 2: (1, lo.edp, lo.edp), 3: (lo.edp,) * 3}[lo.zero]
         weights = s.weight_bytes * (dense_p / shards[0] + expert_p / eshards[0])
         grads = s.grad_bytes * (dense_p / shards[1] + expert_p / eshards[1])
