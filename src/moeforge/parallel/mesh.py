@@ -128,10 +128,14 @@ class ParallelLayout:
         if cfg.seq_len % (2 * self.cp):
             raise ConfigError(f"seq_len={cfg.seq_len} must be a multiple of 2 x cp = {2 * self.cp}: context "
                               "parallelism cuts each sequence into 2 x cp equal chunks (padding is not supported)")
+        why = {"--activation-checkpointing": " (its recompute runs in backward, outside the context-parallel forward "
+                                             "that makes MLA attend over the gathered KV, and selective/auto regions "
+                                             "are not called by that attention)"}
         for flag, on in (("--compile", cfg.compile), ("--activation-checkpointing", cfg.activation_checkpointing != "none"),
                          ("--offload", cfg.offload != "none")):
             if on:
-                raise ConfigError(f"{flag} is not applied with context parallelism; drop it, or use --cp 1")
+                raise ConfigError(f"{flag} is not applied with context parallelism{why.get(flag, '')}; drop it, "
+                                  "or use --cp 1")
         return self
 
     def pipeline_microbatches(self, cfg: TrainConfig) -> int:
