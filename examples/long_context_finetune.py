@@ -136,7 +136,7 @@ def main() -> int:
     zero_shot.rotary.reset()
     tuned = from_pretrained(latest_checkpoint(long_run))
     print(f"\nvalidation loss (nats/byte) on {len(held)} held-out files, first {long} positions of each")
-    print(f"| model | positions 0-{args.short - 1} | positions {args.short}-{long - 2} | all |")
+    print(f"| model | positions 0-{args.short - 1} | positions {args.short}-{long - 1} | all |")
     print("|---|---|---|---|")
     for name, model in ((f"stage 1 (trained at {args.short}, plain RoPE)", trained),
                         (f"stage 1 + YaRN x{args.factor}, no training", zero_shot),
