@@ -74,3 +74,22 @@ def test_layouts_context_parallelism_is_not_built_for_fail_in_one_line(tmp_path,
         assert main(["train", *SMALL, "--steps", "1", "--run-dir", str(tmp_path / "x"), "--nproc", nproc, *flags]) == 2
         err = capfd.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_context_extension_resume_changes_cp_freely_and_length_and_yarn_when_allowed():
+    """examples/long_context_finetune.py continues a short run with --cp, a longer --seq-len and YaRN: the
+    layout (cp) changes freely, what changes the computation only when named."""
+    import dataclasses
+
+    from moeforge.config import check_resume_config, resolve_run_config
+    from moeforge.errors import ConfigError
+
+    saved_run = resolve_run_config({}, {"preset": "debug", "seq_len": 32})
+    saved = {"train": dataclasses.asdict(saved_run.train), "model": saved_run.model.to_dict()}
+    yarn = {"type": "yarn", "factor": 4, "original_max_position_embeddings": 32}
+    assert "cp 1 -> 2" in check_resume_config(saved, resolve_run_config({}, {"preset": "debug", "seq_len": 32,
+                                                                             "nproc": 2, "cp": 2}), step=4)
+    longer = resolve_run_config({}, {"preset": "debug", "seq_len": 128, "nproc": 2, "cp": 2}, {"rope_scaling": yarn})
+    with pytest.raises(ConfigError, match="--allow-config-change seq_len,rope_scaling"):
+        check_resume_config(saved, longer, step=4)
+    assert "seq_len 32 -> 128" in check_resume_config(saved, longer, step=4, allow="seq_len,rope_scaling")
