@@ -12,9 +12,12 @@ Stages (all through the `moeforge train` CLI):
      seq_len,rope_scaling` (the optimizer state and step counter continue, as in a context-extension phase);
   3. per-position validation loss on the held-out files at FACTOR x SHORT tokens, for: the stage-1 model as
      trained (plain RoPE, positions past SHORT never seen), the same weights with YaRN switched on (no
-     training), and the fine-tuned model.
+     training), and the fine-tuned model;
+  --control: also a copy continued as many steps on as many tokens at SHORT (plain RoPE, batch x FACTOR,
+     same learning rate), so that what fine-tuning gains by more training alone shows.
 
   python examples/long_context_finetune.py [--short 128 --factor 4 --steps 300 --finetune-steps 100 --cp 2]
+      [--control]
 """
 
 from __future__ import annotations
@@ -103,15 +106,17 @@ def main() -> int:
     ap.add_argument("--data-mb", type=float, default=4.0, help="MB of long standard-library files")
     ap.add_argument("--min-file-bytes", type=int, default=8192, help="long files: at least this many bytes")
     ap.add_argument("--val-files", type=int, default=64, help="held-out windows (one per held-out file)")
+    ap.add_argument("--control", action="store_true", help="also continue at the short length (see above)")
     ap.add_argument("--work", type=Path, default=None, help="folder for data and runs (default: a temporary one)")
     args = ap.parse_args()
     long = args.short * args.factor
     work = args.work or Path(tempfile.mkdtemp(prefix="moeforge-longctx-"))
-    files = long_files(max(long + 1, args.min_file_bytes), args.data_mb)
+    min_bytes = max(long + 1, args.min_file_bytes)
+    files = long_files(min_bytes, args.data_mb)
     held = split_files(files, work / "data", val_every=max(2, len(files) // args.val_files))[:args.val_files]
     windows = torch.stack([torch.frombuffer(bytearray(p.read_bytes()[:long + 1]), dtype=torch.uint8).long()
                            for p in held])
-    print(f"{len(files)} files of >= {long + 1} bytes ({sum(p.stat().st_size for p in files) / 2**20:.1f} MB), "
+    print(f"{len(files)} files of >= {min_bytes} bytes ({sum(p.stat().st_size for p in files) / 2**20:.1f} MB), "
           f"{len(held)} held out; work folder {work}")
     common = ["--data", str(work / "data" / "train"), "--batch-size", str(args.batch_size), "--device", "cpu",
               "--precision", "fp32", "--sample-tokens", "0", "--eval-batches", "4"]
@@ -128,6 +133,12 @@ def main() -> int:
              "-m", "rope_scaling=" + json.dumps(yarn(args.factor, args.short)),
              "--allow-config-change", "seq_len,rope_scaling,lr,warmup_steps")
     t2 = time.perf_counter()
+    control_run = work / "control"
+    if args.control:
+        shutil.copytree(short_run, control_run)
+        moeforge("--resume", "--run-dir", str(control_run), "--steps", str(total), "--lr", str(args.finetune_lr),
+                 "--warmup-steps", "0", "--batch-size", str(args.batch_size * args.factor), "--save-every", str(total),
+                 "--eval-every", str(total), "--allow-config-change", "lr,warmup_steps,batch_size")
 
     trained = from_pretrained(latest_checkpoint(short_run))
     zero_shot_config = dataclasses.replace(trained.config, rope_scaling=yarn(args.factor, args.short)).validate()
@@ -135,12 +146,14 @@ def main() -> int:
     load_into(zero_shot, hf_to_moeforge(read_safetensors(latest_checkpoint(short_run)), zero_shot_config))
     zero_shot.rotary.reset()
     tuned = from_pretrained(latest_checkpoint(long_run))
+    control = [(f"control: continued at {args.short} on as many tokens, plain RoPE", from_pretrained(
+        latest_checkpoint(control_run)))] if args.control else []
     print(f"\nvalidation loss (nats/byte) on {len(held)} held-out files, first {long} positions of each")
     print(f"| model | positions 0-{args.short - 1} | positions {args.short}-{long - 1} | all |")
     print("|---|---|---|---|")
     for name, model in ((f"stage 1 (trained at {args.short}, plain RoPE)", trained),
                         (f"stage 1 + YaRN x{args.factor}, no training", zero_shot),
-                        (f"fine-tuned at {long}, YaRN x{args.factor}, cp {args.cp}", tuned)):
+                        *control, (f"fine-tuned at {long}, YaRN x{args.factor}, cp {args.cp}", tuned)):
         per = position_losses(model, windows)
         print(f"| {name} | {per[:args.short].mean():.4f} | {per[args.short:].mean():.4f} | {per.mean():.4f} |")
     print(f"\nstage 1: {args.steps} steps x {args.batch_size} x {args.short} tokens in {t1 - t0:.0f} s; "
