@@ -51,16 +51,32 @@ def test_data_x_context_parallel_run_matches_single_process(tmp_path):
     check_equal(run, single)
 
 
-def test_context_x_expert_and_context_x_tensor_parallel_runs_match_single_process(tmp_path):
+TWO_STEPS = [*SMALL, "--steps", "2", "--save-every", "2", "--log-expert-counts", "--seq-aux-alpha", "1e-2"]
+
+
+@pytest.fixture(scope="module")
+def single_two_steps(tmp_path_factory):
+    """The one-process reference of the 2-step 4-rank runs (shared by them)."""
+    run = tmp_path_factory.mktemp("single") / "run"
+    with one_thread():
+        assert main(["train", *TWO_STEPS, "--run-dir", str(run)]) == 0
+    return run
+
+
+def test_context_x_expert_parallel_run_matches_single_process(tmp_path, single_two_steps):
     """dp 2 (ep 2) x cp 2: each EP group exchanges the tokens of one context chunk, and the experts' gradients
-    are reduced over edp x cp. cp 2 x tp 2: each rank attends with its heads over the gathered latents."""
-    single = tmp_path / "single"
-    common = [*SMALL, "--steps", "2", "--save-every", "2", "--log-expert-counts", "--seq-aux-alpha", "1e-2"]
-    assert main(["train", *common, "--run-dir", str(single)]) == 0
-    for name, flags in (("epcp", ["--ep", "2"]), ("tpcp", ["--tp", "2"])):
-        assert main(["train", *common, "--run-dir", str(tmp_path / name), "--nproc", "4", "--cp", "2", *flags]) == 0
-        check_equal(tmp_path / name, single, step=2)
-    assert all(m["ep_dispatch_bytes"] > 0 for m in read_metrics(tmp_path / "epcp"))  # tokens crossed EP ranks
+    are reduced over edp x cp."""
+    run = tmp_path / "epcp"
+    assert main(["train", *TWO_STEPS, "--run-dir", str(run), "--nproc", "4", "--cp", "2", "--ep", "2"]) == 0
+    check_equal(run, single_two_steps, step=2)
+    assert all(m["ep_dispatch_bytes"] > 0 for m in read_metrics(run))  # tokens really crossed EP ranks
+
+
+def test_context_x_tensor_parallel_run_matches_single_process(tmp_path, single_two_steps):
+    """cp 2 x tp 2: each rank attends with its heads over the gathered latents."""
+    run = tmp_path / "tpcp"
+    assert main(["train", *TWO_STEPS, "--run-dir", str(run), "--nproc", "4", "--cp", "2", "--tp", "2"]) == 0
+    check_equal(run, single_two_steps, step=2)
 
 
 def test_layouts_context_parallelism_is_not_built_for_fail_in_one_line(tmp_path, capfd):
