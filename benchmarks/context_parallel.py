@@ -9,13 +9,19 @@
    checked against the formula), the activations autograd holds at the end of forward (distinct saved
    storages, parameters excluded) and the peak heap growth over forward+backward (glibc mallinfo2, includes
    the gradient buffers, the same at every C).
+3. --budget MIB: the longest sequence one rank trains (forward + backward of one sequence) with its peak
+   heap growth within MIB, for each C: lengths double from --start until one does not fit, then bisect to
+   --step tokens. Every rank measures; the largest rank's peak counts. (The model's max_position_embeddings
+   is raised to the lengths tried; plain RoPE: memory does not depend on the frequencies.)
 
   python benchmarks/context_parallel.py [--preset tiny --seq 1024 --cps 1 2 4]
+  python benchmarks/context_parallel.py --budget 256 [--start 512 --step 256 --cps 1 2 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -92,13 +98,90 @@ def worker(rank, world, args, init_file, path):
         dist.destroy_process_group()
 
 
+def train_once(model, seq: int, world: int) -> tuple[int, int, float]:
+    """(peak heap growth, held activations) over one forward + backward of one sequence of `seq` tokens, the
+    largest over the ranks; and the loss."""
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, model.config.vocab_size, (1, seq + 1), generator=g)
+    with PeakHeap() as heap:
+        out, held = held_bytes(model, lambda: model(tokens[:, :-1], shift_labels=tokens[:, 1:]))
+        out.loss.backward()
+    model.zero_grad(set_to_none=True)
+    stats = torch.tensor([heap.peak, held], dtype=torch.float64)
+    loss = out.loss.detach().clone()
+    if world > 1:
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        dist.all_reduce(loss)
+        loss /= world
+    return int(stats[0]), int(stats[1]), loss.item()
+
+
+def budget_worker(rank, world, args, init_file, path):
+    """Search the longest sequence whose peak fits args.budget MiB (every rank runs the same search)."""
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    config = dataclasses.replace(preset(args.preset), max_position_embeddings=1 << 20)
+    model = Transformer(config)
+    if world > 1:
+        apply_context_parallel(model, dist.group.WORLD)
+    budget = args.budget * 2**20
+    tried: dict[int, tuple[int, int, float]] = {}
+
+    def fits(seq: int) -> bool:
+        tried[seq] = train_once(model, seq, world)
+        return tried[seq][0] <= budget
+
+    lo, hi = 0, args.start
+    while fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > args.step:
+        mid = (lo + hi) // 2 // args.step * args.step
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    if rank == 0:
+        torch.save({"longest": lo, "tried": tried}, path)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def budget_table(args) -> None:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for cp in args.cps:
+            out = os.path.join(tmp, f"budget{cp}.pt")
+            if cp == 1:
+                budget_worker(0, 1, args, None, out)
+            else:
+                mp.spawn(budget_worker, args=(cp, args, os.path.join(tmp, f"init{cp}"), out), nprocs=cp, join=True)
+            rows.append((cp, torch.load(out)))
+    print(f"longest sequence under {args.budget} MiB peak heap growth per rank: {args.preset}, fp32, 1 sequence, "
+          f"forward + backward, 1 thread per rank (lengths tried: from {args.start}, doubling, then bisection to "
+          f"{args.step})")
+    print("| C | longest sequence | vs C=1 | its peak / rank | its held activations / rank | first length over | its peak |")
+    print("|---|---|---|---|---|---|---|")
+    base = rows[0][1]["longest"]
+    for cp, r in rows:
+        n, tried = r["longest"], r["tried"]
+        over = min(t for t, v in tried.items() if v[0] > args.budget * 2**20)
+        peak, held, _ = tried[n] if n else (0, 0, 0.0)
+        print(f"| {cp} | {n} | {n / base:.2f} | {peak / 2**20:.1f} MiB | {held / 2**20:.1f} MiB | {over} "
+              f"| {tried[over][0] / 2**20:.1f} MiB |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--cps", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--shape-seq", type=int, default=131072, help="sequence length of the shape table")
+    parser.add_argument("--budget", type=float, help="MiB per rank: find the longest sequence that trains in it")
+    parser.add_argument("--start", type=int, default=512, help="--budget: first length tried (doubled)")
+    parser.add_argument("--step", type=int, default=256, help="--budget: bisection resolution (a multiple of 2C)")
     args = parser.parse_args()
+    if args.budget is not None:
+        budget_table(args)
+        return 0
     config = preset(args.preset)
     layers = config.num_hidden_layers + config.num_nextn_predict_layers
     rows = []

@@ -2,7 +2,8 @@
 per step the loss, every gradient (after the all-reduce over the context group), the gradient norm, the
 expert counts, and the parameters and routing biases after the AdamW steps, within 1e-5 (fp32); with and
 without YaRN, with MTP and both balance losses. The compressed-KV all-gather moves the bytes its shapes
-say; a length that does not split into 2C chunks is refused with one line."""
+say, and what `moeforge plan` predicts for them; a length that does not split into 2C chunks is refused
+with one line."""
 
 import dataclasses
 import os
@@ -20,6 +21,10 @@ from moeforge.parallel.context import (ContextParallelRouterProbe, apply_context
                                        load_balanced_positions)
 from moeforge.train import make_optimizer
 from moeforge.model import Router
+from moeforge.plan.layout import Layout
+from moeforge.plan.layout import TrainSettings as TrainSettings_plan
+from moeforge.plan.models import load_model
+from moeforge.plan.ops import step_ops
 from parallel_helpers import init_gloo, one_thread
 
 BATCH, SEQ, STEPS = 2, 16, 2
@@ -143,8 +148,19 @@ def check_cp(tmp_path, world, references):
         # Per forward and attention layer: this rank's (latent + rope key) tokens, sent to the other ranks.
         per_forward = attention_layers * BATCH * (SEQ // world) * (config.kv_lora_rank + config.qk_rope_head_dim) * 4
         assert got["gathered"] == STEPS * per_forward * (world - 1)
+        assert got["gathered"] == STEPS * planned_cp_bytes(world)
     refused = torch.load(tmp_path / "refused.pt")
     assert refused == check_message(SEQ - 2, world)
+
+
+def planned_cp_bytes(cp: int) -> float:
+    """What `moeforge plan` predicts one rank receives by the compressed-KV all-gathers of one forward (fp32,
+    this test's batch): the gathered buffers of its collectives, of which (cp - 1) / cp come from other ranks."""
+    settings = TrainSettings_plan(seq_len=SEQ, global_batch=BATCH, precision="fp32", act_bytes=4)
+    ops = step_ops(load_model("debug"), Layout(cp=cp, micro_batch=BATCH), settings)
+    gathers = [op for op in ops if op.group == "cp" and op.phase == "fwd"]
+    assert gathers and all(op.collective == "all_gather" for op in gathers)
+    return sum(op.bytes * op.count for op in gathers) * (cp - 1) / cp
 
 
 def check_message(seq_len, cp):

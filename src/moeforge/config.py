@@ -447,8 +447,9 @@ class RunConfig:
 RESUME_FREE_FIELDS = frozenset({
     "steps", "run_dir", "eval_every", "eval_batches", "log_every", "log_expert_counts", "save_every",
     "keep_checkpoints", "max_bad_steps", "sample_tokens", "sample_prompt", "compile", "device",
-    "nproc", "dp", "ep", "tp", "pp", "pp_schedule", "pp_microbatches", "zero", "ep_dispatch",
-    "ep_overlap_shared", "redundant_experts", "rebalance_every", "dist_timeout", "activation_checkpointing", "memory_budget", "offload"})
+    "nproc", "dp", "ep", "tp", "pp", "cp", "pp_schedule", "pp_microbatches", "zero", "ep_dispatch",
+    "ep_overlap_shared", "redundant_experts", "rebalance_every", "dist_timeout", "activation_checkpointing",
+    "memory_budget", "offload"})
 
 
 def config_changes(saved: dict, run: RunConfig) -> list[tuple[str, Any, Any]]:

@@ -4,8 +4,8 @@
   gradients and optimizer state are sharded. ZeRO-3-like (`zero=3`): parameters are resharded after
   forward and gathered again for backward. (`zero=1` is refused: FSDP2 has no optimizer-state-only mode.)
 * Expert weights (already DTensors over the ep mesh) are sharded over the expert-data-parallel mesh
-  "edp": the ranks that hold the same experts. Their gradient reduction divides by the full dp degree,
-  since every dp rank's tokens reached them through the all-to-all (torchtitan does the same).
+  "edp" (x "cp"): the ranks that hold the same experts. Their gradient reduction divides by the full
+  dp (x cp) degree, since every rank's tokens reached them through the all-to-all (torchtitan does the same).
 * Redundant expert slots (`replicated.py`) are left out (`ignored_params`): each rank's slots hold
   different experts, so FSDP must neither shard nor average them; `replicated.sync_replica_grads` does.
 * Mixed precision: an optional `MixedPrecisionPolicy` (e.g. bf16 parameters for compute, fp32
@@ -51,11 +51,12 @@ def apply_fsdp(model: nn.Module, mesh, layout: ParallelLayout, mp_policy: MixedP
     for block in list(model.layers) + [m.block for m in mtp]:
         for module in block.modules():
             if isinstance(module, ExpertParallelExperts):
-                fully_shard(module, mesh=mesh["edp"], **kw)
-                module.set_gradient_divide_factor(float(layout.dp))
+                expert_mesh = mesh["edp_cp"]  # edp (x cp: context-parallel ranks hold the same experts)
+                fully_shard(module, mesh=expert_mesh, **kw)
+                module.set_gradient_divide_factor(float(layout.dp * layout.cp))
                 # gloo has no PREMUL_SUM: reduce with SUM, then scale. (Not on a 1-rank mesh: torch 2.13
                 # divides there twice when forced to sum.)
-                if layout.edp > 1 and dist.get_backend(mesh["edp"].get_group()) == "gloo":
+                if expert_mesh.size() > 1 and dist.get_backend(expert_mesh.get_group()) == "gloo":
                     module.set_force_sum_reduction_for_comms(True)
         fully_shard(block, mesh=dp_mesh, **kw)
     # The head and the MTP input projections get units of their own: under a mixed-precision policy a

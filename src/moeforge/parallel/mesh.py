@@ -6,7 +6,8 @@ and torchtitan: the dp ranks are split into ep groups that hold different expert
 with an all-to-all, so ep must divide dp; edp = dp / ep ranks hold the same experts (their expert
 gradients are averaged over that "expert data-parallel" group).
 
-Mesh dimensions, outermost first: ("pp", "edp", "ep", "tp"), with "dp" = ("edp", "ep") flattened.
+Mesh dimensions, outermost first: ("pp", "edp", "ep", "tp"), with "dp" = ("edp", "ep") flattened
+(with context parallelism ("pp", "edp", "cp", "ep", "tp"): see ParallelMesh).
 Ranks in one tp group are neighbours (fastest links), then ep, then edp, then pp.
 """
 
@@ -116,18 +117,22 @@ class ParallelLayout:
         """Raise ConfigError naming the first setting context parallelism is not built for (nothing at cp = 1)."""
         if self.cp == 1:
             return self
-        others = [f"{name}={value}" for name, value in (("ep", self.ep), ("tp", self.tp), ("pp", self.pp)) if value > 1]
+        others = [f"{name}={value}" for name, value in (("pp", self.pp),) if value > 1]
         if others:
-            raise ConfigError(f"cp={self.cp} with {', '.join(others)}: context parallelism composes with data "
-                              "parallelism only (--nproc dp x cp); with expert, tensor or pipeline parallelism it is "
-                              "not implemented")
+            raise ConfigError(f"cp={self.cp} with {', '.join(others)}: context parallelism composes with data, expert "
+                              "and tensor parallelism only (--nproc dp x cp x tp, ep dividing dp); with pipeline "
+                              "stages it is not implemented")
         if cfg.seq_len % (2 * self.cp):
             raise ConfigError(f"seq_len={cfg.seq_len} must be a multiple of 2 x cp = {2 * self.cp}: context "
                               "parallelism cuts each sequence into 2 x cp equal chunks (padding is not supported)")
+        why = {"--activation-checkpointing": " (its recompute runs in backward, outside the context-parallel forward "
+                                             "that makes MLA attend over the gathered KV, and selective/auto regions "
+                                             "are not called by that attention)"}
         for flag, on in (("--compile", cfg.compile), ("--activation-checkpointing", cfg.activation_checkpointing != "none"),
                          ("--offload", cfg.offload != "none")):
             if on:
-                raise ConfigError(f"{flag} is not applied with context parallelism; drop it, or use --cp 1")
+                raise ConfigError(f"{flag} is not applied with context parallelism{why.get(flag, '')}; drop it, "
+                                  "or use --cp 1")
         return self
 
     def pipeline_microbatches(self, cfg: TrainConfig) -> int:
@@ -162,16 +167,18 @@ class ParallelMesh:
 
     `mesh[name]` gives the 1-D sub-mesh of any of those names (torch asks callers to keep the flattened
     mesh themselves rather than slice it from the root). With context parallelism the root has a "cp" dim
-    after "ep", and "dp_cp" = dp x cp flattened: the ranks that average gradients (FSDP's mesh); without,
-    "dp_cp" is "dp".
+    between "edp" and "ep", "dp_cp" = dp x cp flattened: the ranks that average gradients (FSDP's mesh),
+    and "edp_cp" = edp x cp: the ranks holding the same experts; without, they are "dp" and "edp".
     """
 
-    def __init__(self, root, dp, dp_cp=None):
-        self.root, self.dp, self.dp_cp = root, dp, dp_cp or dp
+    def __init__(self, root, dp, dp_cp=None, edp_cp=None):
+        self.root, self.dp, self.dp_cp, self.edp_cp = root, dp, dp_cp or dp, edp_cp
 
     def __getitem__(self, name: str):
         if name in ("dp", "dp_cp"):
             return getattr(self, name)
+        if name == "edp_cp":  # the ranks holding the same experts: edp, x cp (each sees a share of every sequence)
+            return self.edp_cp if self.edp_cp is not None else self.root["edp"]
         return self.root[name]
 
     def __repr__(self) -> str:
@@ -190,6 +197,9 @@ def build_mesh(layout: ParallelLayout, device_type: str = "cpu") -> ParallelMesh
         root = init_device_mesh(device_type, (layout.pp, layout.edp, layout.ep, layout.tp),
                                 mesh_dim_names=("pp", "edp", "ep", "tp"))
         return ParallelMesh(root, root["edp", "ep"]._flatten("dp"))  # _flatten: as torchtitan does
-    root = init_device_mesh(device_type, (layout.pp, layout.edp, layout.ep, layout.cp, layout.tp),
-                            mesh_dim_names=("pp", "edp", "ep", "cp", "tp"))
-    return ParallelMesh(root, root["edp", "ep"]._flatten("dp"), root["edp", "ep", "cp"]._flatten("dp_cp"))
+    # cp before ep: the experts' FSDP mesh (edp x cp) then precedes their ep mesh, the order DTensor's
+    # reductions over both need (flattening mesh dims out of order is refused).
+    root = init_device_mesh(device_type, (layout.pp, layout.edp, layout.cp, layout.ep, layout.tp),
+                            mesh_dim_names=("pp", "edp", "cp", "ep", "tp"))
+    return ParallelMesh(root, root["edp", "ep"]._flatten("dp"), root["edp", "cp", "ep"]._flatten("dp_cp"),
+                        root["edp", "cp"]._flatten("edp_cp"))

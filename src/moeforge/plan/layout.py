@@ -1,8 +1,8 @@
 """A parallel layout and the training settings it runs under, with the validity rules in one place.
 
-Rank order (innermost first): TP, then DP (EP groups are carved out of consecutive DP x TP ranks, as in
-DeepSeek-V3 and Megatron's expert parallelism), then PP. So a TP group is `1` apart, an EP group spans
-`ep` consecutive ranks, a DP group is `tp` apart and a PP group `dp*tp` apart.
+Rank order (innermost first): TP, then CP, then DP (EP groups are carved out of consecutive DP x TP ranks,
+as in DeepSeek-V3 and Megatron's expert parallelism), then PP. So a TP group is `1` apart, an EP group spans
+`ep` consecutive ranks, a CP group is `tp` apart, a DP group `cp*tp` apart and a PP group `dp*cp*tp` apart.
 """
 
 from __future__ import annotations
@@ -29,20 +29,27 @@ class Layout:
     recompute: str = "none"  # none | selective (DeepSeek-V3: norms, MLA up-projections, SwiGLU; FP8 MoE
     #                           inputs) | full (keep only each layer's input)
     virtual_stages: int = 2  # interleaved-1f1b: model chunks per pipeline rank (Narayanan et al. 2021)
+    cp: int = 1  # context parallel: ranks sharing each sequence (MLA's compressed KV all-gathered per layer)
 
     @property
     def gpus(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.dp * self.cp * self.tp * self.pp
 
     @property
     def edp(self) -> int:
-        """Expert data-parallel degree: replicas of each routed expert."""
-        return self.dp * self.tp // self.ep
+        """Expert data-parallel degree: replicas of each routed expert (context-parallel ranks hold the same)."""
+        return self.dp * self.cp * self.tp // self.ep
+
+    @property
+    def dense_replicas(self) -> int:
+        """Ranks holding the same non-expert weights and averaging their gradients (ZeRO shards over them)."""
+        return self.dp * self.cp
 
     def short(self) -> str:
         ck = "" if self.recompute == "none" else f" recompute-{self.recompute}"
         sched = f"interleaved-1f1b(v{self.virtual_stages})" if self.schedule == "interleaved-1f1b" else self.schedule
-        return (f"DP{self.dp} TP{self.tp} PP{self.pp} EP{self.ep} ZeRO-{self.zero} {sched} "
+        cp = f" CP{self.cp}" if self.cp > 1 else ""
+        return (f"DP{self.dp}{cp} TP{self.tp} PP{self.pp} EP{self.ep} ZeRO-{self.zero} {sched} "
                 f"mb{self.micro_batch}{ck}")
 
     def to_json(self) -> dict:
@@ -91,8 +98,15 @@ def check_layout(model: ModelShape, layout: Layout, gpus: int, settings: TrainSe
                  gpus_per_node: int | None = None) -> None:
     """Raise ConfigError naming the first broken rule and the valid choices."""
     lo = layout
-    if min(lo.dp, lo.tp, lo.pp, lo.ep, lo.micro_batch) < 1:
-        raise ConfigError("dp, tp, pp, ep and micro_batch must be >= 1")
+    if min(lo.dp, lo.tp, lo.pp, lo.ep, lo.micro_batch, lo.cp) < 1:
+        raise ConfigError("dp, tp, pp, ep, cp and micro_batch must be >= 1")
+    if lo.cp > 1:
+        if settings.seq_len % (2 * lo.cp):
+            raise ConfigError(f"seq_len={settings.seq_len} must be a multiple of 2 x cp = {2 * lo.cp} (context "
+                              "parallelism cuts each sequence into 2 x cp equal chunks)")
+        if lo.gpus != gpus:
+            raise ConfigError(f"dp*cp*tp*pp = {lo.dp}*{lo.cp}*{lo.tp}*{lo.pp} = {lo.gpus} ranks, but there are "
+                              f"{gpus} GPUs; choose degrees whose product is {gpus}")
     if lo.gpus != gpus:
         raise ConfigError(f"dp*tp*pp = {lo.dp}*{lo.tp}*{lo.pp} = {lo.gpus} ranks, but there are {gpus} GPUs; "
                           f"choose dp, tp, pp whose product is {gpus}")

@@ -149,18 +149,37 @@ def layer_activation_split(model: ModelShape, moe: bool, selective: bool = False
     return attn_tp + mlp_tp, attn + mlp
 
 
+def cp_key_elems(model: ModelShape, selective: bool = False) -> float:
+    """Of `layer_activation_elems`, the elements per key position that every context-parallel rank keeps for
+    the whole sequence (parallel/context.py): the gathered normed latent and rope key, the per-head K and V
+    rebuilt from them (kv_b output; not kept under selective recompute) and the assembled K and V. 0 for GQA
+    (the planner models context parallelism for MLA only)."""
+    c = model.moe_config
+    if model.kv_lora_rank is None or c is None:
+        return 0.0
+    H = c.num_attention_heads
+    kv_b = 0 if selective else H * (c.qk_nope_head_dim + c.v_head_dim)
+    return c.kv_lora_rank + c.qk_rope_head_dim + kv_b + H * c.qk_head_dim + H * c.v_head_dim
+
+
 def activation_bytes(model: ModelShape, layout: Layout, settings: TrainSettings, stage: int) -> float:
-    """Activations of the fullest moment on this stage's rank."""
+    """Activations of the fullest moment on this stage's rank. With context parallelism a rank holds
+    seq_len / cp of each sequence's tokens, but K and V (`cp_key_elems`) of the whole sequence."""
     m, lo = model, layout
     tokens = lo.micro_batch * settings.seq_len
     layers = stage_layers(m.num_layers, lo.pp)[stage]
     sel = lo.recompute == "selective"
     n_moe = sum(1 for i in layers if i >= m.dense_layers)
+    if lo.cp > 1:  # a rank holds seq_len / cp of each sequence's tokens
+        tokens = tokens // lo.cp
     scale = tokens * settings.act_bytes / lo.tp  # sequence parallel shards everything TP does not
     if settings.sequence_parallel:
         per_moe, per_dense = layer_activation_elems(m, True, sel), layer_activation_elems(m, False, sel)
     else:  # the unsplit part on every TP rank (in units of `scale`)
         per_moe, per_dense = (a + lo.tp * b for a, b in (layer_activation_split(m, moe, sel) for moe in (True, False)))
+    if lo.cp > 1:  # per local token: also the whole sequence's keys, spread over the cp ranks
+        keys = cp_key_elems(m, sel)
+        per_moe, per_dense = per_moe + keys * (lo.cp - 1), per_dense + keys * (lo.cp - 1)
     per_layer = [per_moe] * n_moe + [per_dense] * (len(layers) - n_moe)
     working = 0.0
     unsplit = 1 if settings.sequence_parallel else lo.tp  # layer inputs, logits: whole on every TP rank
@@ -207,7 +226,8 @@ def stage_memory(model: ModelShape, layout: Layout, settings: TrainSettings, sta
         dense_p, expert_p = dense_p + d2, expert_p + e2
         if stage in (0, lo.pp - 1) and model.head_params and _mtp_depth(model):
             dense_p -= model.embedding_params / lo.tp  # first and last stage share a rank: one embedding
-    shards = {0: (1, 1, 1), 1: (1, 1, lo.dp), 2: (1, lo.dp, lo.dp), 3: (lo.dp, lo.dp, lo.dp)}[lo.zero]
+    rep = lo.dense_replicas  # dp (x cp)
+    shards = {0: (1, 1, 1), 1: (1, 1, rep), 2: (1, rep, rep), 3: (rep, rep, rep)}[lo.zero]
     eshards = {0: (1, 1, 1), 1: (1, 1, lo.edp), 2: (1, lo.edp, lo.edp), 3: (lo.edp,) * 3}[lo.zero]
     weights = s.weight_bytes * (dense_p / shards[0] + expert_p / eshards[0])
     grads = s.grad_bytes * (dense_p / shards[1] + expert_p / eshards[1])

@@ -41,7 +41,7 @@ class Op:
     bytes: float = 0.0  # memory traffic (memory ops) or payload per rank (collectives)
     kernels: float = 1.0  # kernel launches (per count)
     collective: str = ""  # all_reduce | all_gather | reduce_scatter | all_to_all | moe_a2a | p2p
-    group: str = ""  # tp | ep | dp | edp | pp
+    group: str = ""  # tp | ep | dp | edp | pp | cp
     hideable: bool = False  # may overlap with compute (EP/PP/DP traffic); TP all-reduces never are
     causal: bool = False  # attention: only half of the T x T products are computed
 
@@ -106,10 +106,14 @@ def _linear(name: str, m: int, k: int, n: int, precision: str, groups: int = 1) 
 
 
 def _attention_ops(model: ModelShape, tokens: int, seqs: int, seq: int, tp: int, act: float, impl: Impl,
-                   precision: str, tag: str) -> list[Op]:
-    """Projections and the attention core of one layer for `tokens` = seqs x seq tokens."""
+                   precision: str, tag: str, cp: int = 1) -> list[Op]:
+    """Projections and the attention core of one layer for `tokens` = seqs x seq / cp tokens of this rank.
+    Context parallel (cp > 1, MLA): the compressed KV of the whole sequences is all-gathered (backward: its
+    gradient reduce-scattered), every rank rebuilds K and V of all seq keys with kv_b_proj, and its seq / cp
+    queries attend to them (load-balanced chunks: on average half the products, as causal)."""
     D, ops = model.hidden_size, []
     c = model.moe_config
+    keys = tokens * cp
     if c is not None:  # MLA
         H = c.num_attention_heads // tp
         qk, v = c.qk_head_dim, c.v_head_dim
@@ -121,7 +125,9 @@ def _attention_ops(model: ModelShape, tokens: int, seqs: int, seq: int, tp: int,
             ops += _linear(tag + "q_proj", tokens, D, H * qk, precision)
         ops += _linear(tag + "kv_a_proj", tokens, D, c.kv_lora_rank + c.qk_rope_head_dim, precision)
         ops += _ew("rmsnorm", tokens * c.kv_lora_rank, act, impl, tag + "kv_")
-        ops += _linear(tag + "kv_b_proj", tokens, c.kv_lora_rank, H * (c.qk_nope_head_dim + v), precision)
+        if cp > 1:
+            ops += cp_kv_exchange(model, seqs, seq, act, tag)
+        ops += _linear(tag + "kv_b_proj", keys, c.kv_lora_rank, H * (c.qk_nope_head_dim + v), precision)
         ops += _ew("rope", tokens * (H + 1) * c.qk_rope_head_dim, act, impl, tag)
         ops += _ew("concat_heads", tokens * H * qk, act, impl, tag)
         o_in = H * v
@@ -136,16 +142,29 @@ def _attention_ops(model: ModelShape, tokens: int, seqs: int, seq: int, tp: int,
     core_prec = "bf16" if precision in ("fp8", "mxfp8") else precision
     groups = seqs * H
     causal = impl.flash_attention
-    for name, (m, n, k) in (("scores", (seq, seq, qk)), ("probs_v", (seq, v, seq))):
+    q_seq = seq // cp
+    for name, (m, n, k) in (("scores", (q_seq, seq, qk)), ("probs_v", (q_seq, v, seq))):
         ops.append(Op(tag + "attn." + name, "attention", "fwd", m=m, n=n, k=k, groups=groups,
                       precision=core_prec, causal=causal, kernels=0 if impl.flash_attention and name == "probs_v" else 1))
         ops.append(Op(tag + "attn." + name + ".bwd", "attention", "bwd", m=m, n=n, k=k, groups=2 * groups,
                       precision=core_prec, causal=causal, kernels=0 if impl.flash_attention else 2))
     if not impl.flash_attention:
-        ops += _ew("softmax_scores", groups * seq * seq, 4, impl, tag)
+        ops += _ew("softmax_scores", groups * q_seq * seq, 4, impl, tag)
         ops += _ew("attn_out_copy", tokens * o_in, act, impl, tag)
     ops += _linear(tag + "o_proj", tokens, o_in, D, precision)
     return ops
+
+
+def cp_kv_exchange(model: ModelShape, seqs: int, seq: int, act: float, tag: str = "") -> list[Op]:
+    """Context parallelism's exchange in one MLA layer: per token the normed latent and the roped shared key
+    (kv_lora_rank + qk_rope_head_dim numbers), all-gathered over the cp group in forward; the gradient
+    reduce-scattered in backward. Bytes: the gathered buffer per rank (network.py's convention), of which a
+    rank receives (cp - 1) / cp."""
+    c = model.moe_config
+    gathered = seqs * seq * (c.kv_lora_rank + c.qk_rope_head_dim) * act
+    return [Op(tag + "cp.kv_gather", "collective", "fwd", bytes=gathered, collective="all_gather", group="cp"),
+            Op(tag + "cp.kv_gather.bwd", "collective", "bwd", bytes=gathered, collective="reduce_scatter",
+               group="cp")]
 
 
 def _mlp_ops(tokens: int, D: int, F: int, act: float, impl: Impl, precision: str, tag: str) -> list[Op]:
@@ -194,11 +213,11 @@ def layer_ops(model: ModelShape, moe: bool, lo: Layout, settings: TrainSettings,
     """One transformer block on `seqs` sequences of one micro-batch (TP-sharded), forward + backward."""
     s = settings
     seq, act, prec = s.seq_len, s.act_bytes, s.precision
-    tokens = seqs * seq
+    tokens = seqs * seq // lo.cp  # this rank's share of each sequence (context parallel)
     D = model.hidden_size
     sp_tokens = tokens // lo.tp if impl.sequence_parallel_experts else tokens  # norms under sequence parallel
     ops = _ew("rmsnorm", sp_tokens * D, act, impl, tag + "attn_")
-    ops += _attention_ops(model, tokens, seqs, seq, lo.tp, act, impl, prec, tag)
+    ops += _attention_ops(model, tokens, seqs, seq, lo.tp, act, impl, prec, tag, lo.cp)
     ops += _ew("residual", sp_tokens * D, act, impl, tag + "attn_")
     ops += _ew("rmsnorm", sp_tokens * D, act, impl, tag + "mlp_")
     if moe:
@@ -244,11 +263,12 @@ def step_blocks(model: ModelShape, lo: Layout, settings: TrainSettings, impl: Im
         n_moe = sum(1 for i in layers_by_stage[st] if i >= model.dense_layers)
         for moe, n in ((False, len(layers_by_stage[st]) - n_moe), (True, n_moe)):
             if n:
-                blocks.append(layer_block(model, moe, lo.tp, lo.ep, lo.micro_batch, s, impl, n * share, lo.recompute))
+                blocks.append(layer_block(model, moe, lo.tp, lo.ep, lo.micro_batch, s, impl, n * share, lo.recompute,
+                                          lo.cp))
         if st == 0 or st == lo.pp - 1:
             blocks.append(ends_block(model, lo.tp, lo.ep, lo.micro_batch, s, impl, st == 0, st == lo.pp - 1,
-                                     share, lo.recompute))
-    tokens = lo.micro_batch * s.seq_len
+                                     share, lo.recompute, lo.cp))
+    tokens = lo.micro_batch * s.seq_len // lo.cp
     extra = []
     if lo.pp > 1:
         for phase in ("fwd", "bwd"):
@@ -270,17 +290,17 @@ def _scaled(ops, factor: float, recompute: str) -> tuple[Op, ...]:
 
 @lru_cache(maxsize=8192)
 def layer_block(model: ModelShape, moe: bool, tp: int, ep: int, seqs: int, s: TrainSettings, impl: Impl,
-                factor: float, recompute: str) -> tuple[Op, ...]:
+                factor: float, recompute: str, cp: int = 1) -> tuple[Op, ...]:
     """`factor` identical layers (counts scaled), with what recomputation redoes in backward."""
-    ops = layer_ops(model, moe, Layout(tp=tp, ep=ep, dp=max(tp, ep)), s, impl, seqs, "moe." if moe else "dense.")
+    ops = layer_ops(model, moe, Layout(tp=tp, ep=ep, dp=max(tp, ep), cp=cp), s, impl, seqs, "moe." if moe else "dense.")
     return _scaled(ops, factor, recompute)
 
 
 @lru_cache(maxsize=8192)
 def ends_block(model: ModelShape, tp: int, ep: int, seqs: int, s: TrainSettings, impl: Impl, first: bool,
-               last: bool, factor: float, recompute: str) -> tuple[Op, ...]:
+               last: bool, factor: float, recompute: str, cp: int = 1) -> tuple[Op, ...]:
     """The embedding (first stage); final norm, head, loss and the MTP modules (last stage)."""
-    tokens = seqs * s.seq_len
+    tokens = seqs * s.seq_len // cp
     D, V = model.hidden_size, model.vocab_size
     head_prec = s.precision if impl.name == "eager" else "bf16"  # DeepSeek-V3 keeps the head in BF16
     ops: list[Op] = []
@@ -295,7 +315,7 @@ def ends_block(model: ModelShape, tp: int, ep: int, seqs: int, s: TrainSettings,
             tag = f"mtp{d}."
             ops += _ew("rmsnorm", 2 * tokens * D, s.act_bytes, impl, tag)
             ops += _linear(tag + "eh_proj", tokens, 2 * D, D, s.precision)
-            ops += layer_ops(model, model.moe_layers > 0, Layout(tp=tp, ep=ep, dp=max(tp, ep)), s, impl, seqs, tag)
+            ops += layer_ops(model, model.moe_layers > 0, Layout(tp=tp, ep=ep, dp=max(tp, ep), cp=cp), s, impl, seqs, tag)
             ops += _ew("rmsnorm", tokens * D, s.act_bytes, impl, tag + "final_")
             ops += _linear(tag + "lm_head", tokens, D, V // tp, head_prec)
             ops += _ew("loss", tokens * V / tp, 4, impl, tag)
@@ -330,7 +350,7 @@ def _step_ops(model: ModelShape, lo: Layout, s: TrainSettings, impl: Impl, stage
         dense_p += depth * (2 * model.hidden_size ** 2 + (model.attention_params + model.shared_expert_params) / lo.tp)
         expert_p += depth * model.routed_expert_params / lo.ep
     ops = []
-    for name, p, dp, group in (("dense", dense_p, lo.dp, "dp"), ("experts", expert_p, lo.edp, "edp")):
+    for name, p, dp, group in (("dense", dense_p, lo.dense_replicas, "dp"), ("experts", expert_p, lo.edp, "edp")):
         if dp > 1 and p:
             kind = "all_reduce" if lo.zero == 0 else "reduce_scatter"
             ops.append(Op(f"{group}.grad_sync", "collective", "step", bytes=p * s.grad_comm_bytes,
@@ -343,7 +363,7 @@ def _step_ops(model: ModelShape, lo: Layout, s: TrainSettings, impl: Impl, stage
                     ops.append(Op(f"{group}.zero3_gather", "collective", phase, bytes=p * s.weight_bytes,
                                   collective="all_gather", group=group, hideable=True))
     shard = lambda p, dp: p / (dp if lo.zero >= 1 else 1)  # noqa: E731
-    local = shard(dense_p, lo.dp) + shard(expert_p, lo.edp)
+    local = shard(dense_p, lo.dense_replicas) + shard(expert_p, lo.edp)
     grad_b, master_b, mom_b = s.grad_bytes, s.master_bytes or s.weight_bytes, s.moment_bytes
     # clipping: a norm over the gradients (one read) and a scale (read + write); AdamW: read param,
     # grad, two moments, write param and moments (one fused pass); BF16 working copy refreshed

@@ -2,7 +2,7 @@
 communication the schedule cannot hide.
 
     step = micro-batches x (forward + backward of one micro-batch) + optimizer + bubble
-           + TP all-reduces + exposed EP / PP traffic + exposed DP gradient sync
+           + TP all-reduces + exposed EP / PP traffic + exposed DP gradient sync + CP KV all-gathers
 
 * Each operation of `ops.step_ops` (GEMMs by shape, attention, memory-bound ops, launches) is priced by a
   device model (`device.GPUDevice` from component benchmarks, `device.CPUDevice` measured here).
@@ -51,6 +51,7 @@ class StepTime:
     optimizer: float = 0.0  # clipping + AdamW, part of compute
     by_kind: dict = field(default_factory=dict)  # compute seconds per step by op kind (gemm, attention, memory)
     t_microbatch: float = 0.0  # forward + backward of one micro-batch on the fullest stage
+    cp_comm: float = 0.0  # context parallelism's compressed-KV all-gathers (and backward reduce-scatters)
 
     def parts(self) -> dict[str, float]:
         """Where the time goes; sums to `total`. Exposed EP/PP time is split by their shares."""
@@ -59,7 +60,8 @@ class StepTime:
         return {"compute": self.compute, "pipeline bubble": self.bubble, "TP all-reduce": self.tp_comm,
                 "EP all-to-all (exposed)": self.exposed_ep_pp * ep_share,
                 "PP send/recv (exposed)": self.exposed_ep_pp * (1 - ep_share),
-                "DP gradient sync (exposed)": self.exposed_dp}
+                "DP gradient sync (exposed)": self.exposed_dp,
+                **({"CP KV all-gather": self.cp_comm} if self.cp_comm else {})}
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -81,8 +83,9 @@ def bubble_time(layout: Layout, t_mb: float) -> float:
     return (pp - 1) * t_mb
 
 
-STRIDES = {"tp": lambda lo: (lo.tp, 1), "ep": lambda lo: (lo.ep, 1), "dp": lambda lo: (lo.dp, lo.tp),
-           "edp": lambda lo: (lo.edp, lo.ep), "pp": lambda lo: (lo.pp, lo.dp * lo.tp)}
+STRIDES = {"tp": lambda lo: (lo.tp, 1), "ep": lambda lo: (lo.ep, 1), "dp": lambda lo: (lo.dense_replicas, lo.tp),
+           "edp": lambda lo: (lo.edp, lo.ep), "pp": lambda lo: (lo.pp, lo.dp * lo.cp * lo.tp),
+           "cp": lambda lo: (lo.cp, lo.tp)}
 
 
 def collective_time(op: Op, topo: net.Topology, lo: Layout, settings: TrainSettings) -> tuple[float, str]:
@@ -171,7 +174,7 @@ def _stage_step_time(model, hw, topo, layout, settings, device, stage: int) -> S
     s, lo = settings, layout
     m = micro_batches(lo, s)
     fwd = bwd = opt = shared_fwd = 0.0
-    tp_mb = ep_mb = pp_mb = zero3_mb = dispatch_mb = dp_comm = 0.0
+    tp_mb = ep_mb = pp_mb = zero3_mb = dispatch_mb = dp_comm = cp_mb = 0.0
     kinds: dict[str, float] = {}
     algos: dict[str, str] = {}
     for block in step_blocks(model, lo, s, device.impl, stage):
@@ -187,6 +190,8 @@ def _stage_step_time(model, hw, topo, layout, settings, device, stage: int) -> S
                 dp_comm += t
             elif op.group == "tp":
                 tp_mb += t
+            elif op.group == "cp":  # sits between kv_a_proj and the attention: not hidden (parallel/context.py)
+                cp_mb += t
             elif op.group == "ep":
                 ep_mb += t
                 if op.name.endswith("dispatch"):
@@ -217,11 +222,12 @@ def _stage_step_time(model, hw, topo, layout, settings, device, stage: int) -> S
             exposed_ep_pp = exposed_ep + _hidden(pp_comm, m * t_mb, s.overlap, True)
         window = bubble + bwd  # the last micro-batch's backward and the bubble
         exposed_dp = _hidden(dp_comm, window, s.overlap, True) + _hidden(m * zero3_mb, m * t_mb, s.overlap, True)
-    total = compute + bubble + tp_comm + exposed_ep_pp + exposed_dp
+    cp_comm = m * cp_mb
+    total = compute + bubble + tp_comm + exposed_ep_pp + exposed_dp + cp_comm
 
     flops = model.train_flops_per_token(s.seq_len)
     tokens = s.global_batch * s.seq_len
     mfu = flops * tokens / total / (lo.gpus * hw.peak_flops)
     return StepTime(compute, bubble, tp_comm, ep_comm, pp_comm, dp_comm + m * zero3_mb, exposed_ep_pp, exposed_dp,
                     total, tokens / total, mfu, flops, memory_per_rank(model, lo, s), algos,
-                    optimizer=opt, by_kind=kinds, t_microbatch=t_mb)
+                    optimizer=opt, by_kind=kinds, t_microbatch=t_mb, cp_comm=cp_comm)
