@@ -134,6 +134,14 @@ def copy_weights(theirs: nn.Module, ours: nn.Module) -> None:
             target[k].copy_(v)
 
 
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Parameters only: `model.to(torch.float32)` would also cast the complex RoPE table to real (dropping
+    its imaginary part, which silently breaks the positions)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+
+
 def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """transformers' labels=input_ids convention: position i scored on ids[:, i+1], T-1 positions."""
     return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())

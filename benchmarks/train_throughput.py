@@ -91,7 +91,8 @@ def build_models(args, weight_dtypes) -> dict:
             if "torchtitan" in args.peers:
                 titan = torchtitan_peer.build(ours.config)
                 torchtitan_peer.copy_weights(titan, moeforge.from_pretrained(tmp))  # fp32 copy, then cast
-                titan = titan.to(dtype).train()
+                torchtitan_peer.cast_parameters(titan, dtype)
+                titan.train()
             models[dtype] = (theirs, ours, titan)
     return models
 
