@@ -145,16 +145,22 @@ def budget_worker(rank, world, args, init_file, path):
         dist.destroy_process_group()
 
 
-def budget_table(args) -> None:
+
+def run_at_each_cp(fn, args) -> list[tuple[int, dict]]:
+    """(C, fn's saved result) for each C in args.cps: C = 1 in this process, else C spawned gloo ranks."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for cp in args.cps:
-            out = os.path.join(tmp, f"budget{cp}.pt")
+            out = os.path.join(tmp, f"cp{cp}.pt")
             if cp == 1:
-                budget_worker(0, 1, args, None, out)
+                fn(0, 1, args, None, out)
             else:
-                mp.spawn(budget_worker, args=(cp, args, os.path.join(tmp, f"init{cp}"), out), nprocs=cp, join=True)
+                mp.spawn(fn, args=(cp, args, os.path.join(tmp, f"init{cp}"), out), nprocs=cp, join=True)
             rows.append((cp, torch.load(out)))
+    return rows
+
+def budget_table(args) -> None:
+    rows = run_at_each_cp(budget_worker, args)
     print(f"longest sequence under {args.budget} MiB peak heap growth per rank: {args.preset}, fp32, 1 sequence, "
           f"forward + backward, 1 thread per rank (lengths tried: from {args.start}, doubling, then bisection to "
           f"{args.step})")
@@ -184,15 +190,7 @@ def main() -> int:
         return 0
     config = preset(args.preset)
     layers = config.num_hidden_layers + config.num_nextn_predict_layers
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for cp in args.cps:
-            out = os.path.join(tmp, f"cp{cp}.pt")
-            if cp == 1:
-                worker(0, 1, args, None, out)
-            else:
-                mp.spawn(worker, args=(cp, args, os.path.join(tmp, f"init{cp}"), out), nprocs=cp, join=True)
-            rows.append((cp, torch.load(out)))
+    rows = run_at_each_cp(worker, args)
     print(f"measured: {args.preset}, 1 sequence of {args.seq} tokens, fp32, rank 0 of C, forward + backward")
     print("| C | loss | held activations | vs C=1 | peak heap growth | vs C=1 | all-gather bytes / layer (measured) "
           "| formula | ring of full K/V |")
