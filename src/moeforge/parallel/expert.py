@@ -52,6 +52,7 @@ from torch.profiler import record_function
 from ..model.moe import MoE, GroupedExperts, run_experts_in_turn
 from ..precision.logfmt import LogFmtPayload, logfmt_decode, logfmt_encode
 from ..precision.quant import E4M3, TILE, Quantized, quantize
+from .tensor import local_tensor as _local
 
 DISPATCH_FORMATS = ("compute", "fp8", "logfmt")
 
@@ -232,10 +233,6 @@ class ExpertParallelExperts(nn.Module):
     def extra_repr(self) -> str:
         return (f"experts {self.n_local} of {self.n_experts} on this rank, impl={self.impl}, "
                 f"dispatch={self.dispatch}, overlap_shared={self.overlaps_shared}")
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    return p.to_local() if isinstance(p, DTensor) else p
 
 
 def apply_expert_parallel(model: nn.Module, ep_mesh, dispatch: str = "compute",

@@ -49,6 +49,7 @@ from ..errors import ConfigError
 from ..model.moe import MoE
 from .expert import ExpertParallelExperts
 from .grads import clip_grad_norm
+from .tensor import local_tensor as _local
 from ..model.transformer import Transformer, cross_entropy, mtp_losses
 
 # name -> (schedule class, stages per rank, stage placement: "loop" = rank r holds r, r+pp, ...;
@@ -349,11 +350,6 @@ class Pipeline:
         """This rank's stages as one module under the full model's parameter names (for the optimizer,
         checkpoints and token counts)."""
         return PipelineRank(self.modules)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (a plain tensor unchanged): what this rank computes and communicates."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 @torch.no_grad()

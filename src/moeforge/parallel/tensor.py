@@ -106,10 +106,19 @@ def sum_grad_over(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
     return DTensor.from_local(x, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a plain tensor unchanged): what this rank computes and communicates."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered over its mesh (a collective of its mesh's ranks); a plain tensor unchanged."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter as a whole tensor (DTensors gathered): for comparisons and single-file export."""
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
-            for k, v in model.named_parameters()}
+    return {k: full_tensor(v).detach().clone() for k, v in model.named_parameters()}
 
 
 def split_param_groups(groups: list[dict]) -> list[dict]:

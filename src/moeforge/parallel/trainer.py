@@ -33,7 +33,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from rich.console import Console
 
 from .. import hardware
@@ -50,7 +49,7 @@ from .launch import collective_errors, init_distributed, register_process
 from .mesh import ParallelLayout, build_mesh
 from .pipeline import PipelineRank, build_pipeline
 from .rebalance import RedundantExperts, initial_placement
-from .tensor import split_param_groups
+from .tensor import full_tensor, split_param_groups
 
 
 def is_distributed_checkpoint(ckpt: Path | None) -> bool:
@@ -381,11 +380,6 @@ class DistributedTrainer(Trainer):
                 shutil.rmtree(stale, ignore_errors=True)
         dist.barrier()
         return final
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor gathered over its mesh (a collective of its mesh's ranks); a plain tensor unchanged."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def saved_name(name: str) -> str:
