@@ -62,16 +62,18 @@ def _check_profile(profile: dict, world: int, dims_expected=("ep_dispatch", "ep_
 
 
 # Top-1 routing with 7/8 of the tokens on expert 0 (hot:7, the most F < E allows): EP rank 0 computes 53/56
-# of the routed rows, rank 1 4/56, and the experts are wide enough that those rows dominate a step, so the
-# margin dwarfs a shared machine's noise.
-HOT = ["--preset", "debug", "--data", str(SMALL_CORPUS), "--seq-len", "32", "--batch-size", "8", "--device", "cpu",
-       "--precision", "fp32", "-m", "moe_intermediate_size=4096", "-m", "num_experts_per_tok=1", "--hardware", "h100",
+# of the routed rows, rank 1 4/56. With 1024 tokens a step and experts 2048 wide those rows are most of
+# rank 0's compute: measured alone, rank 1 waits ~270 ms of a ~690 ms step and rank 0 ~40 ms; with two
+# busy-loop processes beside it (what a second xdist worker does) 210-320 ms against 41-47 ms. 256 tokens
+# and 4096-wide experts (the first version) left a ~95 ms margin, which one CI run's noise overturned.
+HOT = ["--preset", "debug", "--data", str(SMALL_CORPUS), "--seq-len", "32", "--batch-size", "32", "--device", "cpu",
+       "--precision", "fp32", "-m", "moe_intermediate_size=2048", "-m", "num_experts_per_tok=1", "--hardware", "h100",
        "--dist-timeout", "120"]
 
 
 def test_profile_two_gloo_ranks_names_the_hot_rank_as_straggler(tmp_path, capsys):
     out = tmp_path / "prof"
-    assert main(["profile", *HOT, "--nproc", "2", "--ep", "2", "--routing", "hot:7", "--steps", "2", "--warmup", "1",
+    assert main(["profile", *HOT, "--nproc", "2", "--ep", "2", "--routing", "hot:7", "--steps", "3", "--warmup", "1",
                  "--out", str(out)]) == 0
     profile = json.loads((out / "profile.json").read_text())
     _check_profile(profile, world=2)
