@@ -163,16 +163,39 @@ def die_at(trainer, step: int) -> None:
 
 
 def fit_in_gloo_group(tmp_path, world: int, jobs, timeout_s: float = 60) -> None:
-    """Spawn `world` gloo processes; each runs DistributedTrainer(train_config(**job)).fit() for the jobs in
+    """Start `world` gloo processes; each runs DistributedTrainer(train_config(**job)).fit() for the jobs in
     turn (one process group for all: starting processes is the expensive part). A job is a dict of
     TrainConfig fields plus `run_dir`, optionally `resume` (bool), `poison` ({rank: steps}: NaN losses) and
     `exit_at` ({rank: step}: that rank's process ends when the step starts, as a crashed peer's does); or a
     function(rank, world, out_dir) every rank runs. A run that fails with a TrainingError writes its message
     to <out_dir>/error-rank<r>.txt and ends the process (the group is broken)."""
+    start_ranks(_fit_worker, (world, str(tmp_path / "init"), jobs, str(tmp_path), timeout_s), world)
+
+
+def start_ranks(fn, args: tuple, world: int) -> None:
+    """torch.multiprocessing.spawn's fn(rank, *args) in `world` processes, forked rather than spawned: a
+    forked rank starts from this process's imports, where a spawned one imports torch, torch._dynamo and
+    moeforge again (~6 CPU-seconds a rank, most of a small test on 2 cores). Safe as in a DataLoader
+    worker: each rank runs one intra-op thread, and no object of the parent is finalised in a rank. (A
+    process group the parent had left to the garbage collector, finalised in a rank whose copy has none of
+    its threads, deadlocked there: the parent collects first, and the rank never collects what it inherits.)"""
+    import gc
+
     import torch.multiprocessing as mp
 
-    mp.spawn(_fit_worker, args=(world, str(tmp_path / "init"), jobs, str(tmp_path), timeout_s),
-             nprocs=world, join=True)
+    if dist.is_initialized():
+        raise RuntimeError("start_ranks: this process has a default process group; its ranks would inherit it")
+    gc.collect()
+    mp.start_processes(_fresh_rank, args=(fn, args), nprocs=world, join=True, start_method="fork")
+
+
+def _fresh_rank(rank: int, fn, args: tuple) -> None:
+    import gc
+
+    gc.freeze()  # what the parent left stays uncollected here (see start_ranks)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    fn(rank, *args)
 
 
 def _fit_worker(rank, world, init_file, jobs, out_dir, timeout_s):

@@ -4,11 +4,11 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moeforge.balance import BiasBalancer, gather_counts, moe_modules
 from moeforge.config import preset
 from moeforge.model import Transformer
+from parallel_helpers import start_ranks
 
 
 def batch(rank):
@@ -30,7 +30,7 @@ def worker(rank, world, init_file, out_dir):
 
 def test_counts_and_bias_updates_all_reduce_over_two_ranks(tmp_path):
     world = 2
-    mp.spawn(worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    start_ranks(worker, (world, str(tmp_path / "init"), str(tmp_path)), world)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
     torch.manual_seed(0)

@@ -11,7 +11,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moeforge.balance import BiasBalancer, RouterProbe, gather_counts, reset_counts
 from moeforge.config import TrainConfig, preset
@@ -25,7 +24,7 @@ from moeforge.plan.layout import Layout
 from moeforge.plan.layout import TrainSettings as TrainSettings_plan
 from moeforge.plan.models import load_model
 from moeforge.plan.ops import step_ops
-from parallel_helpers import init_gloo, one_thread
+from parallel_helpers import init_gloo, one_thread, start_ranks
 
 BATCH, SEQ, STEPS = 2, 16, 2
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "beta_fast": 32, "beta_slow": 1,
@@ -130,7 +129,7 @@ def references():
 
 
 def check_cp(tmp_path, world, references):
-    mp.spawn(worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    start_ranks(worker, (world, str(tmp_path / "init"), str(tmp_path)), world)
     config = preset("debug")
     attention_layers = config.num_hidden_layers + config.num_nextn_predict_layers
     for i, (case, (records, state)) in enumerate(zip(CASES, references)):

@@ -15,7 +15,6 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from moeforge.balance import moe_modules
 from moeforge.config import TrainConfig
@@ -26,7 +25,7 @@ from moeforge.parallel import ParallelLayout, build_mesh, parallelize, pop_comm_
 from moeforge.parallel.expert import ExpertParallelExperts
 from moeforge.precision.logfmt import logfmt_roundtrip
 from moeforge.precision.quant import TILE, fake_quantize
-from parallel_helpers import Loop, batches, build_model, full_state, init_gloo, one_thread
+from parallel_helpers import Loop, batches, build_model, full_state, init_gloo, one_thread, start_ranks
 
 CASES = {  # name -> parallelize keywords
     "fp8": dict(ep_dispatch="fp8"),
@@ -126,7 +125,7 @@ def check_matches(got, want, what, atol=1e-5, drift_atol=None):
 
 
 def test_low_precision_dispatch_and_shared_overlap_at_ep2(tmp_path):
-    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    start_ranks(worker, (2, str(tmp_path / "init"), str(tmp_path)), 2)
     got = {name: torch.load(tmp_path / f"{name}.pt") for name in [*CASES, *CHECKPOINTED]}
 
     plain = emulated_run(None)

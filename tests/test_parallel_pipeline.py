@@ -8,12 +8,12 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moeforge.config import preset
 from moeforge.errors import ConfigError
 from moeforge.model import Transformer
 from moeforge.parallel.pipeline import Pipeline, StageModule, attach_aux_loss, build_pipeline, layer_ranges, stage_ids
+from parallel_helpers import start_ranks
 
 B, T, MICROBATCHES = 4, 8, 4
 
@@ -51,7 +51,7 @@ def dp_worker(rank, world, init_file, out_dir):
 
 
 def test_stage_gradients_are_averaged_over_data_parallel_replicas(tmp_path):
-    mp.spawn(dp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    start_ranks(dp_worker, (2, str(tmp_path / "init"), str(tmp_path)), 2)
     ranks = [torch.load(tmp_path / f"dp{r}.pt") for r in range(2)]
     for name, got in ranks[0].items():
         assert ranks[1][name] is None if got is None else torch.equal(ranks[1][name][0], got[0]), name

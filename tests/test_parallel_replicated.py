@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moeforge.balance import gather_counts, reset_counts
 from moeforge.balance.placement import plan_placement
@@ -25,7 +24,7 @@ from moeforge.parallel.replicated import (apply_replicated_expert_parallel, chec
                                           load_logical_expert_state, load_placement, logical_expert_state,
                                           pop_slot_counts, replica_grad_sq, replicated_modules, slot_parameters,
                                           sync_replica_grads)
-from parallel_helpers import Loop, batches, build_model, init_gloo, one_thread
+from parallel_helpers import Loop, batches, build_model, init_gloo, one_thread, start_ranks
 
 E, SLOTS, EP = 8, 12, 2
 # Layer 1 (hand-written): expert 0 has 3 replicas (two on rank 0, one on rank 1), experts 1 and 2 one on each.
@@ -117,7 +116,7 @@ def test_replicated_ep_matches_single_process(tmp_path):
     for row in PHY2LOG:
         ranks_of = {e: {s // (SLOTS // EP) for s, x in enumerate(row) if x == e} for e in range(E)}
         assert any(len(r) == 2 for r in ranks_of.values()), row
-    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    start_ranks(worker, (2, str(tmp_path / "init"), str(tmp_path)), 2)
     got = torch.load(tmp_path / "replicated.pt")
 
     ref = Loop(build_model())

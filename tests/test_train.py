@@ -372,11 +372,10 @@ def _two_ranks(rank, world, init_file, out_dir):
 
 
 def test_two_ranks_agree_on_precision_auto_and_on_every_fp8_policy_decision(tmp_path):
-    import torch.multiprocessing as mp
-
     from moeforge.config import load_toml
+    from parallel_helpers import start_ranks
 
-    mp.spawn(_two_ranks, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    start_ranks(_two_ranks, (2, str(tmp_path / "init"), str(tmp_path)), 2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["precision"] == r1["precision"] == "fp32" and r0["amp"] == r1["amp"] == "None"  # rank 0's device
     assert load_toml(tmp_path / "auto" / "run" / "config.toml")["train"]["precision"] == "fp32"
