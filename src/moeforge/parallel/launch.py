@@ -6,6 +6,7 @@ traceback.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -33,25 +34,64 @@ def under_torchrun() -> bool:
 
 
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """Run `python -m moeforge <argv>` in nproc processes on this machine via torchrun; its exit code.
+    """Run `moeforge <argv>` in nproc processes on this machine under torch's elastic agent, as
+    `torchrun --standalone --nproc-per-node N -m moeforge ARGV` does (docs/distributed.md has the
+    multi-node form); its exit code.
 
-    Equivalent to `torchrun --standalone --nproc-per-node N -m moeforge ARGV` (see docs/distributed.md
-    for multi-node rendezvous).
+    Ranks of one thread each are forked from this process, so they start with its imports (torch,
+    torch._dynamo, moeforge: ~6 CPU-seconds a rank in a fresh interpreter, most of a short run's start on a
+    small machine). Ranks of more threads, or a launcher that has touched CUDA or holds a process group,
+    start fresh: a forked child running OpenMP on more than one thread after its parent used OpenMP
+    deadlocks (seen with torch 2.13's libgomp), and CUDA cannot be re-initialised in a fork.
     """
-    from torch.distributed.run import main as torchrun
+    import gc
+    import uuid
+
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     env = dict(os.environ)
     # Share this machine's cores between the ranks (torchrun would pick 1 thread each, with a banner).
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    threads = max(1, int(os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))))
+    fork = threads == 1 and not torch.cuda.is_initialized() and not (dist.is_available() and dist.is_initialized())
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          start_method="fork" if fork else "spawn")
+    if fork:
+        gc.collect()  # what this process discarded is finalised here, not in a rank (see run_rank)
+    # The agent logs each failed rank with the traceback of its own wait; the ranks print their errors and
+    # describe_child_failure sums them up in one line.
+    agent_log = logging.getLogger("torch.distributed.elastic")
+    level = agent_log.level
+    agent_log.setLevel(logging.CRITICAL)
     try:
-        torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "moeforge", *argv])
-    except Exception as e:  # torchrun raises ChildFailedError after printing each rank's error
+        elastic_launch(config, entrypoint=run_rank)(argv, threads)
+    except Exception as e:  # ChildFailedError, after each rank printed its error
         print(f"moeforge train: error: {describe_child_failure(e)}", file=sys.stderr)
         return 1
-    finally:  # torchrun sets OMP_NUM_THREADS etc. for its children in this process's environment
+    finally:
+        agent_log.setLevel(level)
         os.environ.clear()
         os.environ.update(env)
     return 0
+
+
+def run_rank(argv: list[str], threads: int) -> None:
+    """One launched rank: `moeforge <argv>` in the environment the agent set (RANK, WORLD_SIZE, ...)."""
+    import gc
+
+    # A forked rank leaves what it inherited to its parent: a discarded gloo group finalised here, where
+    # none of its threads exist, deadlocks.
+    gc.freeze()
+    torch.set_num_threads(threads)  # OMP_NUM_THREADS was read when torch started, maybe in the launcher
+    from ..cli import main
+
+    try:
+        code = main(argv)
+    except Exception:  # a bug: its traceback on stderr, as a rank started by torchrun prints it
+        traceback.print_exc()
+        sys.exit(1)
+    if code:
+        sys.exit(code)
 
 
 def describe_child_failure(exc: BaseException) -> str:
