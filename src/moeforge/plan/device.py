@@ -213,14 +213,21 @@ def measure_gemm(m: int, n: int, k: int, groups: int, dtype: str, threads: int, 
 
 
 def measure_memory(threads: int, mb: float = 8.0, repeats: int = 15) -> dict:
-    """Element-wise bandwidth (bytes moved per second by a + b, x * y into a fresh tensor: what eager ops
-    do) at activation-sized tensors, and the cost of dispatching one tiny operation."""
+    """Element-wise bandwidth (bytes moved per second by x * y, then + x, at activation-sized tensors) and
+    the cost of dispatching one tiny operation.
+
+    Into outputs allocated once: a trainer's eager ops allocate theirs, but in its steady state malloc
+    hands back memory freed by the previous step. A fresh process allocating and freeing the same two
+    tensors instead grows and trims the top of its heap on every call, and pays page faults: measured here
+    (8 MB, one thread, in six fresh processes) 4.5-15.5 GB/s that way, bimodal from one process to the
+    next, against 12-19 GB/s into preallocated outputs. The old measurement's slow mode alone put a tiny
+    step's predicted memory-bound time at 1.8 s instead of about 0.3 s."""
     import torch
 
     n = int(mb * 2 ** 20 / 4)
-    a, b = torch.randn(n), torch.randn(n)
+    a, b, ab, out = torch.randn(n), torch.randn(n), torch.empty(n), torch.empty(n)
     with _threads(threads):
-        t = _median_time(lambda: a * b + a, repeats)  # two kernels, 3 + 3 passes
+        t = _median_time(lambda: torch.add(torch.mul(a, b, out=ab), a, out=out), repeats)  # 3 + 3 passes
         tiny = torch.ones(8)
         overhead = _median_time(lambda: [tiny + 1 for _ in range(200)], repeats) / 200
     return {"elementwise_bw": 6 * n * 4 / max(t - 2 * overhead, 1e-9), "dispatch_s": overhead}
