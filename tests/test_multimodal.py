@@ -117,6 +117,26 @@ def test_media_vectors_replace_placeholders_in_order_and_labels_skip_media():
         model.embed(too_few)
 
 
+def test_training_examples_are_laid_out_as_the_server_lays_out_a_chat_request():
+    """A chat request whose content is the image then a training question, parsed as the server parses it,
+    is the training sequence without its answer: the server's chat template is what training uses."""
+    from moeforge.inference.openai_api import ChatRequest, MediaPart, chat_segments
+    from moeforge.multimodal.serving import layout
+
+    ex = image_examples("train", 1, CFG)[0]
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    req = ChatRequest.model_validate({"messages": [{"role": "user", "content": [part, {"type": "text",
+                                                                                       "text": ex.prompt}]}]})
+    segments = [("image", None) if isinstance(s, MediaPart) else s for s in chat_segments(req.messages)]
+    served, served_types, _ = layout(segments, CFG, TOK)
+    ids, types, targets = mmdata.example_tokens(ex, CFG, TOK)
+    eos = TOK.eos_id
+    want = [eos] + TOK.encode("user: ") + [eos] * CFG.image_tokens + TOK.encode(ex.prompt + "\nassistant:")
+    assert served == want and ids[:len(want)] == want and types[:len(want)] == served_types
+    assert ids[len(want):] == TOK.encode(ex.answer) + [eos]  # the answer follows "assistant:"
+    assert [t for t in targets if t != IGNORE] == TOK.encode(ex.answer) + [eos]
+
+
 def test_cached_greedy_decoding_matches_full_recompute():
     model = tiny_lm(3)
     examples = image_examples("test", 3, CFG)[:1] + speech_examples("test", 1, CFG, tone_clips())

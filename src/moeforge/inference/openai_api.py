@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .chat_template import render as render_chat
 from .engine import MAX_TOP_LOGPROBS, SEED_END, SEED_MIN
 
 MAX_STOP_STRINGS = 4
@@ -288,22 +289,15 @@ class DetokenizeRequest(BaseModel):
 
 
 def chat_segments(messages: list[ChatMessage]) -> list[str | MediaPart]:
-    """A plain template (the byte-level and trained tokenizers have none): 'role: content' lines, then
-    'assistant:' for the model to continue; media parts stay where they were in their message. The
-    developer role is OpenAI's new name for system and is rendered as system, so both give the same text.
-    Each MediaPart's `where` becomes 'messages.M.content.P'."""
-    role = {"developer": "system"}
-    out: list[str | MediaPart] = [""]
+    """The messages in the chat template (`chat_template.render`): 'role: content' lines, then
+    'assistant:'; media parts stay where they were in their message. Each MediaPart's `where` becomes
+    'messages.M.content.P'."""
+    turns = []
     for m, msg in enumerate(messages):
-        out[-1] += f"{role.get(msg.role, msg.role)}: "
-        for piece in [msg.content] if isinstance(msg.content, str) else msg.content:
-            if isinstance(piece, str):
-                out[-1] += piece
-            else:
-                out += [MediaPart(piece.kind, piece.data, f"messages.{m}.content.{piece.where}"), ""]
-        out[-1] += "\n"
-    out[-1] += "assistant:"
-    return out
+        pieces = [msg.content] if isinstance(msg.content, str) else msg.content
+        turns.append((msg.role, [p if isinstance(p, str) else
+                                 MediaPart(p.kind, p.data, f"messages.{m}.content.{p.where}") for p in pieces]))
+    return render_chat(turns)
 
 
 def chat_prompt(messages: list[ChatMessage]) -> str:

@@ -10,7 +10,8 @@ joined into 1-3 word phrases with random gaps and noise; the transcript is the w
 uses speed/pitch settings no training clip has. Clips are synthesised once into a cache folder
 ($MOEFORGE_CACHE or ~/.cache/moeforge/speech).
 
-Sequences are `<eos><media><prompt><answer><eos>`; only the answer and eos carry targets.
+Sequences are `<eos>user: <media><prompt>\nassistant:<answer><eos>` (the server's chat template, so a chat
+request with the same parts asks what training taught); only the answer and eos carry targets.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..inference.chat_template import render as render_chat
 from . import media
 from .encoders import MultimodalConfig, pad_clip
-from .model import AUDIO, IGNORE, IMAGE, TEXT, MediaBatch
+from .model import IGNORE, TEXT, MediaBatch
+from .serving import layout
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
@@ -165,17 +168,21 @@ def speech_examples(split: str, n: int, cfg: MultimodalConfig, clips=None) -> li
 
 
 # --- batches -----------------------------------------------------------------------------------------
+def prompt_segments(kind: str, item, prompt: str) -> list:
+    """One user turn, the medium then the prompt, in the server's chat template (`chat_template.render`):
+    what an example is trained on, what `generate` asks and what a chat request with the same parts gets."""
+    return render_chat([("user", [(kind, item), prompt])])
+
+
 def example_tokens(ex: Example, cfg: MultimodalConfig, tokenizer, with_answer: bool = True):
     """(ids, token types, targets) of one example; targets[i] is the token at i+1 (IGNORE off the answer)."""
-    kind, n_media = (IMAGE, cfg.image_tokens) if ex.kind == "image" else (AUDIO, cfg.audio_tokens)
     eos = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    prompt = tokenizer.encode(ex.prompt)
-    answer = tokenizer.encode(ex.answer) + [eos] if with_answer else []
-    # A leading eos (as BOS): the sequence's first position is text, not an image patch or audio frame
+    # layout puts a leading eos (as BOS): the first position is text, not an image patch or audio frame
     # (the LM attends to position 0 from everywhere; a media vector there is pulled towards a constant).
-    ids = [eos] + [eos] * n_media + prompt + answer
-    types = [TEXT] + [kind] * n_media + [TEXT] * (len(prompt) + len(answer))
-    start = 1 + n_media + len(prompt)  # first answer token; the position before it predicts it
+    ids, types, _ = layout(prompt_segments(ex.kind, None, ex.prompt), cfg, tokenizer)
+    start = len(ids)  # first answer token; the position before it predicts it
+    answer = tokenizer.encode(ex.answer) + [eos] if with_answer else []
+    ids, types = ids + answer, types + [TEXT] * len(answer)
     targets = [IGNORE] * len(ids)
     for i in range(start - 1, len(ids) - 1):
         targets[i] = ids[i + 1]

@@ -10,7 +10,7 @@ import torch
 from ..inference.absorbed import forward_cached
 from ..inference.kv_cache import LatentKVCache
 from ..inference.sampling import SamplingParams, sample
-from .data import Example, collate
+from .data import Example, collate, prompt_segments
 from .model import MediaBatch, MultimodalLM
 
 
@@ -88,5 +88,6 @@ def answer_segments(model: MultimodalLM, segments: list, tokenizer, max_new: int
 
 def answer_media(model: MultimodalLM, kind: str, media_input, prompt: str, tokenizer, max_new: int,
                  params: SamplingParams = SamplingParams(), seed: int = 0) -> str:
-    """One `<image>`/`<audio>` + prompt sequence (the training layout) -> the model's continuation."""
-    return answer_segments(model, [(kind, media_input), prompt], tokenizer, max_new, params, seed)
+    """One image or clip and a prompt, as training lays them out (`data.prompt_segments`) -> the model's
+    continuation."""
+    return answer_segments(model, prompt_segments(kind, media_input, prompt), tokenizer, max_new, params, seed)
