@@ -180,7 +180,6 @@ def status(key):
 
 case, folder = sys.argv[1], sys.argv[2]
 caps = hardware.probe("cpu")  # runtime baseline (it runs a few kernels once), not loading
-import torch._dynamo  # ~75 MB; building a model on the meta device imports it: the runtime, not loading
 open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) back to the current resident size
 base = status("VmRSS")
 out = {}

@@ -170,8 +170,7 @@ class GroupedExperts(nn.Module):
             offs = counts.cumsum(0).to(torch.int32)
             # torch.compile's shape function for _grouped_mm (torch 2.13) accepts only bf16: run other
             # dtypes outside the graph rather than fail.
-            compiled = x.dtype != torch.bfloat16 and torch.compiler.is_compiling()
-            mm = _grouped_mm_outside_the_graph if compiled else torch._grouped_mm
+            mm = torch._grouped_mm if x.dtype == torch.bfloat16 else _grouped_mm_eager
             h = mm(x, w_in.transpose(-2, -1), offs=offs)
             return mm(swiglu(h), w_out.transpose(-2, -1), offs=offs)
         if self.impl == "bmm":
@@ -204,10 +203,9 @@ class GroupedExperts(nn.Module):
         return _Unpad.apply(y, dest, src, pad_rows)
 
 
-def _grouped_mm_outside_the_graph(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """torch._grouped_mm run eagerly under torch.compile. Disabled here, at the call, not by a decorator:
-    `torch.compiler.disable` imports torch._dynamo (~2 s), which every launched rank would pay at import."""
-    return torch.compiler.disable(torch._grouped_mm)(x, w, offs=offs)
+@torch.compiler.disable
+def _grouped_mm_eager(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(x, w, offs=offs)
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
