@@ -33,6 +33,7 @@ cross-stage norm work on plain tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import copy
 
@@ -41,7 +42,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
-from typing import TYPE_CHECKING
 
 from ..config import PP_SCHEDULES
 from ..errors import ConfigError
@@ -439,6 +439,7 @@ def build_pipeline(model: Transformer, pp_mesh: DeviceMesh, batch_shape: tuple[i
     if pp_mesh.ndim != 1:
         raise ConfigError(f"build_pipeline wants a 1-D pipeline mesh, got {pp_mesh.ndim}-D")
     from torch.distributed import pipelining
+
     schedule_name, per_rank, style = SCHEDULES[schedule]
     cls = getattr(pipelining, schedule_name)
     pp, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
@@ -463,9 +464,9 @@ def build_pipeline(model: Transformer, pp_mesh: DeviceMesh, batch_shape: tuple[i
             module.aux_loss = aux_loss_factory(module)
         modules.append(module)
         stages.append(pipelining.PipelineStage(module, s, n_stages, device, group=group,
-                                    input_args=tokens if s == 0 else hidden, output_args=hidden,
-                                    input_grads=None if s == 0 else hidden,
-                                    output_grads=None if s == n_stages - 1 else hidden))
+                                               input_args=tokens if s == 0 else hidden, output_args=hidden,
+                                               input_grads=None if s == 0 else hidden,
+                                               output_grads=None if s == n_stages - 1 else hidden))
     last_module = next((m for m in modules if m.is_last), None)
 
     def loss_fn(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
