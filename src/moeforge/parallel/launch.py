@@ -1,7 +1,7 @@
-"""Starting distributed runs: `moeforge train --nproc N` re-runs itself under torchrun; each rank joins
-the process group with a timeout, and a failed collective becomes one error naming the rank, the
-collective, what the trainer was doing and which peers are gone, instead of a hang or a deep gloo/NCCL
-traceback.
+"""Starting distributed runs: `moeforge train --nproc N` runs itself in N ranks under torch's elastic
+agent (torchrun's); each rank joins the process group with a timeout, and a failed collective becomes
+one error naming the rank, the collective, what the trainer was doing and which peers are gone, instead
+of a hang or a deep gloo/NCCL traceback.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
-def launch_torchrun(nproc: int, argv: list[str]) -> int:
+def launch_local_ranks(nproc: int, argv: list[str]) -> int:
     """Run `moeforge <argv>` in nproc processes on this machine under torch's elastic agent, as
     `torchrun --standalone --nproc-per-node N -m moeforge ARGV` does (docs/distributed.md has the
     multi-node form); its exit code.
@@ -269,7 +269,7 @@ def run_training(run, run_dir, resume: bool, argv: list[str], profile_memory: bo
         layout = ParallelLayout.resolve(cfg.nproc, cfg.dp, cfg.ep, cfg.tp, cfg.pp, cfg.zero, cfg.cp)
         layout.check_model(run.model).check_batch(cfg.batch_size).check_trainer().check_pipeline(cfg)
         layout.check_context(cfg)
-        return launch_torchrun(cfg.nproc, strip_launch_flags(argv))
+        return launch_local_ranks(cfg.nproc, strip_launch_flags(argv))
     from .trainer import DistributedTrainer, is_distributed_checkpoint
 
     if under_torchrun():

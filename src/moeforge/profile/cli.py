@@ -35,7 +35,7 @@ def add_profile_command(sub) -> dict:
 def cmd_profile(args) -> int:
     from ..cli import parse_overrides
     from ..config import TrainConfig, load_toml, resolve_run_config
-    from ..parallel.launch import launch_torchrun, strip_launch_flags, under_torchrun
+    from ..parallel.launch import launch_local_ranks, strip_launch_flags, under_torchrun
     from .render import table
     from .run import profile_run
 
@@ -63,7 +63,7 @@ def cmd_profile(args) -> int:
 
         layout = ParallelLayout.resolve(cfg.nproc, cfg.dp, cfg.ep, cfg.tp, cfg.pp, cfg.zero)
         layout.check_model(run.model).check_batch(cfg.batch_size).check_trainer().check_pipeline(cfg)
-        code = launch_torchrun(cfg.nproc, strip_launch_flags(args.argv))
+        code = launch_local_ranks(cfg.nproc, strip_launch_flags(args.argv))
         if code:
             return code
         profile = json.loads((out / "profile.json").read_text())
