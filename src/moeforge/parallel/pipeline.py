@@ -33,7 +33,6 @@ cross-stage norm work on plain tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import copy
 
@@ -42,6 +41,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
+from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleDualPipeV, ScheduleGPipe,
+                                          ScheduleInterleaved1F1B)
 
 from ..config import PP_SCHEDULES
 from ..errors import ConfigError
@@ -51,17 +52,13 @@ from .grads import clip_grad_norm
 from .tensor import local_tensor as _local
 from ..model.transformer import Transformer, cross_entropy, mtp_losses
 
-if TYPE_CHECKING:
-    from torch.distributed.pipelining import PipelineStage
-
-# name -> (torch.distributed.pipelining class, stages per rank, stage placement: "loop" = rank r holds r,
-# r+pp, ...; "v" = rank r holds r and 2pp-1-r, so the first and last stage share rank 0). Classes by name:
-# torch.distributed.pipelining imports torch._dynamo (~3 s), which only pipeline runs should pay.
+# name -> (schedule class, stages per rank, stage placement: "loop" = rank r holds r, r+pp, ...;
+# "v" = rank r holds r and 2pp-1-r, so the first and last stage share rank 0)
 SCHEDULES = {
-    "gpipe": ("ScheduleGPipe", 1, "loop"),
-    "1f1b": ("Schedule1F1B", 1, "loop"),
-    "interleaved-1f1b": ("ScheduleInterleaved1F1B", 2, "loop"),
-    "dualpipev": ("ScheduleDualPipeV", 2, "v"),
+    "gpipe": (ScheduleGPipe, 1, "loop"),
+    "1f1b": (Schedule1F1B, 1, "loop"),
+    "interleaved-1f1b": (ScheduleInterleaved1F1B, 2, "loop"),
+    "dualpipev": (ScheduleDualPipeV, 2, "v"),
 }
 assert {k: v[1] for k, v in SCHEDULES.items()} == PP_SCHEDULES  # what the config validates against
 
@@ -438,10 +435,7 @@ def build_pipeline(model: Transformer, pp_mesh: DeviceMesh, batch_shape: tuple[i
         raise ConfigError(f"unknown pipeline schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
     if pp_mesh.ndim != 1:
         raise ConfigError(f"build_pipeline wants a 1-D pipeline mesh, got {pp_mesh.ndim}-D")
-    from torch.distributed import pipelining
-
-    schedule_name, per_rank, style = SCHEDULES[schedule]
-    cls = getattr(pipelining, schedule_name)
+    cls, per_rank, style = SCHEDULES[schedule]
     pp, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
     n_stages = pp * per_rank
     if per_rank > 1 and n_microbatches < n_stages:
@@ -463,10 +457,10 @@ def build_pipeline(model: Transformer, pp_mesh: DeviceMesh, batch_shape: tuple[i
         if aux_loss_factory is not None:
             module.aux_loss = aux_loss_factory(module)
         modules.append(module)
-        stages.append(pipelining.PipelineStage(module, s, n_stages, device, group=group,
-                                               input_args=tokens if s == 0 else hidden, output_args=hidden,
-                                               input_grads=None if s == 0 else hidden,
-                                               output_grads=None if s == n_stages - 1 else hidden))
+        stages.append(PipelineStage(module, s, n_stages, device, group=group,
+                                    input_args=tokens if s == 0 else hidden, output_args=hidden,
+                                    input_grads=None if s == 0 else hidden,
+                                    output_grads=None if s == n_stages - 1 else hidden))
     last_module = next((m for m in modules if m.is_last), None)
 
     def loss_fn(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
