@@ -1,7 +1,8 @@
 """plan/memory.py against the measured memory of real 2-rank trainer runs (issue 17, item 3): expert
 sharding different from tensor sharding (EP 2 with TP 1: routed experts split, the rest ZeRO-2 over dp)
 and uneven pipeline stages (PP 2: the first holds the embedding and the dense layer, the last the head
-and the MTP module with its own copy of the embedding). Measured per rank by
+and the MTP module with its own copy of the embedding), and DualPipeV (the layers cut in 4 pieces, rank 0
+holding the first and the last). Measured per rank by
 `plan.measured_memory.measure_step` (the rank's own tensors; activations as the peak of live saved
 tensors over a step); the prediction knows nothing of the run but its config."""
 
@@ -12,7 +13,8 @@ import pytest
 
 from parallel_helpers import fit_in_gloo_group, train_config
 
-LAYOUTS = {"ep2": dict(ep=2), "tp2": dict(tp=2), "pp2": dict(pp=2)}
+LAYOUTS = {"ep2": dict(ep=2), "tp2": dict(tp=2), "pp2": dict(pp=2),
+           "dualpipev": dict(pp=2, pp_schedule="dualpipev")}
 
 
 def measure_layouts(rank, world, out_dir):
@@ -39,7 +41,7 @@ def measured(tmp_path_factory):
 def test_memory_per_rank_matches_the_measured_run(measured, name, rank):
     got, want = measured[name, rank]["measured"], measured[name, rank]["predicted"]
     print(name, rank, {k: (got[k], want[k]) for k in got})
-    if name.startswith("pp"):  # dp 1: tensor bytes of the layout's sharding, exactly
+    if name.startswith("pp") or name == "dualpipev":  # dp 1: tensor bytes of the layout's sharding, exactly
         for part in ("weights", "gradients", "optimizer"):
             assert want[part] == pytest.approx(got[part], rel=0.02), part
     # FSDP2 keeps weights sharded at rest and the gathered ones alive from forward to backward (saved

@@ -36,6 +36,20 @@ def test_bubbles_follow_the_dualpipe_readme():
     assert bubble_time(Layout(pp=8), t) == pytest.approx(7 * 3)  # (PP-1)(F+B)
     assert bubble_time(Layout(pp=8, schedule="dualpipe"), t) == pytest.approx((8 / 2 - 1) * (3 + 2 - 3))
     assert bubble_time(Layout(pp=1), t) == 0
+    # DualPipeV: 4 ranks hold 8 pieces and run both of theirs per micro-batch, so a piece's F&B is t / 2
+    assert bubble_time(Layout(pp=4, schedule="dualpipev"), t) == pytest.approx((8 / 2 - 1) * (1.5 + 1 - 1.5))
+
+
+def test_dualpipev_holds_one_copy_of_the_model_and_dualpipe_two():
+    """DualPipe: rank s holds stages s and PP-1-s of PP (the pipeline holds the model twice); DualPipeV:
+    pieces s and 2PP-1-s of 2PP (once). Summed over the pipeline's ranks, in parameters."""
+    from moeforge.plan.memory import stage_params
+
+    whole = sum(stage_params(V3, Layout(pp=1), 0))
+    for schedule, copies in (("dualpipe", 2), ("dualpipev", 1), ("1f1b", 1)):
+        lo = Layout(dp=128, pp=16, ep=64, schedule=schedule)
+        ranks_total = sum(stage_params(V3, lo, s)[0] + stage_params(V3, lo, s)[1] * lo.ep for s in range(16))
+        assert ranks_total == pytest.approx(copies * whole, rel=0.02), schedule
 
 
 def test_v3_published_run_validates_against_its_gpu_hours():

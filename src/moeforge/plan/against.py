@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from .layout import Layout, TrainSettings
 from .models import from_moe
 
-SCHEDULES = {"gpipe": "1f1b", "1f1b": "1f1b", "interleaved-1f1b": "interleaved-1f1b", "dualpipev": "dualpipe"}
+SCHEDULES = {"gpipe": "1f1b", "1f1b": "1f1b", "interleaved-1f1b": "interleaved-1f1b", "dualpipev": "dualpipev"}
 WARMUP_STEPS = 2  # the first steps build lazy state (oneDNN kernels, allocator, FSDP buffers)
 
 

@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass
 from ..errors import ConfigError
 from .models import ModelShape
 
-SCHEDULES = ("1f1b", "interleaved-1f1b", "dualpipe")
+SCHEDULES = ("1f1b", "interleaved-1f1b", "dualpipe", "dualpipev")
+DUAL = ("dualpipe", "dualpipev")  # bidirectional: a rank holds two pieces of the layers (memory.rank_pieces)
 PRECISIONS = ("fp8", "mxfp8", "bf16", "fp32")
 RECOMPUTE = ("none", "selective", "full")
 
@@ -24,7 +25,8 @@ class Layout:
     pp: int = 1  # pipeline stages
     ep: int = 1  # expert parallel: routed experts split over ep of the dp*tp ranks
     zero: int = 1  # ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also weights (0 = none)
-    schedule: str = "1f1b"  # pipeline schedule: 1f1b, interleaved-1f1b (Megatron virtual stages) or dualpipe
+    schedule: str = "1f1b"  # pipeline schedule: 1f1b, interleaved-1f1b (Megatron virtual stages), dualpipe
+    #                         (DeepSeek-V3: two copies of the model over the pipeline) or dualpipev (one copy)
     micro_batch: int = 1  # sequences per micro-batch per DP rank
     recompute: str = "none"  # none | selective (DeepSeek-V3: norms, MLA up-projections, SwiGLU; FP8 MoE
     #                           inputs) | full (keep only each layer's input)
@@ -139,6 +141,12 @@ def check_layout(model: ModelShape, layout: Layout, gpus: int, settings: TrainSe
                               f"to be a multiple of pp={lo.pp} (Megatron's rule)")
     if lo.schedule == "dualpipe" and (lo.pp % 2 or lo.pp < 2):
         raise ConfigError(f"dualpipe needs an even pp >= 2, got pp={lo.pp}")
+    if lo.schedule == "dualpipev":
+        if lo.pp < 2:
+            raise ConfigError(f"dualpipev needs pp >= 2, got pp={lo.pp}")
+        if micro_batches(lo, settings) < 2 * lo.pp:  # torch's ScheduleDualPipeV: one per piece at least
+            raise ConfigError(f"dualpipev needs at least 2 x pp = {2 * lo.pp} micro-batches per step, got "
+                              f"{micro_batches(lo, settings)}")
     if lo.recompute not in RECOMPUTE:
         raise ConfigError(f"unknown recompute {lo.recompute!r}; choose one of: {', '.join(RECOMPUTE)}")
     if lo.zero not in (0, 1, 2, 3):

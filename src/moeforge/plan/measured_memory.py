@@ -108,7 +108,5 @@ def predicted_rank_memory(run, world: int, rank: int) -> dict:
 
     lo, s = run_layout(run, world)
     stage = rank // (lo.dp * lo.tp)
-    if lo.schedule == "dualpipe":
-        stage = min(stage, lo.pp - 1 - stage)
     m = stage_memory(from_moe(run.model, run.train.preset), lo, s, stage).to_json()
     return {k: m[k] for k in ("weights", "gradients", "optimizer", "activations")}

@@ -48,8 +48,43 @@ def stage_layers(num_layers: int, pp: int) -> list[range]:
     return out
 
 
+def rank_pieces(layout: Layout, stage: int) -> tuple[int, tuple[int, ...], float]:
+    """How the pipeline cuts the layers, and what the rank at pipeline position `stage` runs:
+    (pieces the layers are cut into, the pieces this rank holds, the share of micro-batches each sees).
+
+    1F1B (and interleaved 1F1B, modelled as contiguous stages): PP pieces, the rank's own, every
+    micro-batch. DualPipe (DeepSeek-V3): PP pieces; the rank holds `stage` and PP-1-`stage`, so the
+    pipeline holds two copies of the model, and each micro-batch runs through one of them (half go each
+    way). DualPipeV (moeforge's `--pp-schedule dualpipev`, the "cut-in-half" V of DeepSeek's DualPipe
+    repository): 2PP pieces; the rank holds `stage` and 2PP-1-`stage` (one copy), and every
+    micro-batch runs down through the first and back up through the second."""
+    pp = layout.pp
+    if layout.schedule == "dualpipe":
+        pieces = (stage, pp - 1 - stage) if pp - 1 - stage != stage else (stage,)
+        return pp, pieces, 1.0 / len(pieces)
+    if layout.schedule == "dualpipev":
+        return 2 * pp, (stage, 2 * pp - 1 - stage), 1.0
+    return pp, (stage,), 1.0
+
+
+def piece_rank(layout: Layout, piece: int) -> int:
+    """The pipeline position that holds `piece` of `rank_pieces`' cut (DualPipe: the lower of its two)."""
+    n = rank_pieces(layout, 0)[0]
+    return min(piece, n - 1 - piece) if layout.schedule in ("dualpipe", "dualpipev") else piece
+
+
 def stage_params(model: ModelShape, layout: Layout, stage: int) -> tuple[float, float]:
-    return _stage_params(model, layout.tp, layout.ep, layout.pp, stage)
+    """(non-expert, routed-expert) parameters of everything the rank at pipeline position `stage` holds."""
+    n, pieces, _ = rank_pieces(layout, stage)
+    dense_p = expert_p = 0.0
+    for piece in pieces:
+        d, e = _stage_params(model, layout.tp, layout.ep, n, piece)
+        dense_p, expert_p = dense_p + d, expert_p + e
+    if layout.schedule == "dualpipe" and {0, n - 1} <= set(pieces) and model.head_params and _mtp_depth(model):
+        # first and last stage on one rank: one embedding (assumed of DeepSeek's DualPipe). moeforge's
+        # DualPipeV keeps the MTP's copy beside the first piece's (measured), so it is counted there.
+        dense_p -= model.embedding_params / layout.tp
+    return dense_p, expert_p
 
 
 @lru_cache(maxsize=65536)
@@ -163,11 +198,22 @@ def cp_key_elems(model: ModelShape, selective: bool = False) -> float:
 
 
 def activation_bytes(model: ModelShape, layout: Layout, settings: TrainSettings, stage: int) -> float:
-    """Activations of the fullest moment on this stage's rank. With context parallelism a rank holds
+    """Activations of the fullest moment on the rank at pipeline position `stage` (of the fuller of its
+    pieces under DualPipe / DualPipeV)."""
+    n, pieces, _ = rank_pieces(layout, stage)
+    per_piece = [_piece_activation_bytes(model, layout, settings, n, piece) for piece in pieces]
+    # DualPipeV runs 1F1B over its 2PP pieces: each piece holds its own micro-batches, all at once
+    # (PP+1 in all per rank, the DualPipe README's count); DualPipe's README count is per rank already
+    return sum(per_piece) if layout.schedule == "dualpipev" else max(per_piece)
+
+
+def _piece_activation_bytes(model: ModelShape, layout: Layout, settings: TrainSettings, n_pieces: int,
+                            piece: int) -> float:
+    """Activations of one piece (of `n_pieces`) at its fullest moment. With context parallelism a rank holds
     seq_len / cp of each sequence's tokens, but K and V (`cp_key_elems`) of the whole sequence."""
     m, lo = model, layout
     tokens = lo.micro_batch * settings.seq_len
-    layers = stage_layers(m.num_layers, lo.pp)[stage]
+    layers = stage_layers(m.num_layers, n_pieces)[piece]
     sel = lo.recompute == "selective"
     n_moe = sum(1 for i in layers if i >= m.dense_layers)
     if lo.cp > 1:  # a rank holds seq_len / cp of each sequence's tokens
@@ -188,11 +234,14 @@ def activation_bytes(model: ModelShape, layout: Layout, settings: TrainSettings,
         working = max(per_layer, default=0) * scale
     else:
         one_mb = sum(per_layer) * scale
-    in_flight = lo.pp + 1 if lo.schedule == "dualpipe" else min(lo.pp - stage, micro_batches_of(lo, settings))
+    if lo.schedule == "dualpipe":  # the DualPipe README: PP + 1 per rank
+        in_flight = n_pieces + 1
+    else:  # 1F1B: piece k of n holds n - k micro-batches (DualPipeV's pieces too: 2PP + 1 on each rank)
+        in_flight = min(n_pieces - piece, micro_batches_of(lo, settings))
     if lo.schedule == "interleaved-1f1b":  # Megatron: the first stage holds (1 + (p-1)/(p v)) x p micro-batches
-        in_flight = min(micro_batches_of(lo, settings), lo.pp - stage) * (1 + (lo.pp - 1) / (lo.pp * lo.virtual_stages))
+        in_flight = min(micro_batches_of(lo, settings), lo.pp - piece) * (1 + (lo.pp - 1) / (lo.pp * lo.virtual_stages))
     act = one_mb * max(1, in_flight) + working
-    if stage == lo.pp - 1:  # logits (activation dtype) and their FP32 copy for the loss, one micro-batch
+    if piece == n_pieces - 1:  # logits (activation dtype) and their FP32 copy for the loss, one micro-batch
         logits = tokens * m.vocab_size * (settings.act_bytes + 4) / lo.tp * unsplit
         depth = _mtp_depth(m)  # each MTP module: its inputs (2D, normed), one MoE block, its own logits
         act += logits + depth * ((4 * m.hidden_size * unsplit + per_moe) * scale + logits)
@@ -218,14 +267,9 @@ def memory_per_rank(model: ModelShape, layout: Layout, settings: TrainSettings) 
 
 
 def stage_memory(model: ModelShape, layout: Layout, settings: TrainSettings, stage: int) -> Memory:
-    """Memory of a rank of pipeline stage `stage` (under DualPipe: the rank holding `stage` and its mirror)."""
+    """Memory of the rank at pipeline position `stage` (under DualPipe / DualPipeV: with both its pieces)."""
     s, lo = settings, layout
-    dense_p, expert_p = stage_params(model, lo, stage)
-    if lo.schedule == "dualpipe":  # the mirror stage lives here too
-        d2, e2 = stage_params(model, lo, lo.pp - 1 - stage)
-        dense_p, expert_p = dense_p + d2, expert_p + e2
-        if stage in (0, lo.pp - 1) and model.head_params and _mtp_depth(model):
-            dense_p -= model.embedding_params / lo.tp  # first and last stage share a rank: one embedding
+    dense_p, expert_p = stage_params(model, lo, stage)  # under DualPipe(V) the rank's two pieces
     rep = lo.dense_replicas  # dp (x cp)
     shards = {0: (1, 1, 1), 1: (1, 1, rep), 2: (1, rep, rep), 3: (rep, rep, rep)}[lo.zero]
     eshards = {0: (1, 1, 1), 1: (1, 1, lo.edp), 2: (1, lo.edp, lo.edp), 3: (lo.edp,) * 3}[lo.zero]
@@ -233,6 +277,4 @@ def stage_memory(model: ModelShape, layout: Layout, settings: TrainSettings, sta
     grads = s.grad_bytes * (dense_p / shards[1] + expert_p / eshards[1])
     opt = (s.master_bytes + 2 * s.moment_bytes) * (dense_p / shards[2] + expert_p / eshards[2])
     act = activation_bytes(model, lo, s, stage)
-    if lo.schedule == "dualpipe":
-        act = max(act, activation_bytes(model, lo, s, lo.pp - 1 - stage))
     return Memory(weights, grads, opt, act, stage)

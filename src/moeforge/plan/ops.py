@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from .layout import Layout, TrainSettings
-from .memory import stage_layers
+from .memory import piece_rank, rank_pieces, stage_layers
 from .models import ModelShape
 
 
@@ -251,32 +251,42 @@ def step_blocks(model: ModelShape, lo: Layout, settings: TrainSettings, impl: Im
     """`step_ops` in blocks (identical layers folded into one block with counts): the planner prices
     thousands of layouts that share blocks, so each block is built (and priced) once."""
     s = settings
-    layers_by_stage = stage_layers(model.num_layers, lo.pp)
     if stage is None:
-        stage = max(range(lo.pp), key=lambda i: (len(layers_by_stage[i]), i == 0))
-    stages = [stage, lo.pp - 1 - stage] if lo.schedule == "dualpipe" and lo.pp - 1 - stage != stage else [stage]
-    # DualPipe: a rank holds two stages, and each micro-batch passes through one of them (half of the
-    # micro-batches run each way): per micro-batch, half of each stage's work
-    share = 1.0 / len(stages)
+        stage = max(range(lo.pp), key=lambda i: (rank_layers(model, lo, i), i == 0))
+    # DualPipe: each micro-batch passes through one of the rank's two stages (share 1/2 each);
+    # DualPipeV: through both of its pieces (memory.rank_pieces)
+    n_pieces, pieces, share = rank_pieces(lo, stage)
+    layers_by_piece = stage_layers(model.num_layers, n_pieces)
     blocks = []
-    for st in stages:
-        n_moe = sum(1 for i in layers_by_stage[st] if i >= model.dense_layers)
-        for moe, n in ((False, len(layers_by_stage[st]) - n_moe), (True, n_moe)):
+    for piece in pieces:
+        n_moe = sum(1 for i in layers_by_piece[piece] if i >= model.dense_layers)
+        for moe, n in ((False, len(layers_by_piece[piece]) - n_moe), (True, n_moe)):
             if n:
                 blocks.append(layer_block(model, moe, lo.tp, lo.ep, lo.micro_batch, s, impl, n * share, lo.recompute,
                                           lo.cp))
-        if st == 0 or st == lo.pp - 1:
-            blocks.append(ends_block(model, lo.tp, lo.ep, lo.micro_batch, s, impl, st == 0, st == lo.pp - 1,
-                                     share, lo.recompute, lo.cp))
+        if piece == 0 or piece == n_pieces - 1:
+            blocks.append(ends_block(model, lo.tp, lo.ep, lo.micro_batch, s, impl, piece == 0,
+                                     piece == n_pieces - 1, share, lo.recompute, lo.cp))
     tokens = lo.micro_batch * s.seq_len // lo.cp
     extra = []
     if lo.pp > 1:
+        if lo.schedule == "interleaved-1f1b":
+            sends = lo.virtual_stages
+        elif lo.schedule == "dualpipev":  # a piece whose successor lives on another rank sends to it
+            sends = sum(1 for p in pieces if p < n_pieces - 1 and piece_rank(lo, p + 1) != stage)
+        else:
+            sends = 1
         for phase in ("fwd", "bwd"):
             extra.append(Op("pp.send", "collective", phase, bytes=tokens * model.hidden_size * s.act_bytes / lo.tp,
-                            collective="p2p", group="pp", hideable=True,
-                            count=lo.virtual_stages if lo.schedule == "interleaved-1f1b" else 1))
-    blocks.append(tuple(extra + _step_ops(model, lo, s, impl, stages)))
+                            collective="p2p", group="pp", hideable=True, count=sends))
+    blocks.append(tuple(extra + _step_ops(model, lo, s, impl, stage)))
     return blocks
+
+
+def rank_layers(model: ModelShape, lo: Layout, stage: int) -> int:
+    """Decoder layers the rank at pipeline position `stage` holds (both pieces under DualPipe(V))."""
+    n_pieces, pieces, _ = rank_pieces(lo, stage)
+    return sum(len(stage_layers(model.num_layers, n_pieces)[p]) for p in pieces)
 
 
 def _scaled(ops, factor: float, recompute: str) -> tuple[Op, ...]:
@@ -337,18 +347,12 @@ def _recompute(ops: list[Op], mode: str) -> list[Op]:
     return out
 
 
-def _step_ops(model: ModelShape, lo: Layout, s: TrainSettings, impl: Impl, stages: list[int]) -> list[Op]:
+def _step_ops(model: ModelShape, lo: Layout, s: TrainSettings, impl: Impl, stage: int) -> list[Op]:
     """Once per optimizer step: gradient sync over DP / expert-DP, ZeRO-3 gathers, clipping, AdamW."""
     from .memory import stage_params
 
-    dense_p = expert_p = 0.0
-    for st in stages:
-        d, e = stage_params(model, lo, st)
-        dense_p, expert_p = dense_p + d, expert_p + e
+    dense_p, expert_p = stage_params(model, lo, stage)  # all the rank's pieces, MTP modules included
     depth = model.moe_config.num_nextn_predict_layers if model.moe_config is not None else 0
-    if depth and lo.pp - 1 in stages:  # MTP modules live with the head
-        dense_p += depth * (2 * model.hidden_size ** 2 + (model.attention_params + model.shared_expert_params) / lo.tp)
-        expert_p += depth * model.routed_expert_params / lo.ep
     ops = []
     for name, p, dp, group in (("dense", dense_p, lo.dense_replicas, "dp"), ("experts", expert_p, lo.edp, "edp")):
         if dp > 1 and p:

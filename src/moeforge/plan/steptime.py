@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass, field
 
 from . import network as net
 from .catalog import Hardware
-from .layout import Layout, TrainSettings, micro_batches
-from .memory import Memory, memory_per_rank, stage_layers
+from .layout import DUAL, Layout, TrainSettings, micro_batches
+from .memory import Memory, memory_per_rank, piece_rank, rank_pieces, stage_layers
 from .models import ModelShape
-from .ops import Op, step_blocks
+from .ops import Op, rank_layers, step_blocks
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,15 @@ def bubble_time(layout: Layout, t_mb: float) -> float:
     pp = layout.pp
     if pp <= 1:
         return 0.0
-    if layout.schedule == "dualpipe":
-        base = t_mb * (3 / 4 if layout.recompute == "full" else 1.0)  # F+B without the recompute
+    if layout.schedule in DUAL:
+        # The DualPipe README: (PP/2 - 1)(F&B + B - 3W), PP the pieces the layers are cut into and F, B, W
+        # one piece's. A DualPipe rank runs one of its two stages per micro-batch (t_mb is one stage's
+        # F+B); a DualPipeV rank runs both of its pieces (2 PP of them), so a piece is half of t_mb.
+        n_pieces = rank_pieces(layout, 0)[0]
+        piece = t_mb if layout.schedule == "dualpipe" else t_mb / 2
+        base = piece * (3 / 4 if layout.recompute == "full" else 1.0)  # F+B without the recompute
         f, b, w = base / 3, 2 * base / 3, base / 3
-        return (pp / 2 - 1) * ((f + b) + b - 3 * w)
+        return (n_pieces / 2 - 1) * ((f + b) + b - 3 * w)
     if layout.schedule == "interleaved-1f1b":
         return (pp - 1) * t_mb / layout.virtual_stages
     return (pp - 1) * t_mb
@@ -149,15 +154,21 @@ def _hidden(comm: float, window: float, overlap: float | None, schedule_hides: b
 
 
 def candidate_stages(model: ModelShape, lo: Layout) -> list[int]:
-    """Stages that can be the slowest: the first (embedding), the last (head, loss, MTP), and the first
-    stage with the most layers and with the most MoE layers (the pipeline runs at its slowest stage)."""
-    ranges = stage_layers(model.num_layers, lo.pp)
-    most = max(range(lo.pp), key=lambda i: len(ranges[i]))
-    most_moe = max(range(lo.pp), key=lambda i: (sum(1 for j in ranges[i] if j >= model.dense_layers), -i))
-    stages = sorted({0, lo.pp - 1, most, most_moe})
-    if lo.schedule == "dualpipe":  # a rank holds stages s and PP-1-s
-        stages = sorted({min(x, lo.pp - 1 - x) for x in stages})
-    return stages
+    """Pipeline positions that can be the slowest: those holding the first piece (embedding) and the last
+    (head, loss, MTP), and the first with the most layers and with the most MoE layers (the pipeline runs
+    at its slowest rank)."""
+    n_pieces = rank_pieces(lo, 0)[0]
+    ranges = stage_layers(model.num_layers, n_pieces)
+
+    def moe_layers(stage: int) -> int:
+        return sum(1 for p in rank_pieces(lo, stage)[1] for j in ranges[p] if j >= model.dense_layers)
+
+    most = max(range(lo.pp), key=lambda i: rank_layers(model, lo, i))
+    most_moe = max(range(lo.pp), key=lambda i: (moe_layers(i), -i))
+    stages = {0, piece_rank(lo, n_pieces - 1), most, most_moe}
+    if lo.schedule == "dualpipe":  # positions s and PP-1-s hold the same two stages
+        stages = {min(x, lo.pp - 1 - x) for x in stages}
+    return sorted(stages)
 
 
 def step_time(model: ModelShape, hw: Hardware, topo: net.Topology, layout: Layout,
@@ -212,7 +223,7 @@ def _stage_step_time(model, hw, topo, layout, settings, device, stage: int) -> S
         exposed_ep_pp = ep_comm + pp_comm
         exposed_dp = dp_comm + m * zero3_mb
     else:
-        if lo.schedule == "dualpipe":
+        if lo.schedule in DUAL:  # forward and backward chunks of two micro-batches overlap each other's comm
             exposed_ep_pp = _hidden(ep_comm + pp_comm, m * t_mb, s.overlap, True)
         else:  # the EP all-to-all is on the critical path except behind the shared experts; PP sends are async
             if s.overlap is None:

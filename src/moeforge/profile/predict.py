@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..errors import MoeforgeError
 
-SCHEDULES = {"dualpipev": "dualpipe"}  # moeforge's schedules -> the planner's (1f1b or dualpipe)
+SCHEDULES = {"dualpipev": "dualpipev"}  # modelled as themselves by the planner; the others as 1F1B
 RECOMPUTE = {"none": "none", "full": "full", "selective": "selective", "auto": "selective"}
 
 
