@@ -3,6 +3,7 @@ labels off the media, learning, checkpoints and resume, per-modality expert load
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,6 +194,41 @@ def test_image_qa_is_learned_by_the_encoder_and_lm():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_media_answer_tokens_weigh_like_text_tokens(tmp_path, tone_speech):
+    """A step's gradient is that of the text loss plus every media answer token's loss, times
+    mm_answer_weight, summed and divided by the text micro-batch's token count (written out here)."""
+    import torch.nn.functional as F
+
+    from moeforge.multimodal.train import MultimodalTrainer
+
+    for weight in (1.0, 3.0):
+        trainer = MultimodalTrainer(mm_run(tmp_path / str(weight), steps=1, eval_every=0, seq_aux_alpha=0.0,
+                                           mm_answer_weight=weight))
+        model, cfg = trainer.model, trainer.cfg
+        model.zero_grad()
+        trainer.forward_backward()
+        got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+        model.zero_grad()
+        x, y = trainer.train_batches.batch(0)
+        model(x, shift_labels=y).loss.backward()
+        for sampler in (trainer.image_batches, trainer.speech_batches):
+            batch = sampler.batch(0)
+            per_token = F.cross_entropy(model.media_logits(batch).flatten(0, 1), batch.targets.flatten(),
+                                        ignore_index=IGNORE, reduction="none")
+            (per_token.sum() * weight / (cfg.batch_size * cfg.seq_len)).backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-7, msg=f"weight {weight}: {n}")
+
+
+def test_multimodal_settings_are_checked():
+    from moeforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="mm_answer_weight must be > 0"):
+        small_run(Path("/nonexistent"), mm_answer_weight=0)
 
 
 def mm_run(tmp_path, **train):

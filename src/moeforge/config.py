@@ -319,6 +319,9 @@ class TrainConfig:
                            default=False)
     mm_batch_size: int = doc("Multimodal: image and speech sequences per step (each).", default=16)
     mm_examples: int = doc("Multimodal: training examples generated per modality.", default=4000)
+    mm_answer_weight: float = doc("Multimodal: the loss weight of one image or speech answer token relative to "
+                                  "one text token (docs/multimodal.md: 1 = every supervised token alike).",
+                                  default=1.0)
     compile: bool = doc("torch.compile the model (faster steps, slower start).", default=False)
     tensorboard: bool = doc("Also log the metrics and expert-load heatmaps to RUN_DIR/tensorboard "
                             "(moeforge[logging]).", default=False)
@@ -393,6 +396,8 @@ class TrainConfig:
             raise ConfigError(f"precision must be auto, fp32, bf16, fp8 or fp8-tensorwise, got {self.precision!r}")
         if self.fp8_policy and not self.precision.startswith("fp8"):
             raise ConfigError("fp8_policy needs --precision fp8 or fp8-tensorwise")
+        if self.mm_answer_weight <= 0:
+            raise ConfigError(f"mm_answer_weight must be > 0, got {self.mm_answer_weight}")
         if self.optimizer_state_dtype not in ("fp32", "bf16"):
             raise ConfigError(f"optimizer_state_dtype must be fp32 or bf16, got {self.optimizer_state_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
