@@ -31,6 +31,7 @@ RUNS = {
     "debug-pp2": ["--preset", "debug", "--nproc", "2", "--pp", "2"],
     "debug-ep4": ["--preset", "debug", "--nproc", "4", "--ep", "4"],
     "debug-pp2dp2": ["--preset", "debug", "--nproc", "4", "--pp", "2"],
+    "debug-dualpipev": ["--preset", "debug", "--nproc", "2", "--pp", "2", "--pp-schedule", "dualpipev"],
     "tiny-1": ["--preset", "tiny"],
     "tiny-ep2": ["--preset", "tiny", "--nproc", "2", "--ep", "2"],
     "tiny-tp2": ["--preset", "tiny", "--nproc", "2", "--tp", "2"],
