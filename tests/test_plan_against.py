@@ -75,3 +75,17 @@ def test_against_errors_are_one_line(args, message, capsys):
     assert main(["plan", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_rank0_expert_load_is_read_from_the_runs_expert_counts(tmp_path):
+    """Rank 0 runs the first E/ep experts: its load is their share of the logged routed tokens x ep,
+    over the timed steps (the first two are warm-up)."""
+    from moeforge.config import resolve_run_config
+    from moeforge.plan.against import RunRecord
+
+    run = resolve_run_config({}, dict(preset="debug", ep=2, nproc=2))
+    warm, timed = [[[9, 9, 0, 0]]] * 2, [[[3, 3, 1, 1], [2, 2, 2, 2]]] * 3  # layers x 4 experts
+    rec = RunRecord(tmp_path, run, [1.0] * 5, None, 2, expert_counts=warm + timed)
+    assert rec.rank0_expert_load(2) == pytest.approx((6 + 4) * 2 / (8 + 8))
+    assert rec.rank0_expert_load(1) == 1.0
+    assert RunRecord(tmp_path, run, [1.0] * 5, None, 2).rank0_expert_load(2) == 1.0

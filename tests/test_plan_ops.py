@@ -86,3 +86,16 @@ def test_partly_used_nvl72_racks_are_planned():
     s = TrainSettings(seq_len=4096, global_batch=200)
     check_layout(V3, lo, 100, s, gb.gpus_per_node)
     assert step_time(V3, gb, topo, lo, s).total > 0
+
+
+def test_an_overloaded_ep_rank_gets_its_extra_expert_rows():
+    """expert_load scales the rows this rank's experts receive (their GEMMs, SwiGLU and the received-row
+    permutation), not the tokens it routes or sends."""
+    s = TrainSettings(seq_len=4096, global_batch=64)
+    even = {o.name: o for o in step_ops(V3, Layout(dp=64, ep=64), s, FUSED)}
+    hot = {o.name: o for o in step_ops(V3, Layout(dp=64, ep=64), dataclasses.replace(s, expert_load=1.5), FUSED)}
+    assert hot["moe.experts.gate_up"].flops == pytest.approx(1.5 * even["moe.experts.gate_up"].flops, rel=1e-3)
+    assert hot["moe.router"].flops == even["moe.router"].flops
+    assert hot["moe.ep.dispatch"].bytes == even["moe.ep.dispatch"].bytes
+    with pytest.raises(ConfigError, match="expert_load must be > 0"):
+        dataclasses.replace(s, expert_load=0).validate()

@@ -35,6 +35,21 @@ class RunRecord:
     processes: int  # ranks the run had (see `infer_processes`)
     cpu_times: list = ()  # rank 0's CPU seconds per step (cpu_s; runs since the step clock)
     runq_times: list = ()  # rank 0's run-queue delay per step (runq_s: runnable, no core free)
+    expert_counts: list = ()  # per step: [MoE layer][expert] tokens routed, over all ranks
+
+    def rank0_expert_load(self, ep: int) -> float:
+        """Rank 0's routed-expert rows over the mean EP rank's, over the timed steps: rank 0 runs the first
+        E/ep experts (parallel/expert.py). 1 without EP, without logged counts, or with redundant experts
+        (their placement moves)."""
+        counts = _timed(self.expert_counts)
+        if ep <= 1 or not counts or self.run.train.redundant_experts:
+            return 1.0
+        mine = total = 0
+        for layers in counts:
+            for row in layers:
+                mine += sum(row[: len(row) // ep])
+                total += sum(row)
+        return mine * ep / total if total else 1.0
 
     @property
     def measured(self) -> float:
@@ -106,7 +121,9 @@ def read_run(run_dir: str | Path, processes: int | None = None) -> RunRecord:
         except ValueError:
             mem = None
     cpu = cpu if len(cpu) == len(times) else []
-    return RunRecord(d, run, times, mem, processes or infer_processes(d, run), cpu, runq if cpu else [])
+    counts = [r["expert_counts"] for r in timed if "expert_counts" in r]
+    return RunRecord(d, run, times, mem, processes or infer_processes(d, run), cpu, runq if cpu else [],
+                     counts if len(counts) == len(times) else [])
 
 
 def run_layout(run: RunConfig, world: int) -> tuple[Layout, TrainSettings]:
@@ -152,6 +169,7 @@ def predict_run(rec: RunRecord, device=None, threads: int | None = None, run_sha
     from .steptime import _stage_step_time, step_time
 
     lo, s = run_layout(rec.run, rec.processes)
+    s = replace(s, expert_load=rec.rank0_expert_load(lo.ep))  # the measured routing, not a fitted constant
     model = from_moe(rec.run.model, rec.run.train.preset)
     if threads is None:
         threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or max(1, (os.cpu_count() or 1) // rec.processes)

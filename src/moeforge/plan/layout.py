@@ -83,6 +83,9 @@ class TrainSettings:
     # TP with sequence parallelism (Megatron, DeepSeek): norms, router and routed experts see tokens / TP.
     # False: moeforge's own TP (activations outside the split heads and columns, logits whole on each rank)
     sequence_parallel: bool = True
+    # Routed-expert rows on the priced rank over the mean rank's (1 = balanced experts; `plan --against`
+    # measures it from the run's logged expert_counts: a short run's routing is far from balanced)
+    expert_load: float = 1.0
 
     def validate(self) -> "TrainSettings":
         if self.seq_len < 1 or self.global_batch < 1:
@@ -93,6 +96,8 @@ class TrainSettings:
             raise ConfigError("overlap must be in [0, 1]")
         if not 0 < self.memory_headroom <= 1:
             raise ConfigError("memory_headroom must be in (0, 1]")
+        if self.expert_load <= 0:
+            raise ConfigError(f"expert_load must be > 0, got {self.expert_load}")
         return self
 
 

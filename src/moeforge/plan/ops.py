@@ -184,11 +184,13 @@ def _moe_ops(model: ModelShape, tokens: int, lo: Layout, act: float, impl: Impl,
     shared_f = F * model.n_shared_experts // lo.tp
     ops += _mlp_ops(tokens, D, shared_f, act, impl, precision, tag + "shared.")
     # routed experts: tokens of this rank (sequence-parallel under TP), K rows each, spread over the EP
-    # group; each rank runs E/ep experts on (on average) as many rows as it sends
+    # group; each rank runs E/ep experts on (on average) as many rows as it sends, times
+    # `expert_load` for a rank whose experts draw more or fewer than the mean
     routed_tokens = tokens // lo.tp if impl.sequence_parallel_experts else tokens
     rows = routed_tokens * K
+    received = rows * settings.expert_load
     local = E // lo.ep
-    per_expert = max(1, round(rows / local))
+    per_expert = max(1, round(received / local))
     ops += _ew("permute", rows * D, act, impl, tag)
     if lo.ep > 1:
         for name, nbytes in (("dispatch", settings.dispatch_bytes), ("combine", settings.combine_bytes)):
@@ -199,9 +201,9 @@ def _moe_ops(model: ModelShape, tokens: int, lo: Layout, act: float, impl: Impl,
                           bytes=routed_tokens * D * settings.combine_bytes, collective="moe_a2a", group="ep",
                           hideable=True))
         if impl.name == "eager":  # received rows (source, expert) <-> (expert, source), both ways
-            ops += _ew("permute", rows * D, act, impl, tag + "ep.")
+            ops += _ew("permute", received * D, act, impl, tag + "ep.")
     ops += _linear(tag + "experts.gate_up", per_expert, D, 2 * F, precision, groups=local)
-    ops += _ew("swiglu", rows * F, act, impl, tag + "experts.")
+    ops += _ew("swiglu", received * F, act, impl, tag + "experts.")
     ops += _linear(tag + "experts.down", per_expert, F, D, precision, groups=local)
     ops += _ew("unpermute", rows * D, act, impl, tag)
     return ops
