@@ -89,3 +89,31 @@ def test_rank0_expert_load_is_read_from_the_runs_expert_counts(tmp_path):
     assert rec.rank0_expert_load(2) == pytest.approx((6 + 4) * 2 / (8 + 8))
     assert rec.rank0_expert_load(1) == 1.0
     assert RunRecord(tmp_path, run, [1.0] * 5, None, 2).rank0_expert_load(2) == 1.0
+
+
+def test_ranks_sharing_the_machine_price_memory_ops_at_the_bandwidth_measured_beside_their_peers(monkeypatch):
+    """A rank of an N-process run streams beside min(N, cores / threads) - 1 peers: its element-wise ops
+    get the co-run bandwidth; a single process keeps the bandwidth measured alone."""
+    from moeforge.plan import device as dev
+
+    rates = (("elementwise_bw", 16e9), ("dispatch_s", 1e-6), ("socket_bw", 1e9), ("socket_latency_s", 1e-5),
+             ("share", 1.0))
+    calls = []
+    monkeypatch.setattr(dev, "measured_rates", lambda threads: rates)
+    monkeypatch.setattr(dev, "corun_bandwidth", lambda threads, peers: calls.append((threads, peers)) or 11e9)
+    monkeypatch.setattr(dev.os, "cpu_count", lambda: 2)
+    assert dev.CPUDevice(threads=1, ranks=1).rates["elementwise_bw"] == 16e9
+    four = dev.CPUDevice(threads=1, ranks=4)  # 4 ranks on 2 cores: one peer runs at a time
+    assert four.rates["elementwise_bw"] == 11e9 and four.rates["elementwise_bw_alone"] == 16e9
+    assert dev.CPUDevice(threads=2, ranks=2).corun_peers == 0  # each rank fills the machine alone
+    assert calls == [(1, 1)]
+
+
+def test_the_corun_probe_measures_beside_real_peers_and_leaves_none_behind():
+    import multiprocessing as mp
+
+    from moeforge.plan.device import measure_corun_bandwidth
+
+    bw = measure_corun_bandwidth(threads=1, peers=1, mb=1.0, rounds=2)
+    assert 1e8 < bw < 1e12  # bytes per second, finite
+    assert not mp.active_children()

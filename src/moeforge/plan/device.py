@@ -233,6 +233,63 @@ def measure_memory(threads: int, mb: float = 8.0, repeats: int = 15) -> dict:
     return {"elementwise_bw": 6 * n * 4 / max(t - 2 * overhead, 1e-9), "dispatch_s": overhead}
 
 
+def _stream_peer(mb: float, go, stop) -> None:
+    """A forked peer that streams the same element-wise pass as `measure_memory` while `go` is set
+    (one thread: a fork after the parent ran OpenMP deadlocks with more)."""
+    import torch
+
+    torch.set_num_threads(1)
+    n = int(mb * 2 ** 20 / 4)
+    a, b, ab, out = torch.randn(n), torch.randn(n), torch.empty(n), torch.empty(n)
+    while not stop.is_set():
+        if go.wait(0.01):
+            torch.add(torch.mul(a, b, out=ab), a, out=out)
+
+
+def measure_corun_bandwidth(threads: int, peers: int, mb: float = 8.0, rounds: int = 8) -> float:
+    """Element-wise bandwidth of one rank while `peers` other processes stream too, as the ranks of a run
+    on this machine do: cores share the memory bus, so a rank's memory-bound ops slow when its peers run
+    theirs. Alone and beside the peers in alternating rounds, so that a change in the machine's speed
+    between rounds hits both; returns alone bandwidth / median(beside / alone time).
+
+    Measured here (2026-12-01, one peer, 8 MB): 1.43-1.55x longer beside a streaming peer, steady from
+    round to round; a GEMM of the tiny model's shape was 1.01x at the median (0.63-1.68x, this VM's
+    noise), so only the bandwidth gets a co-run term (docs/planner.md)."""
+    import multiprocessing as mp
+    import statistics
+
+    import torch
+
+    n = int(mb * 2 ** 20 / 4)
+    a, b, ab, out = torch.randn(n), torch.randn(n), torch.empty(n), torch.empty(n)
+    ctx = mp.get_context("fork")
+    go, stop = ctx.Event(), ctx.Event()
+    procs = [ctx.Process(target=_stream_peer, args=(mb, go, stop), daemon=True) for _ in range(peers)]
+    for p in procs:
+        p.start()
+    ratios, alone_times = [], []
+    try:
+        with _threads(threads):
+            def step():
+                torch.add(torch.mul(a, b, out=ab), a, out=out)
+            for _ in range(rounds):
+                go.clear()
+                time.sleep(0.02)
+                alone = _median_time(step, 7)
+                go.set()
+                time.sleep(0.02)
+                ratios.append(_median_time(step, 7) / alone)
+                alone_times.append(alone)
+    finally:
+        stop.set()
+        go.set()
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.terminate()
+    return 6 * n * 4 / statistics.median(alone_times) / max(1.0, statistics.median(ratios))
+
+
 def measure_socket(mb: float = 32.0) -> dict:
     """Loopback TCP bandwidth and round-trip latency: gloo's transport between processes here."""
     a, b = socket.socketpair()
@@ -267,6 +324,12 @@ def measured_rates(threads: int) -> tuple:
     return tuple({**measure_memory(threads), **measure_socket(), "share": measure_share()}.items())
 
 
+@lru_cache(maxsize=None)
+def corun_bandwidth(threads: int, peers: int) -> float:
+    """`measure_corun_bandwidth`, once per process per (threads, peers)."""
+    return measure_corun_bandwidth(threads, peers)
+
+
 @dataclass
 class CPUDevice:
     """This machine, as `ranks` processes of `threads` threads each sharing its cores (gloo runs)."""
@@ -285,6 +348,16 @@ class CPUDevice:
             self.cache = _ShapeCache(_cache_path())
         if not self.rates:
             self.rates = dict(measured_rates(self.threads))
+            if self.corun_peers:  # a rank of a run streams beside its peers: the bandwidth it gets then
+                self.rates["elementwise_bw_alone"] = self.rates["elementwise_bw"]
+                self.rates["elementwise_bw"] = corun_bandwidth(self.threads, self.corun_peers)
+
+    @property
+    def corun_peers(self) -> int:
+        """Other ranks of the run on a core at the same time as this one (the cores run at most
+        cores // threads ranks at once)."""
+        cores = os.cpu_count() or 1
+        return max(0, min(self.ranks, max(1, cores // self.threads)) - 1)
 
     @property
     def slowdown(self) -> float:
