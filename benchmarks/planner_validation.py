@@ -134,6 +134,11 @@ def main() -> int:
             ring = 2 * g["gloo_latency_s"] + int(size) / g["gloo_bw"]  # ring all-reduce at p = 2
             print(f"  {int(size):>8} B: send/recv {t * 1e6:.0f} us; all-reduce 2 ranks measured "
                   f"{g['all_reduce2'][size] * 1e6:.0f} us, ring formula {ring * 1e6:.0f} us")
+        print("collectives at 2 ranks (median), what the planner prices local runs with:")
+        for name, fit in g["collectives"].items():
+            times = ", ".join(f"{int(n) >> 20} MB {t * 1e3:.2f} ms" if int(n) >= 2 ** 20 else f"{n} B {t * 1e3:.2f} ms"
+                              for n, t in fit["times"].items())
+            print(f"  {name:15s} alpha {fit['alpha'] * 1e6:.0f} us, beta {fit['beta'] / 1e9:.2f} GB/s ({times})")
         return 0
     if args.cpu_time:
         for preset in ("debug", "tiny"):

@@ -13,6 +13,7 @@ import torch
 
 from moeforge.cli import main
 from moeforge.plan.against import compare
+from moeforge.plan.layout import Layout
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +118,32 @@ def test_the_corun_probe_measures_beside_real_peers_and_leaves_none_behind():
     bw = measure_corun_bandwidth(threads=1, peers=1, mb=1.0, rounds=2)
     assert 1e8 < bw < 1e12  # bytes per second, finite
     assert not mp.active_children()
+
+
+def test_local_collectives_are_priced_from_gloos_own_measured_collectives(monkeypatch):
+    """gloo's collectives cost 3-10x what a ring formula over its send/recv gives, so a local run of
+    several processes prices each collective from that collective's own alpha-beta (at two ranks, the
+    bytes term scaled to p ranks as a ring's share); pipeline sends and one-process devices keep the
+    link model."""
+    from moeforge.plan import device as dev
+    from moeforge.plan.ops import Op
+    from moeforge.plan.steptime import local_collective_time
+
+    rates = (("elementwise_bw", 16e9), ("dispatch_s", 1e-6), ("socket_bw", 1e9), ("socket_latency_s", 1e-5),
+             ("share", 1.0))
+    monkeypatch.setattr(dev, "measured_rates", lambda threads: rates)
+    monkeypatch.setattr(dev, "corun_bandwidth", lambda threads, peers: 11e9)
+    fits = {"all_reduce": {"alpha": 2e-4, "beta": 1e9}, "all_to_all": {"alpha": 1e-4, "beta": 2e9}}
+    monkeypatch.setattr(dev.CPUDevice, "gloo", lambda self: {"collectives": fits})
+    d = dev.CPUDevice(threads=1, ranks=4)
+    assert d.collective_seconds("all_reduce", 1e6, 2) == pytest.approx(2e-4 + 1e6 / 1e9)
+    assert d.collective_seconds("all_reduce", 1e6, 4) == pytest.approx(3 * 2e-4 + 1e6 * 1.5 / 1e9)
+    assert d.collective_seconds("reduce_scatter", 1e6, 2) is None  # not measured: the network model
+    lo = Layout(dp=4, ep=4)
+    a2a = Op("moe.ep.dispatch", "collective", "fwd", m=100, n=8, k=2, bytes=3200, collective="moe_a2a",
+             group="ep")
+    t, algo = local_collective_time(d, a2a, lo)
+    assert algo == "gloo (measured)" and t == pytest.approx(3 * 1e-4 + 6400 * 1.5 / 2e9)
+    assert local_collective_time(d, Op("pp.send", "collective", "fwd", bytes=1e6, collective="p2p",
+                                       group="pp"), Layout(pp=2)) is None
+    assert local_collective_time(dev.CPUDevice(threads=1, ranks=1), a2a, lo) is None

@@ -399,7 +399,17 @@ class CPUDevice:
         """gloo's measured alpha-beta between two processes here (gloo_link.py), cached on disk."""
         from .gloo_link import measure_gloo
 
-        return self.cache.get("gloo|2|median-beta", measure_gloo)
+        return self.cache.get("gloo|2|collectives", measure_gloo)
+
+    def collective_seconds(self, collective: str, nbytes: float, p: int) -> float | None:
+        """One gloo collective over `p` local ranks from its own measured alpha-beta at two ranks; the
+        bandwidth term scaled from 2 to p ranks as a ring's share of the bytes ((p-1)/p, 2(p-1)/p for an
+        all-reduce), alpha once per ring step (p - 1). None for what was not measured (p2p)."""
+        fit = self.gloo().get("collectives", {}).get(collective)
+        if fit is None or p <= 1:
+            return None if fit is None else 0.0
+        share = (lambda q: 2 * (q - 1) / q) if collective == "all_reduce" else (lambda q: (q - 1) / q)
+        return fit["alpha"] * (p - 1) + nbytes * share(p) / share(2) / fit["beta"]
 
     def wrapper(self, preset: str) -> dict:
         """FSDP2's host seconds per parameter tensor per step for a preset (wrapper_cost.py), cached on disk."""

@@ -8,7 +8,12 @@ the fastest of a dozen repetitions (the uncontended cost; contention with other 
 separately, as the CPU share the run got), alpha = the 8-byte time, beta = the median over the larger
 sizes of bytes / (time - alpha) (on a busy machine one size's dozen repetitions can all be slow).
 An all-reduce at two ranks is timed alongside, to check the ring formula the planner applies to it
-(`benchmarks/planner_validation.py --gloo` prints both). Cached with the GEMM timings (device.py).
+(`benchmarks/planner_validation.py --gloo` prints both). That check failed: gloo's collectives cost 3-10x
+what the ring formula gives from its send/recv (16 MB at two ranks: all-reduce 21.8 ms against 4.8,
+reduce-scatter 25.8 against 2.4, all-gather 18.4 against 2.4; they reduce and copy on the CPU). So the
+collectives are measured as components of their own too (`_time_collectives`, an alpha-beta per
+collective), and the planner prices a local run's collectives with them (`CPUDevice.collective_seconds`).
+Cached with the GEMM timings (device.py).
 """
 
 from __future__ import annotations
@@ -53,10 +58,54 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
                 dist.all_reduce(t)
                 ar.append(time.perf_counter() - t0)
             out[nbytes] = (min(p2p), min(ar))
+        out["collectives"] = _time_collectives(dist)
     finally:
         if rank == 0:
             queue.put(out)
         dist.destroy_process_group()
+
+
+COLLECTIVE_SIZES = (8, 1 << 20, 4 << 20, 16 << 20)
+COLLECTIVE_REPEATS = 8
+
+
+def _time_collectives(dist) -> dict:
+    """{collective: {bytes: median seconds}} at two ranks: bytes = the all-reduce's tensor, the
+    reduce-scatter's input, the all-gather's output, the all-to-all's per-rank payload (as the planner's
+    ops count them). The median, not the fastest: on this VM a gloo collective's repetitions spread
+    1.5x even on a quiet machine, and a step pays the typical one."""
+    import torch
+
+    # torch 2.13 renamed these (*_single); older torch has only the *_tensor names
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    out: dict = {}
+    for nbytes in COLLECTIVE_SIZES:
+        n = max(2, nbytes // 4) // 2 * 2
+        full, half, other = torch.zeros(n), torch.zeros(n // 2), torch.zeros(n)
+        calls = {"all_reduce": lambda: dist.all_reduce(full),
+                 "reduce_scatter": lambda: reduce_scatter(half, full),
+                 "all_gather": lambda: all_gather(full, half),
+                 "all_to_all": lambda: dist.all_to_all_single(other, full)}
+        for name, call in calls.items():
+            call()
+            times = []
+            for _ in range(COLLECTIVE_REPEATS):
+                dist.barrier()
+                t0 = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - t0)
+            times.sort()
+            out.setdefault(name, {})[str(nbytes)] = times[len(times) // 2]
+    return out
+
+
+def collective_fit(times: dict) -> dict:
+    """{bytes: s} of one collective -> {'alpha': the 8-byte time, 'beta': median of bytes / (t - alpha)}."""
+    sizes = sorted(int(k) for k in times)
+    alpha = times[str(sizes[0])]
+    rates = sorted(n / max(times[str(n)] - alpha, 1e-9) for n in sizes[1:])
+    return {"alpha": alpha, "beta": rates[len(rates) // 2]}
 
 
 def measure_gloo(timeout: float = 180.0) -> dict:
@@ -76,8 +125,10 @@ def measure_gloo(timeout: float = 180.0) -> dict:
             p.join(timeout=30)
             if p.is_alive():
                 p.terminate()
+    collectives = res.pop("collectives")
     small = res[SIZES[0]][0]
     rates = sorted(n / max(res[n][0] - small, 1e-9) for n in SIZES[1:])
     bw = rates[len(rates) // 2]  # the median size's: one slow repetition set on a busy machine moves it least
     return {"gloo_latency_s": small, "gloo_bw": bw, "p2p": {str(k): v[0] for k, v in res.items()},
-            "all_reduce2": {str(k): v[1] for k, v in res.items()}}
+            "all_reduce2": {str(k): v[1] for k, v in res.items()},
+            "collectives": {name: {"times": t, **collective_fit(t)} for name, t in collectives.items()}}

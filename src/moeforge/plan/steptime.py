@@ -109,6 +109,20 @@ def collective_time(op: Op, topo: net.Topology, lo: Layout, settings: TrainSetti
     return c.time, c.algorithm
 
 
+def local_collective_time(device, op: Op, lo: Layout) -> tuple[float, str] | None:
+    """A collective priced by the device's own measurement of it (this CPU's gloo, gloo_link.py), or None
+    where the device has none (GPUs: the alpha-beta network model; pipeline sends)."""
+    measure = getattr(device, "collective_seconds", None)
+    if measure is None or getattr(device, "ranks", 1) <= 1 or op.collective == "p2p":
+        return None  # no local run of several processes to measure for
+    p, _ = STRIDES[op.group](lo)
+    if op.collective == "moe_a2a":  # each token's row to each of its k experts (network.moe_all_to_all)
+        t = measure("all_to_all", op.bytes * op.k, p)
+    else:
+        t = measure(op.collective, op.bytes, p)
+    return None if t is None else (t, "gloo (measured)")
+
+
 _PRICED: dict = {}
 
 
@@ -194,7 +208,7 @@ def _stage_step_time(model, hw, topo, layout, settings, device, stage: int) -> S
         for kind, (t_mb, t_step) in b_kinds.items():
             kinds[kind] = kinds.get(kind, 0.0) + m * t_mb + t_step
         for op in collectives:
-            t, algo = collective_time(op, topo, lo, s)
+            t, algo = local_collective_time(device, op, lo) or collective_time(op, topo, lo, s)
             t *= op.count * getattr(device, "comm_slowdown", 1.0)
             algos[op.group] = algo
             if op.phase == "step":
