@@ -224,13 +224,21 @@ def measure_memory(threads: int, mb: float = 8.0, repeats: int = 15) -> dict:
     step's predicted memory-bound time at 1.8 s instead of about 0.3 s."""
     import torch
 
-    n = int(mb * 2 ** 20 / 4)
-    a, b, ab, out = torch.randn(n), torch.randn(n), torch.empty(n), torch.empty(n)
+    step, nbytes = _stream_pass(mb)
     with _threads(threads):
-        t = _median_time(lambda: torch.add(torch.mul(a, b, out=ab), a, out=out), repeats)  # 3 + 3 passes
+        t = _median_time(step, repeats)
         tiny = torch.ones(8)
         overhead = _median_time(lambda: [tiny + 1 for _ in range(200)], repeats) / 200
-    return {"elementwise_bw": 6 * n * 4 / max(t - 2 * overhead, 1e-9), "dispatch_s": overhead}
+    return {"elementwise_bw": nbytes / max(t - 2 * overhead, 1e-9), "dispatch_s": overhead}
+
+
+def _stream_pass(mb: float):
+    """(x * y, then + x, into outputs allocated once, over mb-MB tensors; the bytes it moves: 3 + 3 passes)."""
+    import torch
+
+    n = int(mb * 2 ** 20 / 4)
+    a, b, ab, out = torch.randn(n), torch.randn(n), torch.empty(n), torch.empty(n)
+    return (lambda: torch.add(torch.mul(a, b, out=ab), a, out=out)), 6 * n * 4
 
 
 def _stream_peer(mb: float, go, stop) -> None:
@@ -239,11 +247,10 @@ def _stream_peer(mb: float, go, stop) -> None:
     import torch
 
     torch.set_num_threads(1)
-    n = int(mb * 2 ** 20 / 4)
-    a, b, ab, out = torch.randn(n), torch.randn(n), torch.empty(n), torch.empty(n)
+    step, _ = _stream_pass(mb)
     while not stop.is_set():
         if go.wait(0.01):
-            torch.add(torch.mul(a, b, out=ab), a, out=out)
+            step()
 
 
 def measure_corun_bandwidth(threads: int, peers: int, mb: float = 8.0, rounds: int = 8) -> float:
@@ -258,10 +265,7 @@ def measure_corun_bandwidth(threads: int, peers: int, mb: float = 8.0, rounds: i
     import multiprocessing as mp
     import statistics
 
-    import torch
-
-    n = int(mb * 2 ** 20 / 4)
-    a, b, ab, out = torch.randn(n), torch.randn(n), torch.empty(n), torch.empty(n)
+    step, nbytes = _stream_pass(mb)
     ctx = mp.get_context("fork")
     go, stop = ctx.Event(), ctx.Event()
     procs = [ctx.Process(target=_stream_peer, args=(mb, go, stop), daemon=True) for _ in range(peers)]
@@ -270,8 +274,6 @@ def measure_corun_bandwidth(threads: int, peers: int, mb: float = 8.0, rounds: i
     ratios, alone_times = [], []
     try:
         with _threads(threads):
-            def step():
-                torch.add(torch.mul(a, b, out=ab), a, out=out)
             for _ in range(rounds):
                 go.clear()
                 time.sleep(0.02)
@@ -287,7 +289,7 @@ def measure_corun_bandwidth(threads: int, peers: int, mb: float = 8.0, rounds: i
             p.join(5)
             if p.is_alive():
                 p.terminate()
-    return 6 * n * 4 / statistics.median(alone_times) / max(1.0, statistics.median(ratios))
+    return nbytes / statistics.median(alone_times) / max(1.0, statistics.median(ratios))
 
 
 def measure_socket(mb: float = 32.0) -> dict:
@@ -406,8 +408,10 @@ class CPUDevice:
         bandwidth term scaled from 2 to p ranks as a ring's share of the bytes ((p-1)/p, 2(p-1)/p for an
         all-reduce), alpha once per ring step (p - 1). None for what was not measured (p2p)."""
         fit = self.gloo().get("collectives", {}).get(collective)
-        if fit is None or p <= 1:
-            return None if fit is None else 0.0
+        if fit is None:
+            return None
+        if p <= 1:
+            return 0.0
         share = (lambda q: 2 * (q - 1) / q) if collective == "all_reduce" else (lambda q: (q - 1) / q)
         return fit["alpha"] * (p - 1) + nbytes * share(p) / share(2) / fit["beta"]
 

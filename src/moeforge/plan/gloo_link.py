@@ -109,7 +109,8 @@ def collective_fit(times: dict) -> dict:
 
 
 def measure_gloo(timeout: float = 180.0) -> dict:
-    """{'gloo_latency_s', 'gloo_bw', 'p2p': {bytes: s}, 'all_reduce2': {bytes: s}} from two gloo processes."""
+    """{'gloo_latency_s', 'gloo_bw', 'p2p': {bytes: s}, 'all_reduce2': {bytes: s}, 'collectives': {name:
+    {'times': {bytes: s}, 'alpha', 'beta'}}} from two gloo processes."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")

@@ -58,18 +58,23 @@ def rank_pieces(layout: Layout, stage: int) -> tuple[int, tuple[int, ...], float
     way). DualPipeV (moeforge's `--pp-schedule dualpipev`, the "cut-in-half" V of DeepSeek's DualPipe
     repository): 2PP pieces; the rank holds `stage` and 2PP-1-`stage` (one copy), and every
     micro-batch runs down through the first and back up through the second."""
-    pp = layout.pp
+    n = n_pieces(layout)
     if layout.schedule == "dualpipe":
-        pieces = (stage, pp - 1 - stage) if pp - 1 - stage != stage else (stage,)
-        return pp, pieces, 1.0 / len(pieces)
+        pieces = (stage, n - 1 - stage) if n - 1 - stage != stage else (stage,)
+        return n, pieces, 1.0 / len(pieces)
     if layout.schedule == "dualpipev":
-        return 2 * pp, (stage, 2 * pp - 1 - stage), 1.0
-    return pp, (stage,), 1.0
+        return n, (stage, n - 1 - stage), 1.0
+    return n, (stage,), 1.0
+
+
+def n_pieces(layout: Layout) -> int:
+    """The pieces `rank_pieces` cuts the layers into."""
+    return 2 * layout.pp if layout.schedule == "dualpipev" else layout.pp
 
 
 def piece_rank(layout: Layout, piece: int) -> int:
     """The pipeline position that holds `piece` of `rank_pieces`' cut (DualPipe: the lower of its two)."""
-    n = rank_pieces(layout, 0)[0]
+    n = n_pieces(layout)
     return min(piece, n - 1 - piece) if layout.schedule in ("dualpipe", "dualpipev") else piece
 
 

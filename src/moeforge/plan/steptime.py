@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from . import network as net
 from .catalog import Hardware
 from .layout import DUAL, Layout, TrainSettings, micro_batches
-from .memory import Memory, memory_per_rank, piece_rank, rank_pieces, stage_layers
+from .memory import Memory, memory_per_rank, n_pieces, piece_rank, rank_pieces, stage_layers
 from .models import ModelShape
 from .ops import Op, rank_layers, step_blocks
 
@@ -78,11 +78,10 @@ def bubble_time(layout: Layout, t_mb: float) -> float:
         # The DualPipe README: (PP/2 - 1)(F&B + B - 3W), PP the pieces the layers are cut into and F, B, W
         # one piece's. A DualPipe rank runs one of its two stages per micro-batch (t_mb is one stage's
         # F+B); a DualPipeV rank runs both of its pieces (2 PP of them), so a piece is half of t_mb.
-        n_pieces = rank_pieces(layout, 0)[0]
-        piece = t_mb if layout.schedule == "dualpipe" else t_mb / 2
-        base = piece * (3 / 4 if layout.recompute == "full" else 1.0)  # F+B without the recompute
+        piece_fb = t_mb if layout.schedule == "dualpipe" else t_mb / 2
+        base = piece_fb * (3 / 4 if layout.recompute == "full" else 1.0)  # F+B without the recompute
         f, b, w = base / 3, 2 * base / 3, base / 3
-        return (n_pieces / 2 - 1) * ((f + b) + b - 3 * w)
+        return (n_pieces(layout) / 2 - 1) * ((f + b) + b - 3 * w)
     if layout.schedule == "interleaved-1f1b":
         return (pp - 1) * t_mb / layout.virtual_stages
     return (pp - 1) * t_mb
@@ -171,15 +170,15 @@ def candidate_stages(model: ModelShape, lo: Layout) -> list[int]:
     """Pipeline positions that can be the slowest: those holding the first piece (embedding) and the last
     (head, loss, MTP), and the first with the most layers and with the most MoE layers (the pipeline runs
     at its slowest rank)."""
-    n_pieces = rank_pieces(lo, 0)[0]
-    ranges = stage_layers(model.num_layers, n_pieces)
+    pieces = n_pieces(lo)
+    ranges = stage_layers(model.num_layers, pieces)
 
     def moe_layers(stage: int) -> int:
         return sum(1 for p in rank_pieces(lo, stage)[1] for j in ranges[p] if j >= model.dense_layers)
 
     most = max(range(lo.pp), key=lambda i: rank_layers(model, lo, i))
     most_moe = max(range(lo.pp), key=lambda i: (moe_layers(i), -i))
-    stages = {0, piece_rank(lo, n_pieces - 1), most, most_moe}
+    stages = {0, piece_rank(lo, pieces - 1), most, most_moe}
     if lo.schedule == "dualpipe":  # positions s and PP-1-s hold the same two stages
         stages = {min(x, lo.pp - 1 - x) for x in stages}
     return sorted(stages)
