@@ -45,6 +45,9 @@ class Hardware:
     nvlink_efficiency: float = 0.8  # achieved/peak: H800 ~160 of 200 GB/s one way (Insights, Sec. 4)
     nic_efficiency: float = 0.8  # ~40 of 50 GB/s per 400 Gb/s IB NIC (Insights, Sec. 4)
     mxfp8: bool = False  # OCP microscaling FP8 in the tensor cores (Blackwell), at the FP8 rate
+    # streaming multiprocessors (vendor whitepapers); 0 = unknown: SM-driven communication kernels then
+    # cost the overlapped compute nothing (steptime.py: `comm_sm_time`)
+    sm_count: int = 0
     note: str = ""
 
     @property
@@ -83,13 +86,16 @@ class Hardware:
         return self.nics_per_node * self.nic_gbits / 8 * 1e9 / self.gpus_per_node
 
 
-_HOPPER = dict(bf16_tflops=989.4, fp8_tflops=1978.9)  # H100 SXM datasheet, dense (half the sparse figure)
+# H100 SXM datasheet, dense (half the sparse figure); 132 SMs (NVIDIA H100 Tensor Core GPU Architecture
+# whitepaper, SXM5; H800 and H200 share the die and its SM count: the V3 report, Sec. 3.5.1, "132 SMs")
+_HOPPER = dict(bf16_tflops=989.4, fp8_tflops=1978.9, sm_count=132)
 
 CATALOG: dict[str, Hardware] = {h.name: h for h in [
     # NVIDIA A100 datasheet (SXM4 80GB): 312 TFLOPS BF16 dense, no FP8, 2,039 GB/s, NVLink3 600 GB/s
-    # bidirectional; DGX A100: 8 GPUs, 8x 200 Gb/s HDR ConnectX-6 compute NICs; PCIe Gen4 x16 ~32 GB/s.
-    Hardware("a100", bf16_tflops=312, fp8_tflops=0, hbm_gb=80, hbm_tbps=2.039, nvlink_gbps=300, gpus_per_node=8,
-             nics_per_node=8, nic_gbits=200, pcie_gbps=32, note="A100 SXM4 80GB, DGX A100 node"),
+    # bidirectional; DGX A100: 8 GPUs, 8x 200 Gb/s HDR ConnectX-6 compute NICs; PCIe Gen4 x16 ~32 GB/s;
+    # 108 SMs (NVIDIA A100 Tensor Core GPU Architecture whitepaper).
+    Hardware("a100", bf16_tflops=312, fp8_tflops=0, sm_count=108, hbm_gb=80, hbm_tbps=2.039, nvlink_gbps=300,
+             gpus_per_node=8, nics_per_node=8, nic_gbits=200, pcie_gbps=32, note="A100 SXM4 80GB, DGX A100 node"),
     # NVIDIA H100 datasheet (SXM5): 989 TFLOPS BF16 / 1,979 FP8 dense, 80 GB HBM3 at 3.35 TB/s, NVLink4
     # 900 GB/s bidirectional; DGX H100: 8x 400 Gb/s ConnectX-7; PCIe Gen5 x16 ~64 GB/s.
     Hardware("h100", **_HOPPER, hbm_gb=80, hbm_tbps=3.35, nvlink_gbps=450, gpus_per_node=8, nics_per_node=8,
@@ -108,14 +114,15 @@ CATALOG: dict[str, Hardware] = {h.name: h for h in [
              nic_gbits=400, pcie_gbps=64, note="H200 SXM, DGX H200 node"),
     # NVIDIA DGX B200 datasheet: 72 PFLOPS FP8 training (sparse) for 8 GPUs -> 4.5 PF FP8 / 2.25 PF BF16
     # dense per GPU, 1,440 GB HBM3e total (180 GB/GPU) at 64 TB/s (8 TB/s/GPU), NVLink5 1.8 TB/s
-    # bidirectional, 8x 400 Gb/s ConnectX-7; PCIe Gen5.
-    Hardware("b200", bf16_tflops=2250, fp8_tflops=4500, hbm_gb=180, hbm_tbps=8.0, nvlink_gbps=900,
+    # bidirectional, 8x 400 Gb/s ConnectX-7; PCIe Gen5. 148 SMs enabled (the device's multiprocessor count;
+    # GB200's GPUs are the same B200).
+    Hardware("b200", bf16_tflops=2250, fp8_tflops=4500, sm_count=148, hbm_gb=180, hbm_tbps=8.0, nvlink_gbps=900,
              gpus_per_node=8, nics_per_node=8, nic_gbits=400, pcie_gbps=64, mxfp8=True, note="B200, DGX B200 node"),
     # NVIDIA GB200 NVL72 datasheet: 72 GPUs in one NVLink domain; 360 PF BF16 / 720 PF FP8 (sparse) ->
     # 2.5 PF BF16 / 5 PF FP8 dense per GPU; 13.4 TB HBM3e (186 GB/GPU) at 576 TB/s (8 TB/s/GPU); NVLink5
     # 1.8 TB/s bidirectional = 900 GB/s per direction (the figure the Insights paper uses, Sec. 2.3.2);
     # one 400 Gb/s ConnectX-7 per GPU for scale-out; Grace-Blackwell NVLink-C2C instead of PCIe (450 GB/s).
-    Hardware("gb200-nvl72", bf16_tflops=2500, fp8_tflops=5000, hbm_gb=186, hbm_tbps=8.0, nvlink_gbps=900,
+    Hardware("gb200-nvl72", bf16_tflops=2500, fp8_tflops=5000, sm_count=148, hbm_gb=186, hbm_tbps=8.0, nvlink_gbps=900,
              gpus_per_node=72, nics_per_node=72, nic_gbits=400, pcie_gbps=450, mxfp8=True, note="GB200 NVL72 rack"),
 ]}
 

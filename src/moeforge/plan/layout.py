@@ -86,6 +86,11 @@ class TrainSettings:
     # Routed-expert rows on the priced rank over the mean rank's (1 = balanced experts; `plan --against`
     # measures it from the run's logged expert_counts: a short run's routing is far from balanced)
     expert_load: float = 1.0
+    # SMs the EP dispatch/combine kernels take from the computation they overlap: DeepSeek-V3's all-to-all
+    # kernels run on 20 of the H800's 132 SMs, "which limits computational throughput" (V3 report, Sec.
+    # 3.2.2 and 3.5.1). 0 = communication offloaded from the SMs (the copy engines, or the hook-based
+    # overlap of DeepEP's low-latency kernels).
+    ep_comm_sms: int = 20
 
     def validate(self) -> "TrainSettings":
         if self.seq_len < 1 or self.global_batch < 1:
@@ -98,6 +103,8 @@ class TrainSettings:
             raise ConfigError("memory_headroom must be in (0, 1]")
         if self.expert_load <= 0:
             raise ConfigError(f"expert_load must be > 0, got {self.expert_load}")
+        if self.ep_comm_sms < 0:
+            raise ConfigError(f"ep_comm_sms must be >= 0, got {self.ep_comm_sms}")
         return self
 
 

@@ -16,6 +16,9 @@ communication the schedule cannot hide.
   micro-batch's backward (bucketed) and the bubble; ZeRO-3 gathers are prefetched behind compute. On a
   device that cannot compute while communicating (this CPU: gloo and the kernels share the cores)
   nothing hides. `overlap=x` instead hides a fraction x of EP/PP/DP traffic, bounded by the compute.
+* Hidden is not free: the EP all-to-all kernels run on SMs (`TrainSettings.ep_comm_sms` of
+  `Hardware.sm_count`: 20 of 132 in DeepSeek-V3), so the computation they overlap runs on the rest.
+  Work W overlapped by traffic C takes C + (W - C(1 - f)) = W + fC with f the SM fraction: `comm_sm`.
 MFU = model FLOPs (no recomputation) per second / (GPUs x dense BF16 peak), the usual convention; FP8
 runs can therefore pass 50%.
 """
@@ -52,6 +55,7 @@ class StepTime:
     by_kind: dict = field(default_factory=dict)  # compute seconds per step by op kind (gemm, attention, memory)
     t_microbatch: float = 0.0  # forward + backward of one micro-batch on the fullest stage
     cp_comm: float = 0.0  # context parallelism's compressed-KV all-gathers (and backward reduce-scatters)
+    comm_sm: float = 0.0  # compute slowed while the hidden EP all-to-all holds its SMs (module docstring)
 
     def parts(self) -> dict[str, float]:
         """Where the time goes; sums to `total`. Exposed EP/PP time is split by their shares."""
@@ -61,7 +65,8 @@ class StepTime:
                 "EP all-to-all (exposed)": self.exposed_ep_pp * ep_share,
                 "PP send/recv (exposed)": self.exposed_ep_pp * (1 - ep_share),
                 "DP gradient sync (exposed)": self.exposed_dp,
-                **({"CP KV all-gather": self.cp_comm} if self.cp_comm else {})}
+                **({"CP KV all-gather": self.cp_comm} if self.cp_comm else {}),
+                **({"EP kernels' SMs (hidden all-to-all)": self.comm_sm} if self.comm_sm else {})}
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -232,26 +237,32 @@ def _stage_step_time(model, hw, topo, layout, settings, device, stage: int) -> S
     tp_comm = m * tp_mb
     ep_comm, pp_comm = m * ep_mb, m * pp_mb
     overlaps = getattr(device, "can_overlap", True)
+    hidden_ep = 0.0
     if not overlaps and s.overlap is None:
         exposed_ep_pp = ep_comm + pp_comm
         exposed_dp = dp_comm + m * zero3_mb
     else:
         if lo.schedule in DUAL:  # forward and backward chunks of two micro-batches overlap each other's comm
             exposed_ep_pp = _hidden(ep_comm + pp_comm, m * t_mb, s.overlap, True)
+            if ep_comm + pp_comm:
+                hidden_ep = (ep_comm + pp_comm - exposed_ep_pp) * ep_comm / (ep_comm + pp_comm)
         else:  # the EP all-to-all is on the critical path except behind the shared experts; PP sends are async
             if s.overlap is None:
                 exposed_ep = ep_comm - m * min(dispatch_mb, shared_fwd)
             else:
                 exposed_ep = _hidden(ep_comm, m * t_mb, s.overlap, True)
+            hidden_ep = ep_comm - exposed_ep
             exposed_ep_pp = exposed_ep + _hidden(pp_comm, m * t_mb, s.overlap, True)
         window = bubble + bwd  # the last micro-batch's backward and the bubble
         exposed_dp = _hidden(dp_comm, window, s.overlap, True) + _hidden(m * zero3_mb, m * t_mb, s.overlap, True)
+    sms = getattr(hw, "sm_count", 0)
+    comm_sm = hidden_ep * min(s.ep_comm_sms, sms) / sms if sms else 0.0
     cp_comm = m * cp_mb
-    total = compute + bubble + tp_comm + exposed_ep_pp + exposed_dp + cp_comm
+    total = compute + bubble + tp_comm + exposed_ep_pp + exposed_dp + cp_comm + comm_sm
 
     flops = model.train_flops_per_token(s.seq_len)
     tokens = s.global_batch * s.seq_len
     mfu = flops * tokens / total / (lo.gpus * hw.peak_flops)
     return StepTime(compute, bubble, tp_comm, ep_comm, pp_comm, dp_comm + m * zero3_mb, exposed_ep_pp, exposed_dp,
                     total, tokens / total, mfu, flops, memory_per_rank(model, lo, s), algos,
-                    optimizer=opt, by_kind=kinds, t_microbatch=t_mb, cp_comm=cp_comm)
+                    optimizer=opt, by_kind=kinds, t_microbatch=t_mb, cp_comm=cp_comm, comm_sm=comm_sm)
