@@ -57,8 +57,10 @@ def version() -> str:
     return v("torchtitan")
 
 
-def build(config) -> nn.Module:
-    """A torchtitan `DeepSeekV3Model` with the shapes, routing and norms of moeforge `config` (fp32)."""
+def build(config, float8: bool = False) -> nn.Module:
+    """A torchtitan `DeepSeekV3Model` with the shapes, routing and norms of moeforge `config` (fp32).
+    `float8`: its linears swapped for torchao's Float8Linear by torchtitan's own `Float8LinearConverter`
+    (see `float8_converter`) before the model is built, as a torchtitan FP8 run does."""
     dsv3 = import_torchtitan()
     from torchtitan.models.common.attention import ScaledDotProductAttention
     from torchtitan.models.common.rope import ComplexRoPE
@@ -84,6 +86,8 @@ def build(config) -> nn.Module:
         vocab_size=V, dim=D, tok_embeddings=dsv3.Embedding.Config(num_embeddings=V, embedding_dim=D),
         norm=dsv3.RMSNorm.Config(normalized_shape=D), layers=layers,
         lm_head=dsv3.Linear.Config(in_features=D, out_features=V), mtp_layers=[])
+    if float8:
+        model_cfg = float8_converter().convert(model_cfg)
     model = model_cfg.build()
     model.init_states(buffer_device=torch.device("cpu"))
     # torchtitan's RMSNorm eps defaults to 1e-5; the config's rms_norm_eps, and 1e-6 for MLA's latent norms
@@ -92,6 +96,27 @@ def build(config) -> nn.Module:
         if isinstance(m, nn.RMSNorm):
             m.eps = 1e-6 if name.endswith(("q_norm", "kv_norm")) else c.rms_norm_eps
     return model
+
+
+def float8_status() -> str:
+    """'' if torchtitan's FP8 training can run here; else why not."""
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError as e:
+        return f"torchao not importable ({e}); pip install --no-deps torchao"
+    return ""
+
+
+def float8_converter():
+    """torchtitan's FP8 linear converter as it runs without an SM89+ GPU: `emulate=True` (torchao's
+    tensor-wise scaled FP8 with the matmul emulated; torchtitan's documented path for older hardware,
+    eager only) and `filter_fqns=["lm_head", "router.gate"]` (what torchtitan's `deepseek_v3_671b_float8`
+    config sets: head and router stay high precision). Routed experts are not converted: torchtitan's Float8 MoE converter needs an SM89+ GPU,
+    and its experts compute in bf16 anyway."""
+    import_torchtitan()
+    from torchtitan.components.quantization.float8 import Float8LinearConverter
+
+    return Float8LinearConverter(Float8LinearConverter.Config(emulate=True, filter_fqns=["lm_head", "router.gate"]))
 
 
 def copy_weights(theirs: nn.Module, ours: nn.Module) -> None:

@@ -8,7 +8,9 @@ it is imported without its GPU-only dependencies), get the same batch, the same 
 (next-token cross-entropy over T-1 positions, `labels=input_ids` for both), the same AdamW settings and
 the same precision treatment: fp32; bf16 autocast over fp32 master weights ("bf16"); or pure bf16, the
 weights and optimizer state themselves in bf16 and no autocast ("bf16-pure": both loaded with
-`from_pretrained(..., dtype=torch.bfloat16)`, which keeps both libraries' routers in fp32). One timed
+`from_pretrained(..., dtype=torch.bfloat16)`, which keeps both libraries' routers in fp32); or "fp8": bf16
+autocast with each library's FP8 training GEMMs (moeforge's 1x128 / 128x128 recipe, torchtitan's torchao
+Float8Linear; transformers has none, so its bf16 step is the row's base: see PRECISIONS). One timed
 step = zero_grad + forward + backward + optimizer step. After warmup the variants run interleaved (A, B,
 A, B, ...) so that a noisy, shared machine slows them alike; each variant reports its median step.
 
@@ -18,6 +20,7 @@ causal attention) and is shown as a fraction of a dense matmul peak measured in 
 
     python benchmarks/train_throughput.py                       # fp32 (+ bf16, bf16-pure on bf16 hardware)
     python benchmarks/train_throughput.py --dtype fp32,bf16,bf16-pure --peers transformers
+    python benchmarks/train_throughput.py --dtype fp32,bf16,bf16-pure,fp8   # all four (torchao for torchtitan's fp8)
     python benchmarks/train_throughput.py --expert-impl grouped_mm --attn-impl eager   # fastest on a 2-core CPU
     python benchmarks/train_throughput.py --dtype bf16 --expert-impl bmm,grouped_mm,loop --attn-impl sdpa,eager
     python benchmarks/train_throughput.py --compile             # torch.compile the moeforge model
@@ -53,7 +56,13 @@ except ImportError:  # a moeforge from before MLA.attn_impl (to benchmark an old
 
 # precision name -> (weight dtype, autocast dtype or None)
 PRECISIONS = {"fp32": (torch.float32, None), "bf16": (torch.float32, torch.bfloat16),
-              "bf16-pure": (torch.bfloat16, None)}
+              "bf16-pure": (torch.bfloat16, None), "fp8": (torch.float32, torch.bfloat16)}
+# fp8: bf16 autocast over fp32 master weights with FP8 GEMMs where each library has them. moeforge: its
+# --precision fp8 (`apply_fp8`: 1x128 activation tiles x 128x128 weight blocks, on the GEMM path
+# `moeforge.hardware` probes: emulated on a CPU). torchtitan: its own Float8LinearConverter (torchao,
+# tensor-wise, emulated without an SM89+ GPU; routed experts stay bf16). transformers has no FP8 training
+# (its FineGrainedFP8 quantizer loads FP8 checkpoints for inference, on a GPU), so its fp8 row is its bf16
+# autocast step: the base the other fp8 rows are compared with.
 
 
 def hf_config(args):
@@ -95,6 +104,27 @@ def build_models(args, weight_dtypes) -> dict:
                 titan.train()
             models[dtype] = (theirs, ours, titan)
     return models
+
+
+def fp8_models(args, hf, ours, titan_note: str) -> tuple:
+    """The fp8 row's models: transformers as is (bf16 autocast), a copy of the moeforge model with its FP8
+    modules swapped in, torchtitan built with its float8 converter (None, with the reason in `notes`)."""
+    import copy
+
+    from moeforge import hardware
+    from moeforge.precision import apply_fp8
+
+    ours8 = copy.deepcopy(ours)
+    backend = hardware.probe("cpu").fp8_gemm
+    apply_fp8(ours8, "fp8", backend=backend)
+    titan8, note = None, ""
+    if "torchtitan" in args.peers:
+        note = torchtitan_peer.float8_status()
+        if not note:
+            titan8 = torchtitan_peer.build(ours.config, float8=True)
+            torchtitan_peer.copy_weights(titan8, ours)
+            titan8.train()
+    return (hf, ours8, titan8), backend, note
 
 
 def torchtitan_status(args) -> str:
@@ -169,12 +199,20 @@ def make_step(model, forward, kind: str, ids, amp_dtype, lr: float, adamw: str =
     return step
 
 
-def matmul_peak_step(dtype: torch.dtype, n: int):
+def matmul_peak_step(dtype: torch.dtype, n: int, fp8: bool = False):
+    """An n^3 matmul in `dtype`; `fp8`: torch._scaled_mm of e4m3 operands with row-wise scales (the FP8
+    matmul peak of the device: tensor cores on a GPU; on a CPU, torch dequantises and runs an fp32 GEMM)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    if fp8:
+        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()
+        sa, sb = torch.ones(n, 1), torch.ones(1, n)
 
     def step():
         t0 = time.perf_counter()
-        a @ b
+        if fp8:
+            torch._scaled_mm(a8, b8, sa, sb, out_dtype=torch.bfloat16)
+        else:
+            a @ b
         return time.perf_counter() - t0, None
 
     return step
@@ -212,14 +250,17 @@ def run_dtype(dtype_name: str, hf, ours, titan, ids, args) -> tuple[list[Variant
     if args.compile:  # a fresh compile per dtype (a recompile for the new autocast state could go dynamic)
         torch._dynamo.reset()
     ours_fwd = torch.compile(ours) if args.compile else ours
-    variants = [Variant("transformers", hf, make_step(hf, hf, "hf", ids, amp, args.lr, args.adamw))]
+    fp8 = dtype_name == "fp8"
+    variants = [Variant("transformers" + (" (bf16: no FP8 training)" if fp8 else ""), hf,
+                        make_step(hf, hf, "hf", ids, amp, args.lr, args.adamw))]
     if titan is not None:
-        variants.append(Variant("torchtitan", titan, make_step(titan, titan, "torchtitan", ids, amp, args.lr,
-                                                               args.adamw)))
+        variants.append(Variant("torchtitan" + (" float8 emulated" if fp8 else ""), titan,
+                                make_step(titan, titan, "torchtitan", ids, amp, args.lr, args.adamw)))
     expert0, attn0 = current_impls(ours)
     for expert in args.expert_impl or [expert0]:
         for attn in args.attn_impl or [attn0]:
-            label = f"moeforge {expert}/{attn}" + (" +compile" if args.compile else "")
+            label = f"moeforge {expert}/{attn}" + (" +compile" if args.compile else "") + \
+                (f" fp8 {args.fp8_backend}" if fp8 else "")
             step = make_step(ours, ours_fwd, "ours", ids, amp, args.lr, args.adamw)
 
             def run(expert=expert, attn=attn, step=step):
@@ -228,7 +269,7 @@ def run_dtype(dtype_name: str, hf, ours, titan, ids, args) -> tuple[list[Variant
                 return step()
 
             variants.append(Variant(label, ours, run))
-    peak = matmul_peak_step(amp or weights, args.peak_n)
+    peak = matmul_peak_step(amp or weights, args.peak_n, fp8=fp8)
 
     for v in variants:
         for i in range(args.warmup):
@@ -276,7 +317,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto",
                    help="comma list of fp32, bf16 (autocast over fp32 master weights), bf16-pure (weights and "
                         "optimizer state in bf16, no autocast); auto: fp32, plus bf16 and bf16-pure where bf16 "
-                        "matmuls are fast here (moeforge.hardware; emulated bf16 is 30-55x slower than fp32)")
+                        "matmuls are fast here (moeforge.hardware; emulated bf16 is 30-55x slower than fp32); "
+                        "fp8: bf16 autocast + each library's FP8 training GEMMs (see PRECISIONS)")
     p.add_argument("--peers", default="transformers,torchtitan",
                    help="comma list: transformers (always timed: the 'vs HF' base) and torchtitan (skipped "
                         "with a message when it is not installed)")
@@ -357,6 +399,9 @@ def main(argv=None) -> int:
     hf, ours, titan = next(iter(models.values()))
     config = ours.config
     impl_source = [apply_device_defaults(m) for _, m, _ in models.values()][0]  # the same kernels for each
+    fp8_note = ""
+    if "fp8" in args.dtypes:
+        models["fp8"], args.fp8_backend, fp8_note = fp8_models(args, *models[torch.float32])
     tokens = args.batch * args.seq
     fpt, fsource = flops_per_token(config, args.seq)
     step_flops = fpt * tokens
@@ -369,6 +414,11 @@ def main(argv=None) -> int:
               f"dispatch, bf16 routed-expert GEMMs (its own choice, any dtype); {logits_check(ours, titan, ids)}")
     elif titan_note:
         print(titan_note)
+    if "fp8" in args.dtypes:
+        print(f"fp8: moeforge --precision fp8 (1x128 x 128x128 scaling) on the {args.fp8_backend} GEMM path; "
+              + (f"torchtitan float8 skipped: {fp8_note}" if fp8_note else
+                 "torchtitan Float8LinearConverter(emulate=True), routed experts bf16" if titan is not None else
+                 "no torchtitan column") + "; transformers: its bf16 step (it has no FP8 training)")
     print(f"config: hidden {config.hidden_size}, {config.num_hidden_layers} layers ({config.first_k_dense_replace} dense, "
           f"intermediate {config.intermediate_size}), {config.n_routed_experts} experts top-{config.num_experts_per_tok} "
           f"+ {config.n_shared_experts} shared (F {config.moe_intermediate_size}), {config.num_attention_heads} heads, "
@@ -384,11 +434,12 @@ def main(argv=None) -> int:
                                                       f"; defaults from {impl_source}"))
 
     head = ("dtype", "model", "step ms", "min ms", "tokens/s", "vs HF", "TFLOP/s", "% peak", "peak TF/s", "loss@1")
-    fmt = "{:<9} {:<36} {:>8} {:>8} {:>9} {:>6} {:>8} {:>7} {:>9} {:>8}"
+    fmt = "{:<9} {:<40} {:>8} {:>8} {:>9} {:>6} {:>8} {:>7} {:>9} {:>8}"
     print()
     print(fmt.format(*head), flush=True)
     for dtype_name in args.dtypes:  # each precision's rows as soon as they are measured
-        variants, peak_times = run_dtype(dtype_name, *models[PRECISIONS[dtype_name][0]], ids, args)
+        key = dtype_name if dtype_name in models else PRECISIONS[dtype_name][0]
+        variants, peak_times = run_dtype(dtype_name, *models[key], ids, args)
         peak = 2 * args.peak_n ** 3 / statistics.median(peak_times)
         base = statistics.median(variants[0].times)
         for v in variants:
@@ -397,8 +448,8 @@ def main(argv=None) -> int:
                              f"{tokens / med:.0f}", f"{base / med:.2f}x", f"{step_flops / med / 1e12:.3f}",
                              f"{100 * step_flops / med / peak:.1f}%", f"{peak / 1e12:.2f}", f"{v.first_loss:.4f}"),
                   flush=True)
-    print(f"\n'vs HF' = tokens/s / transformers tokens/s (same dtype); peak = median {args.peak_n}^3 "
-          f"matmul in that dtype, timed in the same rounds; loss@1 = loss of the first warmup step "
+    print(f"\n'vs HF' = tokens/s / transformers tokens/s (same dtype; for fp8, its bf16 step); peak = median "
+          f"{args.peak_n}^3 matmul in that dtype (fp8: torch._scaled_mm, row-wise scales), timed in the same rounds; loss@1 = loss of the first warmup step "
           f"(same weights and batch: should agree). Total {time.perf_counter() - t_start:.0f} s.")
     return 0
 

@@ -35,3 +35,27 @@ def test_torchtitan_logits_match_moeforge_with_the_same_weights(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "bfloat16", lambda self: self)
     with torch.no_grad():
         torch.testing.assert_close(theirs.eval()(ids), ours(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_torchtitan_float8_converts_its_linears_and_keeps_the_weights():
+    """The fp8 row's torchtitan model: torchtitan's own Float8LinearConverter (torchao, emulated here) swaps the
+    attention, dense and shared-expert linears (not the head, the router or the routed experts) and the copied
+    weights give logits close to the unconverted model's."""
+    pytest.importorskip("torchao.float8", reason="torchao not installed (the fp8 row's torchtitan column)")
+    config = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=2, n_routed_experts=4, num_experts_per_tok=2,
+                         q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
+                         max_position_embeddings=64)
+    torch.manual_seed(0)
+    ours = Transformer(config).eval()
+    plain, fp8 = torchtitan_peer.build(config), torchtitan_peer.build(config, float8=True)
+    for m in (plain, fp8):
+        torchtitan_peer.copy_weights(m, ours)
+    converted = {n for n, m in fp8.named_modules() if type(m).__name__ == "Float8Linear"}
+    assert "layers.0.attention.wq_a" in converted and "layers.1.moe.shared_experts.w1" in converted
+    assert not any(n.startswith("lm_head") or "router" in n or "moe.experts" in n for n in converted)
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = plain.eval()(ids), fp8.eval()(ids)
+    assert not torch.equal(a, b)  # FP8 rounding happened
+    assert float((a - b).norm() / a.norm()) < 0.1
