@@ -82,6 +82,20 @@ def test_v2_published_run_is_a_second_held_out_check():
     assert gpu_hours == pytest.approx(172.8e3, rel=0.35)
 
 
+@pytest.mark.parametrize("gpus, layout, seq, published_tflops", [
+    (8192, dict(dp=64, tp=8, pp=16), 8192, 430), (16384, dict(dp=128, tp=8, pp=16), 8192, 400),
+    (16384, dict(dp=8, tp=8, pp=16, cp=16), 131072, 380)])
+def test_llama3_405b_published_runs_are_held_out_checks(gpus, layout, seq, published_tflops):
+    """Llama 3 paper, Table 4: TFLOPs per H100 at three scales, BF16, 16M tokens a batch. The paper's
+    interleaved schedule is taken with v = 2 (its v is not given). Measured misses -4%, -11%, -10%
+    (docs/planner.md); the bound guards against worse."""
+    llama, h100 = load_model("llama3.1-405b"), get_hardware("h100")
+    lo = Layout(schedule="interleaved-1f1b", recompute="none", **layout)
+    st = step_time(llama, h100, topology_for(h100, gpus), lo,
+                   TrainSettings(seq_len=seq, global_batch=2 ** 24 // seq, precision="bf16"))
+    assert st.mfu * h100.bf16_tflops == pytest.approx(published_tflops, rel=0.2)
+
+
 def test_hidden_all_to_all_costs_the_sms_its_kernels_hold():
     """DualPipe hides V3's all-to-all, but its kernels hold 20 of the 132 SMs while it runs: the overlapped
     compute pays 20/132 of the hidden traffic; nothing with the SMs unknown or the kernels off the SMs."""
