@@ -101,3 +101,12 @@ def test_a_failed_torchrun_job_names_the_rank_that_died():
     raised.timestamp = killed.timestamp - 1  # failed first
     assert describe_child_failure(ChildFailedError("moeforge", {0: raised, 1: killed})) == \
         "rank 0 (pid 4241) exited with code 1; rank 1 failed too: the distributed run failed (see the rank errors above)"
+
+
+def test_describe_says_what_zero_does_in_the_layout():
+    """The startup line names the sharding that actually happens: none for replicated pipeline stages or a
+    single data-parallel rank, whatever --zero says."""
+    assert ParallelLayout.resolve(4, 2, 1, 1, 2, 2, 1).describe().endswith(
+        "no ZeRO sharding (pipeline stages replicated over dp, gradients all-reduced)")
+    assert "nothing to shard" in ParallelLayout.resolve(2, 1, 1, 2, 1, 3, 1).describe()
+    assert ParallelLayout.resolve(4, 4, 2, 1, 1, 3, 1).describe().endswith("zero 3")

@@ -357,7 +357,8 @@ class TrainConfig:
                                "interleaved-1f1b and dualpipev); must divide batch_size x grad_accum / dp.",
                                default=0)
     zero: int = doc("FSDP2 sharding over dp: 3 = reshard parameters after forward (ZeRO-3); 2 = keep them "
-                    "gathered until backward (ZeRO-2). ZeRO-1 (optimizer state only) is not implemented.",
+                    "gathered until backward (ZeRO-2). ZeRO-1 (optimizer state only) is not implemented. With "
+                    "--pp > 1 nothing is sharded (stages are replicated over dp; --zero 3 is refused there).",
                     default=2)
     dist_timeout: float = doc("Seconds a collective waits for its peers before the run fails.", default=600.0)
     activation_checkpointing: str = doc("Recompute activations in backward: none, full (every block), selective "

@@ -159,7 +159,16 @@ class ParallelLayout:
 
     def describe(self) -> str:
         return (f"dp {self.dp} (ep {self.ep} x edp {self.edp}), {f'cp {self.cp}, ' if self.cp > 1 else ''}"
-                f"tp {self.tp}, pp {self.pp}, zero {self.zero}")
+                f"tp {self.tp}, pp {self.pp}, {self.sharding()}")
+
+    def sharding(self) -> str:
+        """What --zero does in this layout, in words: pipeline stages are replicated over dp (not sharded),
+        and one data-parallel rank has nothing to shard over."""
+        if self.dp * self.cp == 1:
+            return f"zero {self.zero} (nothing to shard: one data-parallel rank)"
+        if self.pp > 1:
+            return "no ZeRO sharding (pipeline stages replicated over dp, gradients all-reduced)"
+        return f"zero {self.zero}"
 
 
 class ParallelMesh:
