@@ -192,10 +192,12 @@ def layer_activation_split(model: ModelShape, moe: bool, selective: bool = False
 def cp_key_elems(model: ModelShape, selective: bool = False) -> float:
     """Of `layer_activation_elems`, the elements per key position that every context-parallel rank keeps for
     the whole sequence (parallel/context.py): the gathered normed latent and rope key, the per-head K and V
-    rebuilt from them (kv_b output; not kept under selective recompute) and the assembled K and V. 0 for GQA
-    (the planner models context parallelism for MLA only)."""
+    rebuilt from them (kv_b output; not kept under selective recompute) and the assembled K and V. GQA: the
+    gathered K and V heads (Llama 3's all-gather CP), split over TP by the caller like every activation."""
     c = model.moe_config
-    if model.kv_lora_rank is None or c is None:
+    if c is None:
+        return 2 * model.num_kv_heads * model.head_dim
+    if model.kv_lora_rank is None:
         return 0.0
     H = c.num_attention_heads
     kv_b = 0 if selective else H * (c.qk_nope_head_dim + c.v_head_dim)

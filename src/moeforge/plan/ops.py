@@ -136,6 +136,8 @@ def _attention_ops(model: ModelShape, tokens: int, seqs: int, seq: int, tp: int,
         qk = v = hd
         ops += _linear(tag + "qkv_proj", tokens, D, (H + 2 * KV) * hd, precision)
         ops += _ew("rope", tokens * (H + KV) * hd, act, impl, tag)
+        if cp > 1:
+            ops += cp_kv_exchange(model, seqs, seq, act, tag, tp)
         o_in = H * hd
     # attention core: per sequence and head, scores [seq, qk] @ [qk, seq], then probs @ v; BF16 even in
     # FP8 training (DeepSeek-V3 Sec. 3.3). Backward: two GEMMs per forward GEMM.
@@ -155,13 +157,15 @@ def _attention_ops(model: ModelShape, tokens: int, seqs: int, seq: int, tp: int,
     return ops
 
 
-def cp_kv_exchange(model: ModelShape, seqs: int, seq: int, act: float, tag: str = "") -> list[Op]:
-    """Context parallelism's exchange in one MLA layer: per token the normed latent and the roped shared key
-    (kv_lora_rank + qk_rope_head_dim numbers), all-gathered over the cp group in forward; the gradient
-    reduce-scattered in backward. Bytes: the gathered buffer per rank (network.py's convention), of which a
-    rank receives (cp - 1) / cp."""
+def cp_kv_exchange(model: ModelShape, seqs: int, seq: int, act: float, tag: str = "", tp: int = 1) -> list[Op]:
+    """Context parallelism's exchange in one layer, all-gathered over the cp group in forward, the gradient
+    reduce-scattered in backward. Per token, MLA: the normed latent and the roped shared key
+    (kv_lora_rank + qk_rope_head_dim numbers; moeforge's parallel/context.py); GQA: this TP rank's K and V
+    heads (2 x kv_heads / tp x head_dim: the all-gather CP of the Llama 3 paper, Sec. 3.3.2). Bytes: the
+    gathered buffer per rank (network.py's convention), of which a rank receives (cp - 1) / cp."""
     c = model.moe_config
-    gathered = seqs * seq * (c.kv_lora_rank + c.qk_rope_head_dim) * act
+    per_token = c.kv_lora_rank + c.qk_rope_head_dim if c is not None else 2 * model.num_kv_heads // tp * model.head_dim
+    gathered = seqs * seq * per_token * act
     return [Op(tag + "cp.kv_gather", "collective", "fwd", bytes=gathered, collective="all_gather", group="cp"),
             Op(tag + "cp.kv_gather.bwd", "collective", "bwd", bytes=gathered, collective="reduce_scatter",
                group="cp")]

@@ -53,15 +53,29 @@ def enumerate_layouts(model: ModelShape, gpus: int, settings: TrainSettings, gpu
     for tp, pp in itertools.product(tps, [p for p in divisors(gpus // 1) if p <= model.num_layers]):
         if gpus % (tp * pp):
             continue
-        dp = gpus // (tp * pp)
-        eps = [e for e in divisors(model.n_routed_experts) if (dp * tp) % e == 0] if model.moe_layers else [1]
-        for ep, zero, sched, rc, mb in itertools.product(eps, zero_stages, SCHEDULES, RECOMPUTE, micro_batches):
-            lo = Layout(dp=dp, tp=tp, pp=pp, ep=ep, zero=zero, schedule=sched, micro_batch=mb, recompute=rc)
-            try:
-                check_layout(model, lo, gpus, settings, gpus_per_node)
-            except ConfigError:
-                continue
-            yield lo
+        for cp in context_degrees(gpus // (tp * pp), settings.seq_len):
+            dp = gpus // (tp * pp * cp)
+            eps = [e for e in divisors(model.n_routed_experts) if (dp * tp) % e == 0] if model.moe_layers else [1]
+            for ep, zero, sched, rc, mb in itertools.product(eps, zero_stages, SCHEDULES, RECOMPUTE, micro_batches):
+                lo = Layout(dp=dp, tp=tp, pp=pp, ep=ep, zero=zero, schedule=sched, micro_batch=mb, recompute=rc,
+                            cp=cp)
+                try:
+                    check_layout(model, lo, gpus, settings, gpus_per_node)
+                except ConfigError:
+                    continue
+                yield lo
+
+
+# Context parallelism is searched only where each rank keeps a chunk at least this long: it exists for
+# sequences too long for one rank's memory (DeepSeek-V3 pre-trained at 4K, Llama 3 at 8K, and Llama 3's
+# long-context stage kept 8K per rank: 128K over CP16), and it keeps the default search's size.
+MIN_CP_CHUNK = 4096
+
+
+def context_degrees(ranks: int, seq_len: int) -> list[int]:
+    """cp degrees the search tries for `ranks` = dp x cp ranks: 1, and every divisor whose chunk pair
+    (2 x cp chunks per sequence) divides the sequence and leaves each rank at least MIN_CP_CHUNK tokens."""
+    return [1] + [c for c in divisors(ranks) if c > 1 and seq_len % (2 * c) == 0 and seq_len // c >= MIN_CP_CHUNK]
 
 
 def plan(model: ModelShape, hw: Hardware, gpus: int, settings: TrainSettings, topology: str | None = None,
