@@ -102,7 +102,15 @@ def cmd_plan(args) -> int:
             layout = Layout(**parse_layout(args.layout))
         except TypeError as e:
             raise ConfigError(f"--layout: {e}") from None
-    result = plan(model, hw, args.gpus, settings, topology=args.topology, layout=layout, top=max(1, args.top))
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"searching the layouts of {model.name} on {args.gpus} {hw.name} ...") as status:
+        def progress(considered: int, fitting: int) -> None:
+            status.update(f"searching the layouts of {model.name} on {args.gpus} {hw.name}: {considered:,} priced, "
+                          f"{fitting:,} fit")
+
+        result = plan(model, hw, args.gpus, settings, topology=args.topology, layout=layout, top=max(1, args.top),
+                      progress=progress)
     print(json.dumps(plan_json(result)) if args.json else plan_text(result))
     if args.plot:
         from .render import plot_plan

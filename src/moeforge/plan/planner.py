@@ -79,9 +79,10 @@ def context_degrees(ranks: int, seq_len: int) -> list[int]:
 
 
 def plan(model: ModelShape, hw: Hardware, gpus: int, settings: TrainSettings, topology: str | None = None,
-         layout: Layout | None = None, top: int = 10) -> Plan:
+         layout: Layout | None = None, top: int = 10, progress=None) -> Plan:
     """Rank the layouts that fit (or evaluate just `layout`, which must be valid; it is kept even if it
-    does not fit, flagged, so the user sees why)."""
+    does not fit, flagged, so the user sees why). `progress(considered, fitting)` is called as the search
+    goes (a large cluster's search prices tens of thousands of layouts)."""
     settings.validate()
     topo = net.topology_for(hw, gpus, topology)
     limit = hw.hbm_bytes * settings.memory_headroom
@@ -94,6 +95,8 @@ def plan(model: ModelShape, hw: Hardware, gpus: int, settings: TrainSettings, to
     fitting, considered, rejected = [], 0, 0
     for lo in enumerate_layouts(model, gpus, settings, hw.gpus_per_node):
         considered += 1
+        if progress is not None and considered % 250 == 0:
+            progress(considered, len(fitting))
         st = step_time(model, hw, topo, lo, settings)
         if st.memory.total > limit:
             rejected += 1
