@@ -99,3 +99,24 @@ def test_an_overloaded_ep_rank_gets_its_extra_expert_rows():
     assert hot["moe.ep.dispatch"].bytes == even["moe.ep.dispatch"].bytes
     with pytest.raises(ConfigError, match="expert_load must be > 0"):
         dataclasses.replace(s, expert_load=0).validate()
+
+
+def test_zero_collectives_are_one_per_fsdp_unit():
+    """ZeRO gathers and reduces each FSDP unit (a decoder block, the root's embedding/norm/head) with its own
+    collective, so a step pays one latency per unit; the bytes still add up to the rank's parameters. Without
+    ZeRO the gradient is one flattened all-reduce. A traced debug ZeRO-3 step gathers every block and the
+    root in forward and backward (FSDP::all_gather per unit, twice a step)."""
+    from moeforge.plan.memory import stage_params
+
+    debug = load_model("debug")
+    s = TrainSettings(seq_len=256, global_batch=16, precision="fp32")
+    dense_p, _ = stage_params(debug, Layout(dp=2, zero=3), 0)
+    for zero, names in ((3, {"dp.grad_sync", "dp.zero3_gather"}), (2, {"dp.grad_sync", "dp.param_gather"})):
+        ops = [o for o in step_ops(debug, Layout(dp=2, zero=zero), s, FUSED) if o.group == "dp"]
+        assert {o.name for o in ops} == names
+        for o in ops:
+            assert o.count == debug.num_layers + 1
+            per_elem = s.grad_comm_bytes if o.name == "dp.grad_sync" else s.weight_bytes
+            assert o.bytes * o.count == pytest.approx(dense_p * per_elem)
+    (ddp,) = [o for o in step_ops(debug, Layout(dp=2, zero=0), s, FUSED) if o.group == "dp"]
+    assert ddp.count == 1 and ddp.collective == "all_reduce"

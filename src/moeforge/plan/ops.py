@@ -289,6 +289,15 @@ def step_blocks(model: ModelShape, lo: Layout, settings: TrainSettings, impl: Im
     return blocks
 
 
+def fsdp_units(model: ModelShape, lo: Layout, stage: int) -> dict[str, int]:
+    """FSDP units of the rank's parameters, each gathered and reduced by its own collective (fully_shard per
+    decoder block plus the root's embedding, norm and head, as moeforge and torchtitan wrap): dense = the
+    rank's layers + 1, experts = its MoE layers (at least 1)."""
+    n_pieces, pieces, _ = rank_pieces(lo, stage)
+    layers = [i for p in pieces for i in stage_layers(model.num_layers, n_pieces)[p]]
+    return {"dense": len(layers) + 1, "experts": max(1, sum(1 for i in layers if i >= model.dense_layers))}
+
+
 def rank_layers(model: ModelShape, lo: Layout, stage: int) -> int:
     """Decoder layers the rank at pipeline position `stage` holds (both pieces under DualPipe(V))."""
     n_pieces, pieces, _ = rank_pieces(lo, stage)
@@ -360,18 +369,22 @@ def _step_ops(model: ModelShape, lo: Layout, s: TrainSettings, impl: Impl, stage
     dense_p, expert_p = stage_params(model, lo, stage)  # all the rank's pieces, MTP modules included
     depth = model.moe_config.num_nextn_predict_layers if model.moe_config is not None else 0
     ops = []
+    units = fsdp_units(model, lo, stage)
     for name, p, dp, group in (("dense", dense_p, lo.dense_replicas, "dp"), ("experts", expert_p, lo.edp, "edp")):
         if dp > 1 and p:
+            # ZeRO: one collective per FSDP unit (each its own latency; gloo's is ~0.1-1 ms), a flattened
+            # all-reduce of the whole gradient without ZeRO
+            n = units[name] if lo.zero else 1
             kind = "all_reduce" if lo.zero == 0 else "reduce_scatter"
-            ops.append(Op(f"{group}.grad_sync", "collective", "step", bytes=p * s.grad_comm_bytes,
-                          collective=kind, group=group, hideable=True))
+            ops.append(Op(f"{group}.grad_sync", "collective", "step", bytes=p * s.grad_comm_bytes / n,
+                          collective=kind, group=group, hideable=True, count=n))
             if lo.zero in (1, 2):
-                ops.append(Op(f"{group}.param_gather", "collective", "step", bytes=p * s.weight_bytes,
-                              collective="all_gather", group=group, hideable=True))
+                ops.append(Op(f"{group}.param_gather", "collective", "step", bytes=p * s.weight_bytes / n,
+                              collective="all_gather", group=group, hideable=True, count=n))
             if lo.zero == 3:  # gather the weights for every forward and backward of every micro-batch
                 for phase in ("fwd", "bwd"):
-                    ops.append(Op(f"{group}.zero3_gather", "collective", phase, bytes=p * s.weight_bytes,
-                                  collective="all_gather", group=group, hideable=True))
+                    ops.append(Op(f"{group}.zero3_gather", "collective", phase, bytes=p * s.weight_bytes / n,
+                                  collective="all_gather", group=group, hideable=True, count=n))
     shard = lambda p, dp: p / (dp if lo.zero >= 1 else 1)  # noqa: E731
     local = shard(dense_p, lo.dense_replicas) + shard(expert_p, lo.edp)
     grad_b, master_b, mom_b = s.grad_bytes, s.master_bytes or s.weight_bytes, s.moment_bytes
