@@ -106,9 +106,11 @@ def build_models(args, weight_dtypes) -> dict:
     return models
 
 
-def fp8_models(args, hf, ours, titan_note: str) -> tuple:
-    """The fp8 row's models: transformers as is (bf16 autocast), a copy of the moeforge model with its FP8
-    modules swapped in, torchtitan built with its float8 converter (None, with the reason in `notes`)."""
+def fp8_models(args, hf, ours) -> tuple:
+    """The fp8 row's models from the fp32 ones: transformers as is (it runs its bf16 autocast step), a copy
+    of the moeforge model with its FP8 modules swapped in, and torchtitan built with its float8 converter
+    and the moeforge weights; -> ((hf, moeforge fp8, torchtitan fp8 or None), FP8 GEMM path, why no
+    torchtitan fp8 ('' if it runs or was not asked for))."""
     import copy
 
     from moeforge import hardware
@@ -401,7 +403,8 @@ def main(argv=None) -> int:
     impl_source = [apply_device_defaults(m) for _, m, _ in models.values()][0]  # the same kernels for each
     fp8_note = ""
     if "fp8" in args.dtypes:
-        models["fp8"], args.fp8_backend, fp8_note = fp8_models(args, *models[torch.float32])
+        hf32, ours32, _ = models[torch.float32]
+        models["fp8"], args.fp8_backend, fp8_note = fp8_models(args, hf32, ours32)
     tokens = args.batch * args.seq
     fpt, fsource = flops_per_token(config, args.seq)
     step_flops = fpt * tokens

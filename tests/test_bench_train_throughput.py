@@ -41,7 +41,7 @@ def test_fp8_models_swap_a_copy():
     args = train_throughput.parse_args(TOY + ["--dtype", "fp8"])
     models = train_throughput.build_models(args, [torch.float32])
     hf, ours, _ = models[torch.float32]
-    (hf8, ours8, titan8), backend, _ = train_throughput.fp8_models(args, hf, ours, "")
+    (hf8, ours8, titan8), backend, _ = train_throughput.fp8_models(args, hf, ours)
     assert hf8 is hf and titan8 is None and backend == "emulated"
     swapped = [m for m in ours8.modules() if isinstance(m, (Fp8Linear, Fp8GroupedExperts))]
     assert any(isinstance(m, Fp8GroupedExperts) for m in swapped) and len(swapped) > 4
