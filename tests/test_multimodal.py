@@ -229,6 +229,30 @@ def test_multimodal_settings_are_checked():
 
     with pytest.raises(ConfigError, match="mm_answer_weight must be > 0"):
         small_run(Path("/nonexistent"), mm_answer_weight=0)
+    with pytest.raises(ConfigError, match="mm_encoder_lr must be > 0"):
+        small_run(Path("/nonexistent"), mm_encoder_lr=0)
+
+
+def test_encoders_step_at_their_fraction_of_the_learning_rate(tmp_path, tone_speech):
+    """Adam's first step moves every weight with a non-zero gradient by about the learning rate (|g| / (|g| +
+    eps) ~ 1, weight decay adds < 1%): the encoders' largest move is mm_encoder_lr x the LM's. A text-only
+    trainer keeps its two optimizer groups."""
+    from moeforge.multimodal.train import MultimodalTrainer
+    from moeforge.train import Trainer
+
+    trainer = MultimodalTrainer(mm_run(tmp_path / "mm", steps=1, eval_every=0, mm_encoder_lr=0.3,
+                                       warmup_steps=0, grad_clip=0.0))
+    model = trainer.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train_step()
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters() if p.ndim == 2}
+    lm = max(v for n, v in moved.items() if n.startswith("lm."))
+    enc = max(v for n, v in moved.items() if n.startswith(("vision.", "audio.")))
+    assert enc / lm == pytest.approx(0.3, rel=0.02)
+    scales = {g["lr_scale"] for g in trainer.optimizer.param_groups}
+    assert scales == {1.0, 0.3}
+    text = Trainer(small_run(tmp_path / "text", steps=1, eval_every=0))
+    assert [g["lr_scale"] for g in text.optimizer.param_groups] == [1.0, 1.0]
 
 
 def mm_run(tmp_path, **train):

@@ -322,6 +322,9 @@ class TrainConfig:
     mm_answer_weight: float = doc("Multimodal: the loss weight of one image or speech answer token relative to "
                                   "one text token (docs/multimodal.md: 1 = every supervised token alike).",
                                   default=1.0)
+    mm_encoder_lr: float = doc("Multimodal: the encoders' and projectors' learning rate as a multiple of --lr (same "
+                               "schedule; docs/multimodal.md). 1 keeps the optimizer layout of runs before it.",
+                               default=0.3)
     compile: bool = doc("torch.compile the model (faster steps, slower start).", default=False)
     tensorboard: bool = doc("Also log the metrics and expert-load heatmaps to RUN_DIR/tensorboard "
                             "(moeforge[logging]).", default=False)
@@ -399,6 +402,8 @@ class TrainConfig:
             raise ConfigError("fp8_policy needs --precision fp8 or fp8-tensorwise")
         if self.mm_answer_weight <= 0:
             raise ConfigError(f"mm_answer_weight must be > 0, got {self.mm_answer_weight}")
+        if self.mm_encoder_lr <= 0:
+            raise ConfigError(f"mm_encoder_lr must be > 0, got {self.mm_encoder_lr}")
         if self.optimizer_state_dtype not in ("fp32", "bf16"):
             raise ConfigError(f"optimizer_state_dtype must be fp32 or bf16, got {self.optimizer_state_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
