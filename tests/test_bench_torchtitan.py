@@ -18,11 +18,15 @@ except ImportError as e:
     pytest.skip(f"torchtitan not installed ({e})", allow_module_level=True)
 
 
+def small_config(head_dim: int) -> ModelConfig:
+    return ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                       num_hidden_layers=2, num_attention_heads=2, n_routed_experts=4, num_experts_per_tok=2,
+                       q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=head_dim, qk_nope_head_dim=head_dim,
+                       v_head_dim=head_dim, max_position_embeddings=64)
+
+
 def test_torchtitan_logits_match_moeforge_with_the_same_weights(monkeypatch):
-    config = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-                         num_hidden_layers=2, num_attention_heads=2, n_routed_experts=4, num_experts_per_tok=2,
-                         q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-                         max_position_embeddings=64)
+    config = small_config(8)
     torch.manual_seed(0)
     ours = Transformer(config).eval()
     with torch.no_grad():  # a non-zero routing bias, so that a dropped bias would show
@@ -42,10 +46,7 @@ def test_torchtitan_float8_converts_its_linears_and_keeps_the_weights():
     attention, dense and shared-expert linears (not the head, the router or the routed experts) and the copied
     weights give logits close to the unconverted model's."""
     pytest.importorskip("torchao.float8", reason="torchao not installed (the fp8 row's torchtitan column)")
-    config = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-                         num_hidden_layers=2, num_attention_heads=2, n_routed_experts=4, num_experts_per_tok=2,
-                         q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
-                         max_position_embeddings=64)
+    config = small_config(16)  # torchao's filter converts only linears whose dims are multiples of 16
     torch.manual_seed(0)
     ours = Transformer(config).eval()
     plain, fp8 = torchtitan_peer.build(config), torchtitan_peer.build(config, float8=True)

@@ -47,7 +47,7 @@ class MultimodalTrainer(Trainer):
         return make_optimizer(self.model, self.cfg, {"vision.": scale, "audio.": scale})
 
     def optimizer_hint(self) -> str:
-        return ("; a multimodal checkpoint from before --mm-encoder-lr has one optimizer group for all weights: "
+        return ("; a multimodal checkpoint from before --mm-encoder-lr has no optimizer groups of its own for the encoders: "
                 "resume it with --mm-encoder-lr 1" if self.cfg.mm_encoder_lr != 1 else "")
 
     # --- checkpoints: the LM in HF layout, the encoders beside it --------------------------------------

@@ -104,10 +104,10 @@ def cmd_plan(args) -> int:
             raise ConfigError(f"--layout: {e}") from None
     from rich.console import Console
 
-    with Console(stderr=True).status(f"searching the layouts of {model.name} on {args.gpus} {hw.name} ...") as status:
+    what = f"searching the layouts of {model.name} on {args.gpus} {hw.name}"
+    with Console(stderr=True).status(f"{what} ...") as status:
         def progress(considered: int, fitting: int) -> None:
-            status.update(f"searching the layouts of {model.name} on {args.gpus} {hw.name}: {considered:,} priced, "
-                          f"{fitting:,} fit")
+            status.update(f"{what}: {considered:,} priced, {fitting:,} fit")
 
         result = plan(model, hw, args.gpus, settings, topology=args.topology, layout=layout, top=max(1, args.top),
                       progress=progress)

@@ -293,15 +293,18 @@ def fsdp_units(model: ModelShape, lo: Layout, stage: int) -> dict[str, int]:
     """FSDP units of the rank's parameters, each gathered and reduced by its own collective (fully_shard per
     decoder block plus the root's embedding, norm and head, as moeforge and torchtitan wrap): dense = the
     rank's layers + 1, experts = its MoE layers (at least 1)."""
-    n_pieces, pieces, _ = rank_pieces(lo, stage)
-    layers = [i for p in pieces for i in stage_layers(model.num_layers, n_pieces)[p]]
+    layers = rank_layer_ids(model, lo, stage)
     return {"dense": len(layers) + 1, "experts": max(1, sum(1 for i in layers if i >= model.dense_layers))}
 
 
-def rank_layers(model: ModelShape, lo: Layout, stage: int) -> int:
+def rank_layer_ids(model: ModelShape, lo: Layout, stage: int) -> list[int]:
     """Decoder layers the rank at pipeline position `stage` holds (both pieces under DualPipe(V))."""
     n_pieces, pieces, _ = rank_pieces(lo, stage)
-    return sum(len(stage_layers(model.num_layers, n_pieces)[p]) for p in pieces)
+    return [i for p in pieces for i in stage_layers(model.num_layers, n_pieces)[p]]
+
+
+def rank_layers(model: ModelShape, lo: Layout, stage: int) -> int:
+    return len(rank_layer_ids(model, lo, stage))
 
 
 def _scaled(ops, factor: float, recompute: str) -> tuple[Op, ...]:

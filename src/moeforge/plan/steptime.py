@@ -255,7 +255,7 @@ def _stage_step_time(model, hw, topo, layout, settings, device, stage: int) -> S
             exposed_ep_pp = exposed_ep + _hidden(pp_comm, m * t_mb, s.overlap, True)
         window = bubble + bwd  # the last micro-batch's backward and the bubble
         exposed_dp = _hidden(dp_comm, window, s.overlap, True) + _hidden(m * zero3_mb, m * t_mb, s.overlap, True)
-    sms = getattr(hw, "sm_count", 0)
+    sms = hw.sm_count
     comm_sm = hidden_ep * min(s.ep_comm_sms, sms) / sms if sms else 0.0
     cp_comm = m * cp_mb
     total = compute + bubble + tp_comm + exposed_ep_pp + exposed_dp + cp_comm + comm_sm
