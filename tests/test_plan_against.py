@@ -7,6 +7,7 @@ beyond that factor."""
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +148,59 @@ def test_local_collectives_are_priced_from_gloos_own_measured_collectives(monkey
     assert local_collective_time(d, Op("pp.send", "collective", "fwd", bytes=1e6, collective="p2p",
                                        group="pp"), Layout(pp=2)) is None
     assert local_collective_time(dev.CPUDevice(threads=1, ranks=1), a2a, lo) is None
+
+
+def test_ranks_wait_for_each_other_at_every_collective_by_the_measured_skew(monkeypatch):
+    """A local run of several processes pays, per step, the measured wait at one collective (sync_skew.py)
+    for each collective its ranks meet at (pipeline sends excepted: the bubble), at the mean segment of
+    work between them. Debug under TP2 meets 37 times: 4 blocks x (2 forward + 5 backward all-reduces),
+    the embedding's 2 (the model's and the MTP's), 2 heads x (logits all-gather + input gradient), the
+    gradient norm's 2 and the non-finite check; its one-rank data-parallel group meets nobody."""
+    from moeforge.config import preset
+    from moeforge.plan import device as dev
+    from moeforge.plan import network as net
+    from moeforge.plan.against import local_cpu_hardware
+    from moeforge.plan.layout import TrainSettings
+    from moeforge.plan.models import from_moe
+    from moeforge.plan.steptime import step_time
+    from moeforge.plan.sync_skew import wait_per_sync
+
+    rates = (("elementwise_bw", 16e9), ("dispatch_s", 1e-6), ("socket_bw", 1e9), ("socket_latency_s", 1e-5),
+             ("share", 1.0))
+    monkeypatch.setattr(dev, "measured_rates", lambda threads: rates)
+    monkeypatch.setattr(dev, "corun_bandwidth", lambda threads, peers: 11e9)
+    monkeypatch.setattr(dev, "measure_gemm", lambda m, n, k, g, dtype, threads: 2 * g * m * n * k / 1e11)
+    monkeypatch.setattr(dev, "_measure_bmm", lambda g, m, n, k, dtype, threads: 2 * g * m * n * k / 1e11)
+    fits = {c: {"alpha": 2e-4, "beta": 1e9} for c in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")}
+    monkeypatch.setattr(dev.CPUDevice, "gloo", lambda self: {"collectives": fits})
+    monkeypatch.setattr(dev, "_cache_path", lambda: Path("/nonexistent/plan-cpu.json"))
+    skew = {"lengths_s": [0.001, 0.01], "wait_s": [2e-4, 1e-3], "alone_s": 5e-4}
+    model = from_moe(preset("debug"), "debug")
+    s = TrainSettings(seq_len=64, global_batch=2, precision="fp32")
+    lo = Layout(tp=2)
+
+    def run(ranks):
+        d = dev.CPUDevice(threads=1, ranks=ranks, run_share=1.0, skew=skew)
+        topo = net.Topology("nvswitch", 2, 2, net.Link(1e9, 2e-4), net.Link(1e9, 2e-4))
+        return step_time(model, local_cpu_hardware(d), topo, lo, s, device=d)
+
+    st = run(2)
+    assert st.sync_wait == pytest.approx(37 * wait_per_sync(skew, st.compute / 37))
+    assert st.sync_wait > 0 and st.parts()["waiting for peers at collectives"] == st.sync_wait
+    assert sum(st.parts().values()) == pytest.approx(st.total)
+    assert run(1).sync_wait == 0  # one process waits for nobody
+
+
+def test_the_skew_probe_times_real_gloo_peers_and_interpolates():
+    import multiprocessing as mp
+
+    from moeforge.plan.sync_skew import measure_sync_skew, wait_per_sync
+
+    r = measure_sync_skew(2, work_s=0.01)
+    assert r["lengths_s"] == sorted(r["lengths_s"]) and len(r["wait_s"]) == len(r["lengths_s"])
+    assert all(w >= 0 for w in r["wait_s"]) and r["alone_s"] > 0  # a gloo all-reduce blocks for its peer
+    assert not mp.active_children()
+    table = {"lengths_s": [0.01, 0.02], "wait_s": [1e-3, 3e-3]}
+    assert wait_per_sync(table, 0.005) == pytest.approx(5e-4)  # from no wait at no work
+    assert wait_per_sync(table, 0.015) == pytest.approx(2e-3)
+    assert wait_per_sync(table, 1.0) == 3e-3  # held beyond the longest segment measured

@@ -104,6 +104,27 @@ def test_tensor_parallel_communication_is_attributed_to_tp(tmp_path):
         assert dims["tp"]["total_s"] > others, dims  # tens of all-reduces vs a few bookkeeping ones
     row = next(r for r in profile["comparison"] if r["component"] == "TP all-reduce (exposed)")
     assert row["measured_s"] > 0
+    # The planner's op list has the collectives the traced step ran on the tp group, one for one: DTensor's
+    # column-parallel modules each sum their input gradient, the vocabulary-parallel embedding and head
+    # (logits all-gathered), the gradient norm (docs/planner.md).
+    traced = [e["name"] for e in json.loads((out / "trace" / "rank0.json").read_text())["traceEvents"]
+              if e.get("ph") == "X" and e.get("name", "").startswith("moeforge.comm.tp.")]
+    assert len(traced) == _planned_collectives(out / "run", "tp") == 36, sorted(set(traced))
+
+
+def _planned_collectives(run_dir, group: str) -> float:
+    """Collectives a step of the run in `run_dir` issues on `group`, by the planner's eager op list."""
+    from moeforge.config import load_toml, resolve_run_config
+    from moeforge.plan.against import run_layout
+    from moeforge.plan.layout import micro_batches
+    from moeforge.plan.models import from_moe
+    from moeforge.plan.ops import EAGER, step_ops
+
+    run = resolve_run_config(load_toml(run_dir / "config.toml"))
+    lo, s = run_layout(run, 2)
+    m = micro_batches(lo, s)
+    return sum(op.count * (1 if op.phase == "step" else m) for op in step_ops(from_moe(run.model, run.train.preset), lo, s, EAGER)
+               if op.kind == "collective" and op.group == group)
 
 
 def test_ep_overlap_shared_hides_more_of_the_dispatch(tmp_path):

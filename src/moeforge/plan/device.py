@@ -332,6 +332,14 @@ def corun_bandwidth(threads: int, peers: int) -> float:
     return measure_corun_bandwidth(threads, peers)
 
 
+@lru_cache(maxsize=None)
+def sync_skew(ranks: int) -> dict:
+    """`sync_skew.measure_sync_skew`, once per process per rank count (it depends on the load now)."""
+    from .sync_skew import measure_sync_skew
+
+    return measure_sync_skew(ranks)
+
+
 @dataclass
 class CPUDevice:
     """This machine, as `ranks` processes of `threads` threads each sharing its cores (gloo runs)."""
@@ -344,6 +352,7 @@ class CPUDevice:
     run_share: float | None = None  # CPU share the run's processes got (rusage; benchmarks record it)
     rates: dict = field(default_factory=dict)
     cache: _ShapeCache | None = None
+    skew: dict | None = None  # sync_skew.measure_sync_skew at `ranks` (measured when first needed)
 
     def __post_init__(self):
         if self.cache is None:
@@ -414,6 +423,18 @@ class CPUDevice:
             return 0.0
         share = (lambda q: 2 * (q - 1) / q) if collective == "all_reduce" else (lambda q: (q - 1) / q)
         return fit["alpha"] * (p - 1) + nbytes * share(p) / share(2) / fit["beta"]
+
+    def sync_wait(self, syncs: float, compute_cpu_s: float) -> float:
+        """Wall seconds a rank waits per step for its peers at `syncs` collectives with `compute_cpu_s`
+        CPU seconds of work spread between them: the measured wait per collective (sync_skew.py) at the
+        run's rank count and its mean segment length."""
+        if self.ranks <= 1 or syncs <= 0:
+            return 0.0
+        if self.skew is None:
+            self.skew = sync_skew(self.ranks)
+        from .sync_skew import wait_per_sync
+
+        return syncs * wait_per_sync(self.skew, compute_cpu_s / syncs)
 
     def wrapper(self, preset: str) -> dict:
         """FSDP2's host seconds per parameter tensor per step for a preset (wrapper_cost.py), cached on disk."""

@@ -204,12 +204,39 @@ def _moe_ops(model: ModelShape, tokens: int, lo: Layout, act: float, impl: Impl,
             ops.append(Op(tag + "ep." + name + ".bwd", "collective", "bwd", m=routed_tokens, n=D, k=K,
                           bytes=routed_tokens * D * settings.combine_bytes, collective="moe_a2a", group="ep",
                           hideable=True))
-        if impl.name == "eager":  # received rows (source, expert) <-> (expert, source), both ways
+        if impl.name == "eager":  # received rows (source, expert) <-> (expert, source), both ways; before
+            # the dispatch, each rank's rows per expert are exchanged (parallel/expert.py: the split sizes)
             ops += _ew("permute", received * D, act, impl, tag + "ep.")
+            ops.append(Op(tag + "ep.counts", "collective", "fwd", bytes=E * 8, collective="all_to_all", group="ep"))
     ops += _linear(tag + "experts.gate_up", per_expert, D, 2 * F, precision, groups=local)
     ops += _ew("swiglu", received * F, act, impl, tag + "experts.")
     ops += _linear(tag + "experts.down", per_expert, F, D, precision, groups=local)
     ops += _ew("unpermute", rows * D, act, impl, tag)
+    return ops
+
+
+def _tp_block_collectives(model: ModelShape, moe: bool, tokens: int, act: float, impl: Impl, tag: str) -> list[Op]:
+    """The TP all-reduces of one block (payload: tokens x the summed tensor's width).
+
+    Megatron (fused): one after attention and one after the MLP, forward and backward (the fused QKV and
+    gate-up projections sum their input gradient once). moeforge (eager, DTensor's ColwiseParallel): each
+    column-parallel module sums its own input gradient in backward: q_b_proj (or q_proj), kv_b_proj and the
+    shared rope key (parallel/tensor.py's hook) in MLA; gate_proj and up_proj in the MLP, which in a MoE
+    layer is its shared experts only (routed experts are replicated on TP ranks)."""
+    D, c = model.hidden_size, model.moe_config
+    if impl.name != "eager":
+        widths = {"attn": (D, [D]), "mlp": (D, [D])}
+    else:
+        attn_bwd = [c.q_lora_rank or D, c.kv_lora_rank, c.qk_rope_head_dim] if c is not None else [D]
+        widths = {"attn": (D, attn_bwd)}
+        if not moe or model.n_shared_experts:
+            widths["mlp"] = (D, [D, D])
+    ops = []
+    for where, (fwd, bwd) in widths.items():
+        for phase, sizes in (("fwd", [fwd]), ("bwd", bwd)):
+            for width in sizes:
+                ops.append(Op(f"{tag}tp.{where}", "collective", phase, bytes=tokens * width * act,
+                              collective="all_reduce", group="tp"))
     return ops
 
 
@@ -231,12 +258,8 @@ def layer_ops(model: ModelShape, moe: bool, lo: Layout, settings: TrainSettings,
     else:
         ops += _mlp_ops(tokens, D, model.dense_intermediate // lo.tp, act, impl, prec, tag + "mlp.")
     ops += _ew("residual", sp_tokens * D, act, impl, tag + "mlp_")
-    if lo.tp > 1:  # Megatron: one all-reduce (or RS + AG under sequence parallel) after attention and MLP,
-        # forward and backward
-        for where in ("attn", "mlp"):
-            for phase in ("fwd", "bwd"):
-                ops.append(Op(f"{tag}tp.{where}", "collective", phase, bytes=tokens * D * act,
-                              collective="all_reduce", group="tp"))
+    if lo.tp > 1:
+        ops += _tp_block_collectives(model, moe, tokens, act, impl, tag)
     if prec in ("fp8", "mxfp8") and impl.fp8_casts:  # quantise each GEMM input (fused into neighbours
         # on GPUs would be free; DeepSeek-V3 fuses most: one pass of the layer's inputs is kept)
         ops += _ew("fp8_cast", tokens * D * 3 / lo.tp, act, impl, tag)
@@ -334,20 +357,46 @@ def ends_block(model: ModelShape, tp: int, ep: int, seqs: int, s: TrainSettings,
     ops: list[Op] = []
     if first:
         ops += _ew("embedding", tokens * D, s.act_bytes, impl, "")
+        ops += _vocab_tp_collectives("embedding", tokens, D, V, tp, s.act_bytes, impl, "")
     if last:
         ops += _ew("rmsnorm", tokens * D, s.act_bytes, impl, "final_")
-        ops += _linear("lm_head", tokens, D, V // tp, head_prec)
-        ops += _ew("loss", tokens * V / tp, 4, impl, "")
+        ops += _head_and_loss(tokens, D, V, tp, head_prec, impl, s.act_bytes, "")
         depth = model.moe_config.num_nextn_predict_layers if model.moe_config is not None else 0
-        for d in range(depth):  # MTP: enorm, hnorm, eh_proj, one MoE block, final norm, head, loss
-            tag = f"mtp{d}."
+        for d in range(depth):  # MTP: embedding of the shifted tokens, enorm, hnorm, eh_proj, one MoE block,
+            tag = f"mtp{d}."  # final norm, head, loss
+            ops += _ew("embedding", tokens * D, s.act_bytes, impl, tag)
+            ops += _vocab_tp_collectives("embedding", tokens, D, V, tp, s.act_bytes, impl, tag)
             ops += _ew("rmsnorm", 2 * tokens * D, s.act_bytes, impl, tag)
             ops += _linear(tag + "eh_proj", tokens, 2 * D, D, s.precision)
             ops += layer_ops(model, model.moe_layers > 0, Layout(tp=tp, ep=ep, dp=max(tp, ep), cp=cp), s, impl, seqs, tag)
             ops += _ew("rmsnorm", tokens * D, s.act_bytes, impl, tag + "final_")
-            ops += _linear(tag + "lm_head", tokens, D, V // tp, head_prec)
-            ops += _ew("loss", tokens * V / tp, 4, impl, tag)
+            ops += _head_and_loss(tokens, D, V, tp, head_prec, impl, s.act_bytes, tag)
     return _scaled(ops, factor, recompute)
+
+
+def _head_and_loss(tokens: int, D: int, V: int, tp: int, precision: str, impl: Impl, act: float, tag: str) -> list[Op]:
+    """The vocabulary-parallel head, its TP collectives and the cross-entropy. moeforge (eager) gathers
+    the logits whole on every TP rank, so each rank's loss runs over all V; Megatron's vocab-parallel
+    cross-entropy (fused) works on V / tp."""
+    ops = _linear(tag + "lm_head", tokens, D, V // tp, precision)
+    ops += _vocab_tp_collectives("head", tokens, D, V, tp, act, impl, tag)
+    return ops + _ew("loss", tokens * V / (tp if impl.name != "eager" else 1), 4, impl, tag)
+
+
+def _vocab_tp_collectives(where: str, tokens: int, D: int, V: int, tp: int, act: float, impl: Impl,
+                          tag: str) -> list[Op]:
+    """TP collectives of the vocabulary-parallel embedding (forward: the partial lookups summed) and head
+    (backward: its input gradient summed; forward, eager: the logits all-gathered, moeforge's
+    ColwiseParallel(output Replicate); fused: the cross-entropy's max, target logit and sum of exponentials,
+    one number per token each)."""
+    if tp <= 1:
+        return []
+    op = lambda phase, nbytes, kind="all_reduce": Op(f"{tag}tp.{where}", "collective", phase, bytes=nbytes,  # noqa: E731
+                                                      collective=kind, group="tp")
+    if where == "embedding":
+        return [op("fwd", tokens * D * act)]
+    fwd = [op("fwd", tokens * V * act, "all_gather")] if impl.name == "eager" else [op("fwd", tokens * 4)] * 3
+    return fwd + [op("bwd", tokens * D * act)]
 
 
 RECOMPUTED = {"selective": ("rmsnorm", "swiglu", "q_b_proj", "kv_b_proj")}
@@ -388,6 +437,8 @@ def _step_ops(model: ModelShape, lo: Layout, s: TrainSettings, impl: Impl, stage
                 for phase in ("fwd", "bwd"):
                     ops.append(Op(f"{group}.zero3_gather", "collective", phase, bytes=p * s.weight_bytes / n,
                                   collective="all_gather", group=group, hideable=True, count=n))
+    if impl.name == "eager":
+        ops += _trainer_syncs(model, lo, stage)
     shard = lambda p, dp: p / (dp if lo.zero >= 1 else 1)  # noqa: E731
     local = shard(dense_p, lo.dense_replicas) + shard(expert_p, lo.edp)
     grad_b, master_b, mom_b = s.grad_bytes, s.master_bytes or s.weight_bytes, s.moment_bytes
@@ -397,6 +448,42 @@ def _step_ops(model: ModelShape, lo: Layout, s: TrainSettings, impl: Impl, stage
     adam = local * (master_b * 2 + grad_b + mom_b * 4) + (local * s.weight_bytes if s.master_bytes else 0)
     tensors = 12 * (model.num_layers + depth) // lo.pp + 4
     ops.append(Op("adamw", "memory", "step", bytes=adam, kernels=tensors if impl.name == "eager" else 1))
+    return ops
+
+
+def _trainer_syncs(model: ModelShape, lo: Layout, stage: int) -> list[Op]:
+    """The small collectives moeforge's distributed trainer adds to every step (parallel/trainer.py,
+    pipeline.py, grads.py, balance/): the non-finite check over all ranks (and the EP traffic counters),
+    the gradient norm's sum once per kind of sharded gradient (tensor-parallel weights: two placements;
+    FSDP shards; expert shards), and over the data-parallel group the loss means, the expert counts and one
+    bias update per MoE layer; a pipeline sums its loss, counts, norm and the two embedding copies'
+    gradients over its stages. Latency-bound, each one a point where the ranks wait for each other."""
+    def op(name, group, nbytes, n=1):
+        return Op(f"sync.{name}", "collective", "step", bytes=nbytes, collective="all_reduce", group=group, count=n)
+
+    if lo.gpus <= 1:
+        return []
+    E = model.n_routed_experts if model.moe_layers else 0
+    depth = model.moe_config.num_nextn_predict_layers if model.moe_config is not None else 0
+    moe_here = sum(1 for i in rank_layer_ids(model, lo, stage) if i >= model.dense_layers)
+    n_pieces, pieces, _ = rank_pieces(lo, stage)
+    moe_here += depth if n_pieces - 1 in pieces and model.moe_layers else 0
+    ops = [op("finite", "world", 4)]
+    if lo.ep > 1:
+        ops.append(op("ep_bytes", "world", 16))
+    for group, n in (("tp", 2 if lo.tp > 1 else 0), ("dp", int(bool(lo.zero) and lo.dense_replicas > 1)),
+                     ("ep", int(lo.ep > 1))):
+        if n:
+            ops.append(op("grad_norm", group, 4, n))
+    ops.append(op("loss_mean", "dp", 32))
+    if E:
+        ops += [op("expert_counts", "dp", (model.moe_layers + depth) * E * 4),
+                op("bias_update", "dp", E * 4, max(1, moe_here))]
+    if lo.pp > 1:
+        ops += [op("pp_loss", "pp", 16), op("pp_counts", "pp", (model.moe_layers + depth) * E * 4),
+                op("pp_grad_norm", "pp", 4)]
+        if piece_rank(lo, 0) != piece_rank(lo, n_pieces - 1):  # the embedding on two ranks
+            ops.append(op("pp_embedding_grad", "pp", model.vocab_size * model.hidden_size / lo.tp * 4))
     return ops
 
 

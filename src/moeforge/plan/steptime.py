@@ -56,6 +56,7 @@ class StepTime:
     t_microbatch: float = 0.0  # forward + backward of one micro-batch on the fullest stage
     cp_comm: float = 0.0  # context parallelism's compressed-KV all-gathers (and backward reduce-scatters)
     comm_sm: float = 0.0  # compute slowed while the hidden EP all-to-all holds its SMs (module docstring)
+    sync_wait: float = 0.0  # ranks waiting for each other at collectives (a device with a measurement of it)
 
     def parts(self) -> dict[str, float]:
         """Where the time goes; sums to `total`. Exposed EP/PP time is split by their shares."""
@@ -66,7 +67,8 @@ class StepTime:
                 "PP send/recv (exposed)": self.exposed_ep_pp * (1 - ep_share),
                 "DP gradient sync (exposed)": self.exposed_dp,
                 **({"CP KV all-gather": self.cp_comm} if self.cp_comm else {}),
-                **({"EP kernels' SMs (hidden all-to-all)": self.comm_sm} if self.comm_sm else {})}
+                **({"EP kernels' SMs (hidden all-to-all)": self.comm_sm} if self.comm_sm else {}),
+                **({"waiting for peers at collectives": self.sync_wait} if self.sync_wait else {})}
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -94,7 +96,7 @@ def bubble_time(layout: Layout, t_mb: float) -> float:
 
 STRIDES = {"tp": lambda lo: (lo.tp, 1), "ep": lambda lo: (lo.ep, 1), "dp": lambda lo: (lo.dense_replicas, lo.tp),
            "edp": lambda lo: (lo.edp, lo.ep), "pp": lambda lo: (lo.pp, lo.dp * lo.cp * lo.tp),
-           "cp": lambda lo: (lo.cp, lo.tp)}
+           "cp": lambda lo: (lo.cp, lo.tp), "world": lambda lo: (lo.gpus, 1)}
 
 
 def collective_time(op: Op, topo: net.Topology, lo: Layout, settings: TrainSettings) -> tuple[float, str]:
@@ -206,6 +208,7 @@ def _stage_step_time(model, hw, topo, layout, settings, device, stage: int) -> S
     tp_mb = ep_mb = pp_mb = zero3_mb = dispatch_mb = dp_comm = cp_mb = 0.0
     kinds: dict[str, float] = {}
     algos: dict[str, str] = {}
+    syncs = 0.0  # collectives a step where the group's ranks meet (pipeline sends: the bubble's business)
     for block in step_blocks(model, lo, s, device.impl, stage):
         b_fwd, b_bwd, b_step, b_shared, b_kinds, collectives = price_block(device, block)
         fwd, bwd, opt, shared_fwd = fwd + b_fwd, bwd + b_bwd, opt + b_step, shared_fwd + b_shared
@@ -215,6 +218,8 @@ def _stage_step_time(model, hw, topo, layout, settings, device, stage: int) -> S
             t, algo = local_collective_time(device, op, lo) or collective_time(op, topo, lo, s)
             t *= op.count * getattr(device, "comm_slowdown", 1.0)
             algos[op.group] = algo
+            if op.collective != "p2p" and STRIDES[op.group](lo)[0] > 1:
+                syncs += op.count * (1 if op.phase == "step" else m)
             if op.phase == "step":
                 dp_comm += t
             elif op.group == "tp":
@@ -258,11 +263,14 @@ def _stage_step_time(model, hw, topo, layout, settings, device, stage: int) -> S
     sms = hw.sm_count
     comm_sm = hidden_ep * min(s.ep_comm_sms, sms) / sms if sms else 0.0
     cp_comm = m * cp_mb
-    total = compute + bubble + tp_comm + exposed_ep_pp + exposed_dp + cp_comm + comm_sm
+    measure_wait = getattr(device, "sync_wait", None)
+    sync_wait = measure_wait(syncs, compute / getattr(device, "slowdown", 1.0)) if measure_wait else 0.0
+    total = compute + bubble + tp_comm + exposed_ep_pp + exposed_dp + cp_comm + comm_sm + sync_wait
 
     flops = model.train_flops_per_token(s.seq_len)
     tokens = s.global_batch * s.seq_len
     mfu = flops * tokens / total / (lo.gpus * hw.peak_flops)
     return StepTime(compute, bubble, tp_comm, ep_comm, pp_comm, dp_comm + m * zero3_mb, exposed_ep_pp, exposed_dp,
                     total, tokens / total, mfu, flops, memory_per_rank(model, lo, s), algos,
-                    optimizer=opt, by_kind=kinds, t_microbatch=t_mb, cp_comm=cp_comm, comm_sm=comm_sm)
+                    optimizer=opt, by_kind=kinds, t_microbatch=t_mb, cp_comm=cp_comm, comm_sm=comm_sm,
+                    sync_wait=sync_wait)
