@@ -4,8 +4,9 @@
     python benchmarks/planner_validation.py --cpu-time    # in-process CPU seconds, debug and tiny
 
 Trains each run of RUNS below that DIR does not hold yet (`moeforge train`, gloo processes on this
-machine), then prints `moeforge plan --against` for each: predicted and measured median step time,
-the error, and the mean absolute error over the table. Runs are short (a few optimizer steps); the
+machine) and predicts it right after (`moeforge plan --against`, every component of the machine measured
+then: its speed drifts over hours), then prints the table: predicted and measured median step time,
+the error, and the mean absolute error over the table (`--repredict`: price every run again now). Runs are short (a few optimizer steps); the
 median skips the first two steps (warm-up). On a shared machine, rerun and compare side by side.
 """
 
@@ -42,13 +43,13 @@ COMMON = ["--eval-every", "0", "--eval-batches", "1", "--sample-tokens", "0", "-
           "--device", "cpu", "--precision", "fp32"]
 
 
-def make_run(name: str, out: Path, steps: int) -> None:
+def make_run(name: str, out: Path, steps: int) -> bool:
     """Train the run and record the CPU share its processes got (their CPU seconds, from rusage, over
     wall seconds x ranks): the machine is shared, and the wall time of a step is its CPU time over that
     share. Kept in DIR/shares.json; the prediction itself is in CPU seconds (docs/planner.md)."""
     run_dir = out / name
     if (run_dir / "summary.json").exists():
-        return
+        return False
     ranks = int(RUNS[name][RUNS[name].index("--nproc") + 1]) if "--nproc" in RUNS[name] else 1
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -60,6 +61,7 @@ def make_run(name: str, out: Path, steps: int) -> None:
     table = json.loads(path.read_text()) if path.exists() else {}
     table[name] = min(1.0, cpu / (wall * ranks))
     path.write_text(json.dumps(table, indent=1))
+    return True
 
 
 def _train(name: str, run_dir: Path, steps: int) -> None:
@@ -121,6 +123,10 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated run names (default: all)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--make-only", action="store_true", help="train the missing runs, print nothing else")
+    ap.add_argument("--shared-cache", action="store_true",
+                    help="price with the GEMM timings in ~/.cache/moeforge (default: measured beside each run)")
+    ap.add_argument("--repredict", action="store_true",
+                    help="price every run again now (default: the prediction made right after its training)")
     ap.add_argument("--gloo", action="store_true", help="instead: gloo's measured alpha-beta (two processes)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="instead: predicted vs measured CPU seconds of in-process debug and tiny steps")
@@ -146,16 +152,47 @@ def main() -> int:
         return 0
     names = [n for n in args.only.split(",") if n] or list(RUNS)
     out = Path(args.runs)
+    predicted = {}
     for name in names:
-        make_run(name, out, args.steps)
+        trained = make_run(name, out, args.steps)
+        if trained and not args.make_only and (out / name / "summary.json").exists():
+            predicted[name] = predict_now(out / name, args.shared_cache)
+        elif (out / name / PREDICTION).is_file() and not args.repredict:
+            predicted[name] = json.loads((out / name / PREDICTION).read_text())
     if args.make_only:
         return 0
     from moeforge.plan.against import validation_table
 
+    if args.repredict and not args.shared_cache:
+        os.environ["XDG_CACHE_HOME"] = str(out / ".cache")
     # Each run's CPU share comes from its own step clock (cpu_s, runq_s in metrics.jsonl); shares.json
     # (rusage over wall x ranks, which counts blocked time as denied CPU) is kept for comparison only.
-    print(validation_table([out / n for n in names if (out / n / "summary.json").exists()], threads=1))
+    print(validation_table([out / n for n in names if (out / n / "summary.json").exists()], threads=1,
+                           predicted=predicted))
     return 0
+
+
+PREDICTION = "prediction.json"
+
+
+def predict_now(run_dir: Path, shared_cache: bool) -> dict:
+    """`plan --against` for a run just trained, with every component of this machine measured now (GEMMs at
+    its shapes in a cache of its own, bandwidth, co-run bandwidth, the wait at a collective): this VM's
+    speed drifts by up to 1.8x over hours (the same debug step took 0.37 and 0.67 CPU seconds, 7 hours
+    apart), so a run is predicted from components measured minutes after it, not in another session.
+    Kept in RUN_DIR/prediction.json; `--repredict` prices all runs again now."""
+    from moeforge.plan import device
+    from moeforge.plan.against import compare
+
+    for cached in (device.measured_rates, device.corun_bandwidth, device.sync_skew):
+        cached.cache_clear()
+    if not shared_cache:
+        os.environ["XDG_CACHE_HOME"] = str(run_dir / ".cache")
+    r = compare(run_dir, threads=1)
+    (run_dir / PREDICTION).write_text(json.dumps(r, default=str))
+    print(f"  {run_dir.name}: predicted {r['predicted_s']:.3f} s, measured {r['measured_s']:.3f} s "
+          f"({100 * r['error']:+.0f}%)", flush=True)
+    return r
 
 
 if __name__ == "__main__":

@@ -275,14 +275,17 @@ def cpu_line(r: dict) -> str:
             f"{r['predicted_waits_s']:.3f} s, measured blocked {r['measured_blocked_s']:.3f} s")
 
 
-def validation_table(run_dirs, threads: int | None = None, shares: dict | None = None) -> str:
+def validation_table(run_dirs, threads: int | None = None, shares: dict | None = None,
+                     predicted: dict | None = None) -> str:
     """Predicted vs measured for each run: rank 0's CPU seconds per step (the op model, load-free) and the
     wall seconds per step (plus the waits: bubble, collectives, the share the load left), with the mean
-    absolute error of each. shares: {run dir name: CPU share} to use instead of the run's step clock."""
+    absolute error of each. shares: {run dir name: CPU share} to use instead of the run's step clock;
+    predicted: {run dir name: `compare` result made earlier} (predictions made right after each run)."""
     rows, errors, cpu_errors = [], [], []
     for d in run_dirs:
         try:
-            r = compare(d, threads=threads, run_share=(shares or {}).get(Path(d).name))
+            r = (predicted or {}).get(Path(d).name) or compare(d, threads=threads,
+                                                               run_share=(shares or {}).get(Path(d).name))
         except ConfigError as e:
             rows.append(f"| {Path(d).name} | - | - | - | - | - | - | - | - | - | - | {e} |")
             continue

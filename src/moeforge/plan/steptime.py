@@ -3,6 +3,7 @@ communication the schedule cannot hide.
 
     step = micro-batches x (forward + backward of one micro-batch) + optimizer + bubble
            + TP all-reduces + exposed EP / PP traffic + exposed DP gradient sync + CP KV all-gathers
+           + waiting for peers at collectives (a device that measured it: this CPU, sync_skew.py)
 
 * Each operation of `ops.step_ops` (GEMMs by shape, attention, memory-bound ops, launches) is priced by a
   device model (`device.GPUDevice` from component benchmarks, `device.CPUDevice` measured here).
