@@ -204,3 +204,29 @@ def test_the_skew_probe_times_real_gloo_peers_and_interpolates():
     assert wait_per_sync(table, 0.005) == pytest.approx(5e-4)  # from no wait at no work
     assert wait_per_sync(table, 0.015) == pytest.approx(2e-3)
     assert wait_per_sync(table, 1.0) == 3e-3  # held beyond the longest segment measured
+
+
+def test_eager_softmax_is_timed_at_its_shape_not_priced_by_its_bytes(monkeypatch):
+    """Eager attention's row softmax over [B*H, T, T] is exp-bound: a measured device times it at its
+    shape (forward and backward), as it times GEMMs; the bytes stay on the op for devices without it."""
+    from moeforge.config import preset
+    from moeforge.plan import device as dev
+    from moeforge.plan.layout import TrainSettings
+    from moeforge.plan.models import from_moe
+    from moeforge.plan.ops import EAGER, FUSED, step_ops
+
+    rates = (("elementwise_bw", 16e9), ("dispatch_s", 1e-6), ("socket_bw", 1e9), ("socket_latency_s", 1e-5),
+             ("share", 1.0))
+    monkeypatch.setattr(dev, "measured_rates", lambda threads: rates)
+    monkeypatch.setattr(dev, "_cache_path", lambda: Path("/nonexistent/plan-cpu.json"))
+    timed = []
+    monkeypatch.setattr(dev, "measure_softmax", lambda g, m, n, phase, threads: timed.append((g, m, n, phase)) or 0.01)
+    model = from_moe(preset("debug"), "debug")
+    s = TrainSettings(seq_len=64, global_batch=2, precision="fp32")
+    ops = [op for op in step_ops(model, Layout(micro_batch=2), s, EAGER) if op.timed == "softmax"]
+    heads = preset("debug").num_attention_heads
+    assert ops and all((op.groups, op.m, op.n) == (2 * heads, 64, 64) for op in ops)
+    assert {op.phase for op in ops} == {"fwd", "bwd"} and all(op.bytes > 0 for op in ops)
+    d = dev.CPUDevice(threads=1, ranks=1, run_share=1.0)
+    assert d.op_time(ops[0]) == 0.01 and timed[0][:3] == (2 * heads, 64, 64)
+    assert not [op for op in step_ops(model, Layout(), s, FUSED) if op.timed]  # flash attention: no T x T softmax

@@ -400,11 +400,22 @@ class CPUDevice:
         dtype = "fp32" if op.precision in ("fp32", "fp8", "mxfp8") else op.precision
         if op.kind in ("gemm", "attention"):
             t = self.gemm(op, dtype)
+        elif op.kind == "memory" and op.timed:
+            t = self.timed_elementwise(op)
         elif op.kind == "memory":
             t = op.bytes / r["elementwise_bw"] + op.kernels * r["dispatch_s"]
         else:
             raise ValueError(op.kind)
         return t * self.slowdown
+
+    def timed_elementwise(self, op: Op) -> float:
+        """An element-wise op timed at its own shape (`Op.timed`), like the GEMMs: eager attention's softmax
+        over [B*H, T, T] costs ~2.7x what its bytes at the streaming bandwidth give (its exp; profiled
+        debug step, docs/planner.md)."""
+        key = f"cpu-s|{op.timed}|{op.phase}|{op.groups}|{op.m}|{op.n}|{self.threads}"
+        t = self.cache.get(key, lambda: measure_softmax(op.groups, op.m, op.n, op.phase, self.threads))
+        return t * self.rates["elementwise_bw_alone" if "elementwise_bw_alone" in self.rates else "elementwise_bw"] \
+            / self.rates["elementwise_bw"]  # beside peers: slowed as the co-run bandwidth is
 
     def gloo(self) -> dict:
         """gloo's measured alpha-beta between two processes here (gloo_link.py), cached on disk."""
@@ -444,6 +455,21 @@ class CPUDevice:
 
     def save(self) -> None:
         self.cache.save()
+
+
+def measure_softmax(g: int, m: int, n: int, phase: str, threads: int) -> float:
+    """CPU seconds of a row softmax over [g, m, n] fp32 (forward), or of its backward (autograd.grad, as
+    baddbmm's backward consumes it: no accumulation into a leaf)."""
+    import torch
+
+    with _threads(threads):
+        x = torch.randn(g, m, n, requires_grad=True)
+        grad = torch.randn(g, m, n)
+        if phase == "fwd":
+            with torch.no_grad():
+                return _median_time(lambda: x.softmax(-1), 3)
+        y = x.softmax(-1)
+        return _median_time(lambda: torch.autograd.grad(y, x, grad, retain_graph=True), 3)
 
 
 def _measure_bmm(g: int, m: int, n: int, k: int, dtype: str, threads: int) -> float:

@@ -44,6 +44,8 @@ class Op:
     group: str = ""  # tp | ep | dp | edp | pp | cp
     hideable: bool = False  # may overlap with compute (EP/PP/DP traffic); TP all-reduces never are
     causal: bool = False  # attention: only half of the T x T products are computed
+    timed: str = ""  # a memory op a measured device times at its shape (groups, m, n) instead of by bytes:
+    #                 "softmax", eager attention's row softmax over [B*H, T, T] (exp-bound, not bandwidth)
 
     @property
     def flops(self) -> float:
@@ -86,13 +88,16 @@ ELEMENTWISE = {
 }
 
 
-def _ew(name: str, elems: float, elem_bytes: float, impl: Impl, tag: str = "") -> list[Op]:
+def _ew(name: str, elems: float, elem_bytes: float, impl: Impl, tag: str = "", timed: str = "",
+        shape: tuple[int, int, int] = (1, 0, 0)) -> list[Op]:
     fused_f, fused_b, eager_f, eager_b = ELEMENTWISE[name]
     fwd, bwd = (fused_f, fused_b) if impl.name == "fused" else (eager_f, eager_b)
     out = []
+    g, m, n = shape
     for phase, (kernels, passes) in (("fwd", fwd), ("bwd", bwd)):
         if kernels:
-            out.append(Op(f"{tag}{name}", "memory", phase, bytes=elems * elem_bytes * passes, kernels=kernels))
+            out.append(Op(f"{tag}{name}", "memory", phase, bytes=elems * elem_bytes * passes, kernels=kernels,
+                          timed=timed, groups=g, m=m, n=n))
     return out
 
 
@@ -151,7 +156,7 @@ def _attention_ops(model: ModelShape, tokens: int, seqs: int, seq: int, tp: int,
         ops.append(Op(tag + "attn." + name + ".bwd", "attention", "bwd", m=m, n=n, k=k, groups=2 * groups,
                       precision=core_prec, causal=causal, kernels=0 if impl.flash_attention else 2))
     if not impl.flash_attention:
-        ops += _ew("softmax_scores", groups * q_seq * seq, 4, impl, tag)
+        ops += _ew("softmax_scores", groups * q_seq * seq, 4, impl, tag, timed="softmax", shape=(groups, q_seq, seq))
         ops += _ew("attn_out_copy", tokens * o_in, act, impl, tag)
     ops += _linear(tag + "o_proj", tokens, o_in, D, precision)
     return ops
