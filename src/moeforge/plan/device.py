@@ -414,8 +414,8 @@ class CPUDevice:
         debug step, docs/planner.md)."""
         key = f"cpu-s|{op.timed}|{op.phase}|{op.groups}|{op.m}|{op.n}|{self.threads}"
         t = self.cache.get(key, lambda: measure_softmax(op.groups, op.m, op.n, op.phase, self.threads))
-        return t * self.rates["elementwise_bw_alone" if "elementwise_bw_alone" in self.rates else "elementwise_bw"] \
-            / self.rates["elementwise_bw"]  # beside peers: slowed as the co-run bandwidth is
+        alone = self.rates.get("elementwise_bw_alone", self.rates["elementwise_bw"])
+        return t * alone / self.rates["elementwise_bw"]  # beside peers: slowed as the co-run bandwidth is
 
     def gloo(self) -> dict:
         """gloo's measured alpha-beta between two processes here (gloo_link.py), cached on disk."""

@@ -482,8 +482,9 @@ def _trainer_syncs(model: ModelShape, lo: Layout, stage: int) -> list[Op]:
             ops.append(op("grad_norm", group, 4, n))
     ops.append(op("loss_mean", "dp", 32))
     if E:
-        ops += [op("expert_counts", "dp", (model.moe_layers + depth) * E * 4),
-                op("bias_update", "dp", E * 4, max(1, moe_here))]
+        ops.append(op("expert_counts", "dp", (model.moe_layers + depth) * E * 4))
+    if E and moe_here:
+        ops.append(op("bias_update", "dp", E * 4, moe_here))
     if lo.pp > 1:
         ops += [op("pp_loss", "pp", 16), op("pp_counts", "pp", (model.moe_layers + depth) * E * 4),
                 op("pp_grad_norm", "pp", 4)]
