@@ -6,8 +6,9 @@
 Trains each run of RUNS below that DIR does not hold yet (`moeforge train`, gloo processes on this
 machine) and predicts it right after (`moeforge plan --against`, every component of the machine measured
 then: its speed drifts over hours), then prints the table: predicted and measured median step time,
-the error, and the mean absolute error over the table (`--repredict`: price every run again now). Runs are short (a few optimizer steps); the
-median skips the first two steps (warm-up). On a shared machine, rerun and compare side by side.
+the error, and the mean absolute error over the table (`--repredict`: price every run again now).
+Runs are short (a few optimizer steps); the median skips the first two steps (warm-up). On a shared
+machine, rerun and compare side by side.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def main() -> int:
         return 0
     from moeforge.plan.against import validation_table
 
-    if args.repredict and not args.shared_cache:
+    if not args.shared_cache:  # runs priced now (--repredict, or predicted before this benchmark kept them)
         os.environ["XDG_CACHE_HOME"] = str(out / ".cache")
     # Each run's CPU share comes from its own step clock (cpu_s, runq_s in metrics.jsonl); shares.json
     # (rusage over wall x ranks, which counts blocked time as denied CPU) is kept for comparison only.
