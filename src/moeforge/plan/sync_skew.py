@@ -19,7 +19,6 @@ here is fitted to the runs it helps predict.
 
 from __future__ import annotations
 
-import socket
 import statistics
 import time
 
@@ -73,16 +72,12 @@ def _worker(rank: int, world: int, port: int, queue, work_s: float) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure_sync_skew(ranks: int, work_s: float = WORK_PER_LENGTH_S, timeout: float = 300.0) -> dict:
     """{'lengths_s': segment CPU seconds, 'wait_s': mean wait per collective beyond the collective's own
     cost at each, 'alone_s': the collective's own blocked time} for `ranks` one-thread gloo processes."""
     import torch.multiprocessing as mp
+
+    from .gloo_link import _free_port
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -109,7 +104,5 @@ def wait_per_sync(skew: dict, segment_s: float) -> float:
     xs, ys = [0.0, *skew["lengths_s"]], [0.0, *skew["wait_s"]]
     if segment_s >= xs[-1]:
         return ys[-1]
-    for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:]):
-        if segment_s <= x1:
-            return y0 + (y1 - y0) * (segment_s - x0) / (x1 - x0)
-    return ys[-1]
+    x0, x1, y0, y1 = next(seg for seg in zip(xs, xs[1:], ys, ys[1:]) if segment_s <= seg[1])
+    return y0 + (y1 - y0) * (segment_s - x0) / (x1 - x0)
