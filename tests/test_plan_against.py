@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import small_run
 from moeforge.cli import main
 from moeforge.plan.against import compare
 from moeforge.plan.layout import Layout
@@ -150,7 +151,7 @@ def test_local_collectives_are_priced_from_gloos_own_measured_collectives(monkey
     assert local_collective_time(dev.CPUDevice(threads=1, ranks=1), a2a, lo) is None
 
 
-def test_ranks_wait_for_each_other_at_every_collective_by_the_measured_skew(monkeypatch):
+def test_ranks_wait_for_each_other_at_every_collective_by_the_measured_skew(monkeypatch, tmp_path):
     """A local run of several processes pays, per step, the measured wait at one collective (sync_skew.py)
     for each collective its ranks meet at (pipeline sends excepted: the bubble), at the mean segment of
     work between them. Debug under TP2 meets 37 times: 4 blocks x (2 forward + 5 backward all-reduces),
@@ -173,7 +174,7 @@ def test_ranks_wait_for_each_other_at_every_collective_by_the_measured_skew(monk
     monkeypatch.setattr(dev, "_measure_bmm", lambda g, m, n, k, dtype, threads: 2 * g * m * n * k / 1e11)
     fits = {c: {"alpha": 2e-4, "beta": 1e9} for c in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")}
     monkeypatch.setattr(dev.CPUDevice, "gloo", lambda self: {"collectives": fits})
-    monkeypatch.setattr(dev, "_cache_path", lambda: Path("/nonexistent/plan-cpu.json"))
+    monkeypatch.setattr(dev, "_cache_path", lambda: tmp_path / "plan-cpu.json")
     skew = {"lengths_s": [0.001, 0.01], "wait_s": [2e-4, 1e-3], "alone_s": 5e-4}
     model = from_moe(preset("debug"), "debug")
     s = TrainSettings(seq_len=64, global_batch=2, precision="fp32")
@@ -206,9 +207,10 @@ def test_the_skew_probe_times_real_gloo_peers_and_interpolates():
     assert wait_per_sync(table, 1.0) == 3e-3  # held beyond the longest segment measured
 
 
-def test_eager_softmax_is_timed_at_its_shape_not_priced_by_its_bytes(monkeypatch):
-    """Eager attention's row softmax over [B*H, T, T] is exp-bound: a measured device times it at its
-    shape (forward and backward), as it times GEMMs; the bytes stay on the op for devices without it."""
+def test_eager_softmax_and_swiglu_are_timed_at_their_shapes_not_priced_by_their_bytes(monkeypatch, tmp_path):
+    """Eager attention's row softmax over [B*H, T, T] and SwiGLU's silu(gate) * up are exp-bound: a
+    measured device times them at their shapes (forward and backward; a recomputed forward as a forward),
+    as it times GEMMs; the bytes stay on the op for devices without it."""
     from moeforge.config import preset
     from moeforge.plan import device as dev
     from moeforge.plan.layout import TrainSettings
@@ -218,7 +220,7 @@ def test_eager_softmax_is_timed_at_its_shape_not_priced_by_its_bytes(monkeypatch
     rates = (("elementwise_bw", 16e9), ("dispatch_s", 1e-6), ("socket_bw", 1e9), ("socket_latency_s", 1e-5),
              ("share", 1.0))
     monkeypatch.setattr(dev, "measured_rates", lambda threads: rates)
-    monkeypatch.setattr(dev, "_cache_path", lambda: Path("/nonexistent/plan-cpu.json"))
+    monkeypatch.setattr(dev, "_cache_path", lambda: tmp_path / "plan-cpu.json")
     timed = []
     monkeypatch.setattr(dev, "measure_softmax", lambda g, m, n, phase, threads: timed.append((g, m, n, phase)) or 0.01)
     model = from_moe(preset("debug"), "debug")
@@ -229,4 +231,53 @@ def test_eager_softmax_is_timed_at_its_shape_not_priced_by_its_bytes(monkeypatch
     assert {op.phase for op in ops} == {"fwd", "bwd"} and all(op.bytes > 0 for op in ops)
     d = dev.CPUDevice(threads=1, ranks=1, run_share=1.0)
     assert d.op_time(ops[0]) == 0.01 and timed[0][:3] == (2 * heads, 64, 64)
-    assert not [op for op in step_ops(model, Layout(), s, FUSED) if op.timed]  # flash attention: no T x T softmax
+    assert not [op for op in step_ops(model, Layout(), s, FUSED) if op.timed]  # fused kernels: by their bytes
+
+    swiglu = []
+    monkeypatch.setattr(dev, "measure_swiglu", lambda m, n, phase, dtype, threads: swiglu.append((m, n, phase)) or 0.02)
+    cfg = preset("debug")
+    ops = [op for op in step_ops(model, Layout(micro_batch=2, recompute="selective"), s, EAGER) if op.timed == "swiglu"]
+    shapes = {(op.m, op.n) for op in ops}
+    assert (128, cfg.intermediate_size) in shapes  # the dense MLP over its 2 x 64 tokens
+    assert (128 * cfg.num_experts_per_tok, cfg.moe_intermediate_size) in shapes  # the routed experts' rows
+    recomputed = [op for op in ops if op.name.endswith(".recompute")]
+    assert recomputed and all(op.phase == "bwd" for op in recomputed)
+    for op in recomputed:
+        assert d.op_time(op) == 0.02 and swiglu[-1][2] == "fwd"  # recomputation repeats the forward
+
+
+def test_eager_host_work_is_measured_per_layer_where_the_arithmetic_is_negligible(tmp_path):
+    """The trainer's Python and autograd work (host_cost.py) is measured on the run's own model at one
+    sequence of 8 tokens, net of what the op list prices there; the eager op list carries one host op per
+    layer, MTP module, pipeline end and step, which a measured CPU prices from that table and a GPU at 0."""
+    from moeforge.plan.catalog import get_hardware
+    from moeforge.plan.device import CPUDevice, GPUDevice
+    from moeforge.plan.host_cost import SEQ, measure_host_cost
+    from moeforge.plan.layout import TrainSettings
+    from moeforge.plan.models import from_moe
+    from moeforge.plan.ops import EAGER, FUSED, step_ops
+
+    run = small_run(tmp_path)
+    device = CPUDevice(threads=1, ranks=1, run_share=1.0)
+    host = measure_host_cost(run, device, reps=3)
+    cats = [f"{c}.{p}" for c in ("dense", "moe", "mtp", "ends") for p in ("fwd", "bwd")] + ["step"]
+    assert set(cats) <= set(host) and all(host[k] >= 0 for k in cats)
+    # the step at 1 x SEQ tokens is mostly host work: what the table holds is most of its measured time
+    layers = run.model.first_k_dense_replace, run.model.num_hidden_layers - run.model.first_k_dense_replace
+    per_step = (layers[0] * (host["dense.fwd"] + host["dense.bwd"]) + layers[1] * (host["moe.fwd"] + host["moe.bwd"])
+                + run.model.num_nextn_predict_layers * (host["mtp.fwd"] + host["mtp.bwd"])
+                + host["ends.fwd"] + host["ends.bwd"] + host["step"])
+    assert 0.3 * host["measured_step_s"] < per_step <= host["measured_step_s"]
+    assert host["priced_step_s"] < host["measured_step_s"] and SEQ == 8
+
+    model = from_moe(run.model, "debug")
+    s = TrainSettings(seq_len=64, global_batch=4, precision="fp32")
+    ops = [op for op in step_ops(model, Layout(micro_batch=4), s, EAGER) if op.kind == "host"]
+    names = [op.name for op in ops]
+    assert names.count("dense.host") == 2 and names.count("moe.host") == 2 and "trainer.host" in names
+    assert names.count("ends.host") == 2 and any(n.startswith("mtp0.") for n in names)
+    device.host = host
+    dense_fwd = next(op for op in ops if op.name == "dense.host" and op.phase == "fwd")
+    assert device.op_time(dense_fwd) == pytest.approx(host["dense.fwd"] * device.slowdown)
+    assert GPUDevice(get_hardware("h800")).op_time(dense_fwd) == 0.0
+    assert not [op for op in step_ops(model, Layout(micro_batch=4), s, FUSED) if op.kind == "host"]

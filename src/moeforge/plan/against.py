@@ -177,6 +177,8 @@ def predict_run(rec: RunRecord, device=None, threads: int | None = None, run_sha
         run_share = rec.cpu_share
     if device is None:
         device = CPUDevice(threads=threads, ranks=rec.processes, run_share=run_share)
+    if device.host is None:
+        device.host = host_costs(rec.run, device)
     hw = local_cpu_hardware(device)
     link = gloo_link(device) if rec.processes > 1 else net.Link(device.rates["socket_bw"], 0.0)
     topo = net.Topology("nvswitch", lo.gpus, lo.gpus, link, link)
@@ -188,6 +190,20 @@ def predict_run(rec: RunRecord, device=None, threads: int | None = None, run_sha
         st = replace(st, compute=st.compute + host * device.slowdown, total=st.total + host * device.slowdown,
                      by_kind={**st.by_kind, "fsdp2/dtensor host": host * device.slowdown})
     return lo, s, st, cpu + host
+
+
+def host_costs(run: RunConfig, device) -> dict:
+    """The eager trainer's host seconds per layer and step for the run's model (host_cost.py), cached with
+    the device's GEMM timings; {} (host work unpriced) if the model cannot be built here."""
+    from .host_cost import measure_host_cost, run_key
+
+    try:
+        costs = device.cache.get(f"host|{run_key(run)}|{device.threads}", lambda: measure_host_cost(run, device))
+    except (ConfigError, OSError, RuntimeError, ValueError) as e:
+        print(f"moeforge plan: host cost not measured ({e}); it is left out", file=sys.stderr)
+        return {}
+    device.save()
+    return costs
 
 
 def wrapper_seconds(rec: RunRecord, lo: Layout, device) -> float:

@@ -95,6 +95,8 @@ class GPUDevice:
             return op.flops / (hw.matmul_flops("bf16") * eff)
         if op.kind == "memory":
             return max(op.bytes / (hw.hbm_bw * HBM_EFFICIENCY), op.kernels * KERNEL_LAUNCH_S)
+        if op.kind == "host":  # a GPU's host runs ahead of its kernels: the launch floor is what shows
+            return 0.0
         raise ValueError(op.kind)
 
 
@@ -352,6 +354,7 @@ class CPUDevice:
     run_share: float | None = None  # CPU share the run's processes got (rusage; benchmarks record it)
     rates: dict = field(default_factory=dict)
     cache: _ShapeCache | None = None
+    host: dict | None = None  # host_cost.measure_host_cost of the run's model (None: host work unpriced)
     skew: dict | None = None  # sync_skew.measure_sync_skew at `ranks` (measured when first needed)
 
     def __post_init__(self):
@@ -404,16 +407,25 @@ class CPUDevice:
             t = self.timed_elementwise(op)
         elif op.kind == "memory":
             t = op.bytes / r["elementwise_bw"] + op.kernels * r["dispatch_s"]
+        elif op.kind == "host":  # measured for the run's model (host_cost.py); unknown: unpriced
+            t = (self.host or {}).get(op.timed if op.phase == "step" else f"{op.timed}.{op.phase}", 0.0)
         else:
             raise ValueError(op.kind)
         return t * self.slowdown
 
     def timed_elementwise(self, op: Op) -> float:
-        """An element-wise op timed at its own shape (`Op.timed`), like the GEMMs: eager attention's softmax
-        over [B*H, T, T] costs ~2.7x what its bytes at the streaming bandwidth give (its exp; profiled
-        debug step, docs/planner.md)."""
-        key = f"cpu-s|{op.timed}|{op.phase}|{op.groups}|{op.m}|{op.n}|{self.threads}"
-        t = self.cache.get(key, lambda: measure_softmax(op.groups, op.m, op.n, op.phase, self.threads))
+        """An element-wise op timed at its own shape (`Op.timed`), like the GEMMs: the ops whose cost is
+        their exp, not their bytes. Eager attention's softmax over [B*H, T, T] costs ~2.7x what its bytes
+        at the streaming bandwidth give; SwiGLU's silu(gate) * up over [rows, F] 3-6x (profiled steps,
+        docs/planner.md). A recomputed forward (in backward) is timed as the forward it repeats."""
+        phase = "fwd" if op.name.endswith(".recompute") else op.phase
+        dtype = "bf16" if op.precision == "bf16" else "fp32"
+        key = f"cpu-s|{op.timed}|{phase}|{op.groups}|{op.m}|{op.n}|{self.threads}"
+        if op.timed == "swiglu":
+            key += f"|{dtype}"
+            t = self.cache.get(key, lambda: measure_swiglu(op.m, op.n, phase, dtype, self.threads))
+        else:
+            t = self.cache.get(key, lambda: measure_softmax(op.groups, op.m, op.n, phase, self.threads))
         alone = self.rates.get("elementwise_bw_alone", self.rates["elementwise_bw"])
         return t * alone / self.rates["elementwise_bw"]  # beside peers: slowed as the co-run bandwidth is
 
@@ -469,7 +481,40 @@ def measure_softmax(g: int, m: int, n: int, phase: str, threads: int) -> float:
             with torch.no_grad():
                 return _median_time(lambda: x.softmax(-1), 3)
         y = x.softmax(-1)
-        return _median_time(lambda: torch.autograd.grad(y, x, grad, retain_graph=True), 3)
+        t = _median_time(lambda: torch.autograd.grad(y, x, grad, retain_graph=True), 3)
+        return max(0.0, t - _grad_call_s(threads))
+
+
+def measure_swiglu(m: int, n: int, phase: str, dtype: str, threads: int) -> float:
+    """CPU seconds of moeforge's SwiGLU activation, silu(gate) * up over [m, n] (`model.norm.silu_mul`,
+    which the dense MLP, the shared and the routed experts run), forward as in training (autograd
+    recording) or its backward."""
+    import torch
+
+    from ..model.norm import silu_mul
+
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    with _threads(threads):
+        gate = torch.randn(m, n, dtype=dt, requires_grad=True)
+        up = torch.randn(m, n, dtype=dt, requires_grad=True)
+        if phase == "fwd":
+            return _median_time(lambda: silu_mul(gate, up), 3)
+        y, grad = silu_mul(gate, up), torch.randn(m, n, dtype=dt)
+        t = _median_time(lambda: torch.autograd.grad(y, (gate, up), grad, retain_graph=True), 3)
+        return max(0.0, t - _grad_call_s(threads))
+
+
+@lru_cache(maxsize=None)
+def _grad_call_s(threads: int) -> float:
+    """The fixed cost of one `torch.autograd.grad` call (starting the engine: ~0.1 ms), which a timed
+    backward pays once per call but a training step once per backward, not once per op."""
+    import torch
+
+    with _threads(threads):
+        x = torch.ones(1, requires_grad=True)
+        y = x * 1.0
+        one = torch.ones(1)
+        return _median_time(lambda: torch.autograd.grad(y, x, one, retain_graph=True), 9)
 
 
 def _measure_bmm(g: int, m: int, n: int, k: int, dtype: str, threads: int) -> float:

@@ -30,7 +30,7 @@ from .models import ModelShape
 @dataclass(frozen=True)
 class Op:
     name: str
-    kind: str  # gemm | attention | memory | collective
+    kind: str  # gemm | attention | memory | collective | host (the eager trainer's Python and autograd)
     phase: str  # fwd | bwd | step
     count: float = 1.0  # repetitions (per micro-batch for fwd/bwd, per optimizer step for "step")
     m: int = 0
@@ -45,7 +45,8 @@ class Op:
     hideable: bool = False  # may overlap with compute (EP/PP/DP traffic); TP all-reduces never are
     causal: bool = False  # attention: only half of the T x T products are computed
     timed: str = ""  # a memory op a measured device times at its shape (groups, m, n) instead of by bytes:
-    #                 "softmax", eager attention's row softmax over [B*H, T, T] (exp-bound, not bandwidth)
+    #                 "softmax", eager attention's row softmax over [B*H, T, T]; "swiglu", silu(gate) * up over
+    #                 [m, n] (both exp-bound, not bandwidth-bound)
 
     @property
     def flops(self) -> float:
@@ -94,10 +95,11 @@ def _ew(name: str, elems: float, elem_bytes: float, impl: Impl, tag: str = "", t
     fwd, bwd = (fused_f, fused_b) if impl.name == "fused" else (eager_f, eager_b)
     out = []
     g, m, n = shape
+    timed = timed if impl.name == "eager" else ""  # fused kernels are priced by their bytes
     for phase, (kernels, passes) in (("fwd", fwd), ("bwd", bwd)):
         if kernels:
             out.append(Op(f"{tag}{name}", "memory", phase, bytes=elems * elem_bytes * passes, kernels=kernels,
-                          timed=timed, groups=g, m=m, n=n))
+                          timed=timed, groups=g, m=m, n=n, precision="bf16" if elem_bytes == 2 else "fp32"))
     return out
 
 
@@ -180,7 +182,8 @@ def _mlp_ops(tokens: int, D: int, F: int, act: float, impl: Impl, precision: str
     """A SwiGLU MLP (gate and up as one GEMM of width 2F)."""
     if F <= 0:
         return []
-    return (_linear(tag + "gate_up", tokens, D, 2 * F, precision) + _ew("swiglu", tokens * F, act, impl, tag)
+    return (_linear(tag + "gate_up", tokens, D, 2 * F, precision)
+            + _ew("swiglu", tokens * F, act, impl, tag, timed="swiglu", shape=(1, tokens, F))
             + _linear(tag + "down", tokens, F, D, precision))
 
 
@@ -214,7 +217,7 @@ def _moe_ops(model: ModelShape, tokens: int, lo: Layout, act: float, impl: Impl,
             ops += _ew("permute", received * D, act, impl, tag + "ep.")
             ops.append(Op(tag + "ep.counts", "collective", "fwd", bytes=E * 8, collective="all_to_all", group="ep"))
     ops += _linear(tag + "experts.gate_up", per_expert, D, 2 * F, precision, groups=local)
-    ops += _ew("swiglu", received * F, act, impl, tag + "experts.")
+    ops += _ew("swiglu", received * F, act, impl, tag + "experts.", timed="swiglu", shape=(1, round(received), F))
     ops += _linear(tag + "experts.down", per_expert, F, D, precision, groups=local)
     ops += _ew("unpermute", rows * D, act, impl, tag)
     return ops
@@ -348,8 +351,19 @@ def _scaled(ops, factor: float, recompute: str) -> tuple[Op, ...]:
 def layer_block(model: ModelShape, moe: bool, tp: int, ep: int, seqs: int, s: TrainSettings, impl: Impl,
                 factor: float, recompute: str, cp: int = 1) -> tuple[Op, ...]:
     """`factor` identical layers (counts scaled), with what recomputation redoes in backward."""
-    ops = layer_ops(model, moe, Layout(tp=tp, ep=ep, dp=max(tp, ep), cp=cp), s, impl, seqs, "moe." if moe else "dense.")
-    return _scaled(ops, factor, recompute)
+    tag = "moe." if moe else "dense."
+    ops = layer_ops(model, moe, Layout(tp=tp, ep=ep, dp=max(tp, ep), cp=cp), s, impl, seqs, tag)
+    return _scaled(list(ops) + _host_ops(tag, impl), factor, recompute)
+
+
+def _host_ops(tag: str, impl: Impl) -> list[Op]:
+    """The eager trainer's host work for one module (a layer, an MTP module, the pipeline ends) per
+    micro-batch: Python, dispatch and autograd beside its kernels, priced by a measured device
+    (host_cost.py); `timed` names the table's category."""
+    if impl.name != "eager":
+        return []
+    return [Op(tag + "host", "host", phase, kernels=0, timed=tag.rstrip(".").rstrip("0123456789"))
+            for phase in ("fwd", "bwd")]
 
 
 @lru_cache(maxsize=8192)
@@ -376,6 +390,8 @@ def ends_block(model: ModelShape, tp: int, ep: int, seqs: int, s: TrainSettings,
             ops += layer_ops(model, model.moe_layers > 0, Layout(tp=tp, ep=ep, dp=max(tp, ep), cp=cp), s, impl, seqs, tag)
             ops += _ew("rmsnorm", tokens * D, s.act_bytes, impl, tag + "final_")
             ops += _head_and_loss(tokens, D, V, tp, head_prec, impl, s.act_bytes, tag)
+            ops += _host_ops(tag, impl)
+        ops += _host_ops("ends.", impl)  # embedding, head, loss and autograd's start: counted on the last stage
     return _scaled(ops, factor, recompute)
 
 
@@ -453,6 +469,8 @@ def _step_ops(model: ModelShape, lo: Layout, s: TrainSettings, impl: Impl, stage
     adam = local * (master_b * 2 + grad_b + mom_b * 4) + (local * s.weight_bytes if s.master_bytes else 0)
     tensors = 12 * (model.num_layers + depth) // lo.pp + 4
     ops.append(Op("adamw", "memory", "step", bytes=adam, kernels=tensors if impl.name == "eager" else 1))
+    if impl.name == "eager":  # the trainer's step around its kernels (host_cost.py)
+        ops.append(Op("trainer.host", "host", "step", kernels=0, timed="step"))
     return ops
 
 
