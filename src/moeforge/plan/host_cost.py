@@ -136,10 +136,22 @@ def _priced(run, device) -> dict:
     return out
 
 
+STATE_BYTES_PER_PARAM = 16  # fp32 weight, gradient and two AdamW moments: the whole model on one process
+
+
 def measure_host_cost(run, device, reps: int = REPS) -> dict:
     """{"dense.fwd", "dense.bwd", "moe.fwd", ..., "ends.fwd", "ends.bwd", "step"}: host CPU seconds per
     layer (per MTP module; per micro-batch for the ends; per optimizer step for "step") of `run`'s model
-    in moeforge's trainer on this machine. `device`: a CPUDevice whose op prices are subtracted."""
+    in moeforge's trainer on this machine. `device`: a CPUDevice whose op prices are subtracted. Refused
+    (ValueError) for a model whose training state would not fit in half this machine's memory on one
+    process (a run sharded over ranks can train one)."""
+    from .calibrate import _ram_gb
+    from .models import from_moe
+
+    need_gb = from_moe(run.model, run.train.preset).total_params * STATE_BYTES_PER_PARAM / 1e9
+    if need_gb > _ram_gb() / 2:
+        raise ValueError(f"the whole model needs {need_gb:.1f} GB on one process, more than half of this "
+                         f"machine's {_ram_gb():.0f} GB")
     from .device import _threads
 
     with tempfile.TemporaryDirectory() as tmp, _threads(device.threads):
