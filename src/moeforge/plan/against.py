@@ -207,13 +207,18 @@ def host_costs(run: RunConfig, device) -> dict:
 
 
 def wrapper_seconds(rec: RunRecord, lo: Layout, device) -> float:
-    """Host CPU seconds per step of the distributed wrappers: a rank's parameters are FSDP2 / DTensor
-    tensors when dp > 1 (ZeRO-2/3) or tp > 1, each costing `CPUDevice.wrapper` per step (measured)."""
-    if (lo.dp == 1 and lo.tp == 1) or not rec.run.train.preset:
+    """Host CPU seconds per step of the distributed wrappers, each measured as the run uses it
+    (`CPUDevice.wrapper`): the TP plan's DTensors when tp > 1, FSDP2 (ZeRO-2, or ZeRO-3 resharding after
+    forward) when dp > 1; a pipeline rank holds 1/pp of the parameter tensors."""
+    if not rec.run.train.preset:
         return 0.0
-    w = device.wrapper(rec.run.train.preset)
+    modes = (["tp"] if lo.tp > 1 else []) + ([("zero3" if lo.zero == 3 else "fsdp2")] if lo.dp > 1 else [])
+    total = 0.0
+    for mode in modes:
+        w = device.wrapper(rec.run.train.preset, mode)
+        total += w["per_tensor_s"] * w["tensors"]
     device.save()
-    return w["per_tensor_s"] * w["tensors"] / lo.pp
+    return total / lo.pp
 
 
 def gloo_link(device):

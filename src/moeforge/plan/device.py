@@ -459,11 +459,13 @@ class CPUDevice:
 
         return syncs * wait_per_sync(self.skew, compute_cpu_s / syncs)
 
-    def wrapper(self, preset: str) -> dict:
-        """FSDP2's host seconds per parameter tensor per step for a preset (wrapper_cost.py), cached on disk."""
+    def wrapper(self, preset: str, mode: str = "fsdp2") -> dict:
+        """A wrapper's host seconds per parameter tensor per step for a preset (wrapper_cost.py: FSDP2 as
+        ZeRO-2 or ZeRO-3, or the TP plan's DTensors), cached on disk."""
         from .wrapper_cost import measure_wrapper_cost
 
-        return self.cache.get(f"fsdp2|{preset}|{self.threads}", lambda: measure_wrapper_cost(preset))
+        key = f"fsdp2|{preset}|{self.threads}" if mode == "fsdp2" else f"wrapper|{mode}|{preset}|{self.threads}"
+        return self.cache.get(key, lambda: measure_wrapper_cost(preset, mode=mode))
 
     def save(self) -> None:
         self.cache.save()

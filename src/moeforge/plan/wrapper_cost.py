@@ -1,4 +1,5 @@
-"""The host cost of FSDP2 on this machine, per parameter tensor per step, measured as a component.
+"""The host cost of FSDP2 and of the TP plan's DTensors on this machine, per parameter tensor per step,
+measured as a component.
 
 Why: a distributed step's CPU time measured here exceeds the op list's by 0.1-0.2 s for the debug
 preset (docs/planner.md). Part of that is not the model's arithmetic but the wrapper's: FSDP2's
@@ -8,7 +9,10 @@ nothing fitted to a run: the same model built twice in a one-rank gloo group (in
 the caller's process stays free of a process group), plain and fully_shard-ed per block as moeforge
 does it, the same steps timed side by side (CPU seconds, alternating, median), the difference divided
 by the parameter tensors. One rank: collectives copy but send nothing (their bytes are priced by the
-gloo link).
+gloo link). Each run is priced with its own wrapper (`MODES`): FSDP2 keeping the gathered weights
+(ZeRO-2) or resharding them after forward (ZeRO-3: gathered again in backward), or moeforge's TP plan
+(`parallel.tensor.apply_tensor_parallel`) over a one-rank mesh, whose DTensor dispatch and hooks cost the
+same host work as over two.
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ import time
 STEPS = 6
 
 
-def _worker(queue, preset: str, seq: int, batch: int, port: int) -> None:
+MODES = ("fsdp2", "zero3", "tp")  # fully_shard keeping / resharding weights after forward; the TP plan
+
+
+def _worker(queue, preset: str, seq: int, batch: int, port: int, mode: str = "fsdp2") -> None:
     import torch
     import torch.distributed as dist
 
@@ -32,25 +39,36 @@ def _worker(queue, preset: str, seq: int, batch: int, port: int) -> None:
         from ..config import TrainConfig
         from ..config import preset as model_preset
         from ..model import Transformer
+        from ..parallel import clip_grad_norm
+        from ..parallel.tensor import split_param_groups
         from ..train import make_optimizer
 
         def build(shard: bool):
             torch.manual_seed(0)
             m = Transformer(model_preset(preset))
+            if shard and mode == "tp":  # moeforge's TP plan over a one-rank mesh: DTensor's dispatch
+                from torch.distributed.device_mesh import init_device_mesh
+
+                from ..parallel.tensor import apply_tensor_parallel
+
+                apply_tensor_parallel(m, init_device_mesh("cpu", (1,)))
+                opt = make_optimizer(m, TrainConfig())  # DTensor and plain parameters apart, as the trainer
+                return m, type(opt)(split_param_groups(opt.param_groups)), clip_grad_norm
             if shard:
                 for b in list(m.layers) + [x.block for x in m.mtp]:
-                    fully_shard(b, reshard_after_forward=False)
-                fully_shard(m, reshard_after_forward=False)
-            return m, make_optimizer(m, TrainConfig())
+                    fully_shard(b, reshard_after_forward=mode == "zero3")
+                fully_shard(m, reshard_after_forward=mode == "zero3")
+                return m, make_optimizer(m, TrainConfig()), clip_grad_norm  # the distributed trainer's clip
+            return m, make_optimizer(m, TrainConfig()), torch.nn.utils.clip_grad_norm_
 
         x = torch.randint(0, m_vocab(preset), (batch, seq + 1))
         models = {False: build(False), True: build(True)}
         times = {False: [], True: []}
         for i in range(STEPS + 1):
-            for shard, (m, opt) in models.items():
+            for shard, (m, opt, clip) in models.items():
                 c0 = time.process_time()
                 m(x[:, :-1], shift_labels=x[:, 1:]).loss.backward()
-                torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+                clip(list(m.parameters()), 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if i:  # the first step builds lazy state
@@ -69,15 +87,19 @@ def m_vocab(preset: str) -> int:
     return model_preset(preset).vocab_size
 
 
-def measure_wrapper_cost(preset: str = "debug", seq: int = 64, batch: int = 4, timeout: float = 300.0) -> dict:
-    """{'per_tensor_s', 'tensors', 'plain_s', 'sharded_s'}: FSDP2's CPU seconds per parameter tensor per step."""
+def measure_wrapper_cost(preset: str = "debug", seq: int = 64, batch: int = 4, timeout: float = 300.0,
+                         mode: str = "fsdp2") -> dict:
+    """{'per_tensor_s', 'tensors', 'plain_s', 'sharded_s'}: the wrapper's CPU seconds per parameter tensor
+    per step; `mode` (MODES): FSDP2 as ZeRO-2 or ZeRO-3, or moeforge's TP plan."""
+    if mode not in MODES:
+        raise ValueError(f"wrapper mode {mode!r} is not one of {', '.join(MODES)}")
     import torch.multiprocessing as mp
 
     from .gloo_link import _free_port
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(queue, preset, seq, batch, _free_port()), daemon=True)
+    proc = ctx.Process(target=_worker, args=(queue, preset, seq, batch, _free_port(), mode), daemon=True)
     proc.start()
     try:
         return queue.get(timeout=timeout)
