@@ -3,7 +3,7 @@
 import json
 import pytest
 
-from conftest import SMALL_CORPUS
+from conftest import SMALL_CORPUS, small_run
 from moeforge.cli import main
 from moeforge.profile.analyze import analyze, extract
 
@@ -152,3 +152,15 @@ def test_profile_bad_flags_are_one_line_errors(tmp_path, capsys, flags, message)
     assert main(["profile", "--preset", "debug", "--out", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_cpu_prediction_takes_the_runs_processes_as_one_node(tmp_path):
+    """`moeforge profile` on CPU predicts with this machine as one node of the run's ranks: a TP 2 run is
+    priced, not refused because TP must stay inside a node."""
+    from moeforge.profile.predict import predict
+
+    run = small_run(tmp_path, tp=2, nproc=2)
+    layout = {"dp": 1, "tp": 2, "pp": 1, "ep": 1, "zero": 0, "micro_batch": 4}
+    out = predict(run, layout, world=2, hardware="cpu")
+    assert "error" not in out, out
+    assert out["parts_s"]["TP all-reduce"] > 0 and out["total_s"] > 0

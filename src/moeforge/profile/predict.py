@@ -28,6 +28,8 @@ def default_hardware(device: str) -> str:
 
 def predict(run, layout: dict, world: int, hardware: str) -> dict:
     """The planner's breakdown (seconds) of this run's step: {hardware, layout, parts_s, total_s} or {error}."""
+    from dataclasses import replace
+
     from ..plan import Layout, TrainSettings, get_hardware, plan
     from ..plan.models import from_moe
 
@@ -45,7 +47,10 @@ def predict(run, layout: dict, world: int, hardware: str) -> dict:
                     schedule=SCHEDULES.get(cfg.pp_schedule, "1f1b"),
                     micro_batch=layout["micro_batch"],
                     recompute=RECOMPUTE.get(cfg.activation_checkpointing, "none"))
-        result = plan(from_moe(run.model, cfg.preset), get_hardware(hardware), world, settings, layout=lo, top=1)
+        hw = get_hardware(hardware)
+        if hardware == "cpu":  # the run's processes share this one machine: one node of `world` ranks
+            hw = replace(hw, gpus_per_node=max(hw.gpus_per_node, world))
+        result = plan(from_moe(run.model, cfg.preset), hw, world, settings, layout=lo, top=1)
     except (MoeforgeError, KeyError, TypeError, ValueError) as e:  # the planner cannot model this run
         return {"hardware": hardware, "error": f"{type(e).__name__}: {e}"}
     step = result.best.step
