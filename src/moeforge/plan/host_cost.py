@@ -49,7 +49,8 @@ def small_run(run, tmp: str):
     corpus slice (the run's data may be gone; the host cost does not depend on which tokens)."""
     t = dataclasses.replace(run.train, batch_size=1, seq_len=SEQ, grad_accum=1, nproc=1, dp=0, tp=1, pp=1,
                             ep=1, cp=1, zero=0, data=None, max_corpus_mb=1.0, run_dir=tmp, device="cpu",
-                            compile=False, redundant_experts=0, offload="none", activation_checkpointing="none")
+                            compile=False, redundant_experts=0, offload="none", activation_checkpointing="none",
+                            memory_budget=None)
     return dataclasses.replace(run, train=t)
 
 
