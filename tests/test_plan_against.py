@@ -280,4 +280,7 @@ def test_eager_host_work_is_measured_per_layer_where_the_arithmetic_is_negligibl
     dense_fwd = next(op for op in ops if op.name == "dense.host" and op.phase == "fwd")
     assert device.op_time(dense_fwd) == pytest.approx(host["dense.fwd"] * device.slowdown)
     assert GPUDevice(get_hardware("h800")).op_time(dense_fwd) == 0.0
+    full = [op for op in step_ops(model, Layout(micro_batch=4, recompute="full"), s, EAGER)
+            if op.name == "dense.host.recompute"]
+    assert full and device.op_time(full[0]) == device.op_time(dense_fwd)  # recomputation repeats the forward
     assert not [op for op in step_ops(model, Layout(micro_batch=4), s, FUSED) if op.kind == "host"]

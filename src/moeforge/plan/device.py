@@ -408,7 +408,8 @@ class CPUDevice:
         elif op.kind == "memory":
             t = op.bytes / r["elementwise_bw"] + op.kernels * r["dispatch_s"]
         elif op.kind == "host":  # measured for the run's model (host_cost.py); unknown: unpriced
-            t = (self.host or {}).get(op.timed if op.phase == "step" else f"{op.timed}.{op.phase}", 0.0)
+            phase = "fwd" if op.name.endswith(".recompute") else op.phase  # recomputation repeats the forward
+            t = (self.host or {}).get(op.timed if phase == "step" else f"{op.timed}.{phase}", 0.0)
         else:
             raise ValueError(op.kind)
         return t * self.slowdown

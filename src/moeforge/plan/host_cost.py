@@ -33,7 +33,6 @@ import time
 
 SEQ = 8
 REPS = 7
-CATEGORIES = ("dense", "moe", "mtp", "ends")
 
 
 def run_key(run) -> str:
@@ -147,14 +146,13 @@ def measure_host_cost(run, device, reps: int = REPS) -> dict:
     (ValueError) for a model whose training state would not fit in half this machine's memory on one
     process (a run sharded over ranks can train one)."""
     from .calibrate import _ram_gb
+    from .device import _threads
     from .models import from_moe
 
     need_gb = from_moe(run.model, run.train.preset).total_params * STATE_BYTES_PER_PARAM / 1e9
     if need_gb > _ram_gb() / 2:
         raise ValueError(f"the whole model needs {need_gb:.1f} GB on one process, more than half of this "
                          f"machine's {_ram_gb():.0f} GB")
-    from .device import _threads
-
     with tempfile.TemporaryDirectory() as tmp, _threads(device.threads):
         small = small_run(run, tmp)
         measured = _measured(small, reps)
