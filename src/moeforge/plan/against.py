@@ -209,13 +209,13 @@ def host_costs(run: RunConfig, device) -> dict:
 def wrapper_seconds(rec: RunRecord, lo: Layout, device) -> float:
     """Host CPU seconds per step of the distributed wrappers, each measured as the run uses it
     (`CPUDevice.wrapper`): the TP plan's DTensors when tp > 1, FSDP2 (ZeRO-2, or ZeRO-3 resharding after
-    forward) when dp > 1; a pipeline rank holds 1/pp of the parameter tensors."""
+    forward) over the run's dp ranks when dp > 1; a pipeline rank holds 1/pp of the parameter tensors."""
     if not rec.run.train.preset:
         return 0.0
     modes = (["tp"] if lo.tp > 1 else []) + ([("zero3" if lo.zero == 3 else "fsdp2")] if lo.dp > 1 else [])
     total = 0.0
     for mode in modes:
-        w = device.wrapper(rec.run.train.preset, mode)
+        w = device.wrapper(rec.run.train.preset, mode, world=lo.dp)
         total += w["per_tensor_s"] * w["tensors"]
     device.save()
     return total / lo.pp

@@ -460,13 +460,14 @@ class CPUDevice:
 
         return syncs * wait_per_sync(self.skew, compute_cpu_s / syncs)
 
-    def wrapper(self, preset: str, mode: str = "fsdp2") -> dict:
+    def wrapper(self, preset: str, mode: str = "fsdp2", world: int = 1) -> dict:
         """A wrapper's host seconds per parameter tensor per step for a preset (wrapper_cost.py: FSDP2 as
-        ZeRO-2 or ZeRO-3, or the TP plan's DTensors), cached on disk."""
+        ZeRO-2 or ZeRO-3 over `world` gloo ranks, or the TP plan's DTensors), cached on disk."""
         from .wrapper_cost import measure_wrapper_cost
 
-        key = f"fsdp2|{preset}|{self.threads}" if mode == "fsdp2" else f"wrapper|{mode}|{preset}|{self.threads}"
-        return self.cache.get(key, lambda: measure_wrapper_cost(preset, mode=mode))
+        world = 1 if mode == "tp" else world
+        key = f"wrapper|{mode}|{world}|{preset}|{self.threads}"
+        return self.cache.get(key, lambda: measure_wrapper_cost(preset, mode=mode, world=world))
 
     def save(self) -> None:
         self.cache.save()

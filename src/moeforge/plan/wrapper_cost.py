@@ -26,13 +26,14 @@ STEPS = 6
 MODES = ("fsdp2", "zero3", "tp")  # fully_shard keeping / resharding weights after forward; the TP plan
 
 
-def _worker(queue, preset: str, seq: int, batch: int, port: int, mode: str = "fsdp2") -> None:
+def _worker(queue, preset: str, seq: int, batch: int, port: int, mode: str = "fsdp2", rank: int = 0,
+            world: int = 1) -> None:
     import torch
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         from torch.distributed.fsdp import fully_shard
 
@@ -66,17 +67,18 @@ def _worker(queue, preset: str, seq: int, batch: int, port: int, mode: str = "fs
         times = {False: [], True: []}
         for i in range(STEPS + 1):
             for shard, (m, opt, clip) in models.items():
-                c0 = time.process_time()
+                c0 = time.thread_time()  # the training thread's CPU, as the trainer's cpu_s (not gloo's threads)
                 m(x[:, :-1], shift_labels=x[:, 1:]).loss.backward()
                 clip(list(m.parameters()), 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if i:  # the first step builds lazy state
-                    times[shard].append(time.process_time() - c0)
+                    times[shard].append(time.thread_time() - c0)
         med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
         tensors = sum(1 for _ in models[False][0].parameters())
-        queue.put({"per_tensor_s": max(0.0, med[True] - med[False]) / tensors, "tensors": tensors,
-                   "plain_s": med[False], "sharded_s": med[True]})
+        if rank == 0:
+            queue.put({"per_tensor_s": max(0.0, med[True] - med[False]) / tensors, "tensors": tensors,
+                       "plain_s": med[False], "sharded_s": med[True], "world": world})
     finally:
         dist.destroy_process_group()
 
@@ -88,22 +90,29 @@ def m_vocab(preset: str) -> int:
 
 
 def measure_wrapper_cost(preset: str = "debug", seq: int = 64, batch: int = 4, timeout: float = 300.0,
-                         mode: str = "fsdp2") -> dict:
-    """{'per_tensor_s', 'tensors', 'plain_s', 'sharded_s'}: the wrapper's CPU seconds per parameter tensor
-    per step; `mode` (MODES): FSDP2 as ZeRO-2 or ZeRO-3, or moeforge's TP plan."""
+                         mode: str = "fsdp2", world: int = 1) -> dict:
+    """{'per_tensor_s', 'tensors', 'plain_s', 'sharded_s', 'world'}: the wrapper's CPU seconds (the
+    training thread's) per parameter tensor per step on rank 0 of `world` gloo processes; `mode` (MODES):
+    FSDP2 as ZeRO-2 or ZeRO-3 (over `world` ranks: its gradient reduce-scatter and gathers run through
+    gloo as in the run), or moeforge's TP plan (one rank: a real split would change the arithmetic)."""
     if mode not in MODES:
         raise ValueError(f"wrapper mode {mode!r} is not one of {', '.join(MODES)}")
     import torch.multiprocessing as mp
 
     from .gloo_link import _free_port
 
+    world = 1 if mode == "tp" else max(1, world)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(queue, preset, seq, batch, _free_port(), mode), daemon=True)
-    proc.start()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(queue, preset, seq, batch, port, mode, r, world), daemon=True)
+             for r in range(world)]
+    for proc in procs:
+        proc.start()
     try:
         return queue.get(timeout=timeout)
     finally:
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.terminate()
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.terminate()
