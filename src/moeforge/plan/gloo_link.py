@@ -108,24 +108,31 @@ def collective_fit(times: dict) -> dict:
     return {"alpha": alpha, "beta": rates[len(rates) // 2]}
 
 
-def measure_gloo(timeout: float = 180.0) -> dict:
-    """{'gloo_latency_s', 'gloo_bw', 'p2p': {bytes: s}, 'all_reduce2': {bytes: s}, 'collectives': {name:
-    {'times': {bytes: s}, 'alpha', 'beta'}}} from two gloo processes."""
+def run_ranks(target, world: int, args: tuple = (), replies: int = 1, timeout: float = 180.0) -> list:
+    """Spawn `world` processes running target(rank, world, port, queue, *args) (each its own gloo rank on
+    a free local port); the first `replies` items they put on the queue. Spawned, so the caller's process
+    stays free of a process group; stragglers are terminated."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, queue), daemon=True) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, world, port, queue, *args), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     try:
-        res = queue.get(timeout=timeout)
+        return [queue.get(timeout=timeout) for _ in range(replies)]
     finally:
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
                 p.terminate()
+
+
+def measure_gloo(timeout: float = 180.0) -> dict:
+    """{'gloo_latency_s', 'gloo_bw', 'p2p': {bytes: s}, 'all_reduce2': {bytes: s}, 'collectives': {name:
+    {'times': {bytes: s}, 'alpha', 'beta'}}} from two gloo processes."""
+    (res,) = run_ranks(_worker, 2, timeout=timeout)
     collectives = res.pop("collectives")
     small = res[SIZES[0]][0]
     rates = sorted(n / max(res[n][0] - small, 1e-9) for n in SIZES[1:])

@@ -75,23 +75,9 @@ def _worker(rank: int, world: int, port: int, queue, work_s: float) -> None:
 def measure_sync_skew(ranks: int, work_s: float = WORK_PER_LENGTH_S, timeout: float = 300.0) -> dict:
     """{'lengths_s': segment CPU seconds, 'wait_s': mean wait per collective beyond the collective's own
     cost at each, 'alone_s': the collective's own blocked time} for `ranks` one-thread gloo processes."""
-    import torch.multiprocessing as mp
+    from .gloo_link import run_ranks
 
-    from .gloo_link import _free_port
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, ranks, port, queue, work_s), daemon=True) for r in range(ranks)]
-    for p in procs:
-        p.start()
-    try:
-        results = dict(queue.get(timeout=timeout) for _ in range(ranks))
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
+    results = dict(run_ranks(_worker, ranks, (work_s,), replies=ranks, timeout=timeout))
     mean = {length: statistics.mean(results[r][length] for r in results) for length in LENGTHS_S}
     alone = mean[0.0]
     lengths = [length for length in LENGTHS_S if length > 0]

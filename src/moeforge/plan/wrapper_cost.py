@@ -5,14 +5,14 @@ Why: a distributed step's CPU time measured here exceeds the op list's by 0.1-0.
 preset (docs/planner.md). Part of that is not the model's arithmetic but the wrapper's: FSDP2's
 pre-forward and post-backward hooks, its all-gather / reduce-scatter copies into flat buffers, and
 DTensor dispatch in clipping and the optimizer, once per parameter tensor. That is measured here with
-nothing fitted to a run: the same model built twice in a one-rank gloo group (in a spawned process, so
-the caller's process stays free of a process group), plain and fully_shard-ed per block as moeforge
-does it, the same steps timed side by side (CPU seconds, alternating, median), the difference divided
-by the parameter tensors. One rank: collectives copy but send nothing (their bytes are priced by the
-gloo link). Each run is priced with its own wrapper (`MODES`): FSDP2 keeping the gathered weights
-(ZeRO-2) or resharding them after forward (ZeRO-3: gathered again in backward), or moeforge's TP plan
+nothing fitted to a run: the same model built twice on each of `world` spawned gloo ranks, plain and
+wrapped as moeforge wraps it, the same steps timed side by side (the training thread's CPU seconds,
+alternating, median), rank 0's difference divided by the parameter tensors. Each run is priced with its
+own wrapper (`MODES`): FSDP2 keeping the gathered weights (ZeRO-2) or resharding them after forward
+(ZeRO-3: gathered again in backward), over the run's dp ranks (its reduce-scatter and gathers through
+gloo; their blocked time is priced by the gloo link, not here), or moeforge's TP plan
 (`parallel.tensor.apply_tensor_parallel`) over a one-rank mesh, whose DTensor dispatch and hooks cost the
-same host work as over two.
+same host work as over two (a real split would change the arithmetic).
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ STEPS = 6
 MODES = ("fsdp2", "zero3", "tp")  # fully_shard keeping / resharding weights after forward; the TP plan
 
 
-def _worker(queue, preset: str, seq: int, batch: int, port: int, mode: str = "fsdp2", rank: int = 0,
-            world: int = 1) -> None:
+def _worker(rank: int, world: int, port: int, queue, preset: str, seq: int, batch: int, mode: str) -> None:
     import torch
     import torch.distributed as dist
 
@@ -97,22 +96,8 @@ def measure_wrapper_cost(preset: str = "debug", seq: int = 64, batch: int = 4, t
     gloo as in the run), or moeforge's TP plan (one rank: a real split would change the arithmetic)."""
     if mode not in MODES:
         raise ValueError(f"wrapper mode {mode!r} is not one of {', '.join(MODES)}")
-    import torch.multiprocessing as mp
-
-    from .gloo_link import _free_port
+    from .gloo_link import run_ranks
 
     world = 1 if mode == "tp" else max(1, world)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(queue, preset, seq, batch, port, mode, r, world), daemon=True)
-             for r in range(world)]
-    for proc in procs:
-        proc.start()
-    try:
-        return queue.get(timeout=timeout)
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.terminate()
+    (result,) = run_ranks(_worker, world, (preset, seq, batch, mode), timeout=timeout)
+    return result
