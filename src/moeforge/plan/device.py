@@ -408,7 +408,7 @@ class CPUDevice:
         elif op.kind == "memory":
             t = op.bytes / r["elementwise_bw"] + op.kernels * r["dispatch_s"]
         elif op.kind == "host":  # measured for the run's model (host_cost.py); unknown: unpriced
-            phase = "fwd" if op.name.endswith(".recompute") else op.phase  # recomputation repeats the forward
+            phase = op.work_phase
             t = (self.host or {}).get(op.timed if phase == "step" else f"{op.timed}.{phase}", 0.0)
         else:
             raise ValueError(op.kind)
@@ -419,7 +419,7 @@ class CPUDevice:
         their exp, not their bytes. Eager attention's softmax over [B*H, T, T] costs ~2.7x what its bytes
         at the streaming bandwidth give; SwiGLU's silu(gate) * up over [rows, F] 3-6x (profiled steps,
         docs/planner.md). A recomputed forward (in backward) is timed as the forward it repeats."""
-        phase = "fwd" if op.name.endswith(".recompute") else op.phase
+        phase = op.work_phase
         dtype = "bf16" if op.precision == "bf16" else "fp32"
         key = f"cpu-s|{op.timed}|{phase}|{op.groups}|{op.m}|{op.n}|{self.threads}"
         if op.timed == "swiglu":

@@ -49,6 +49,11 @@ class Op:
     #                 [m, n] (both exp-bound, not bandwidth-bound)
 
     @property
+    def work_phase(self) -> str:
+        """The phase whose work the op repeats: a forward recomputed in backward (`_recompute`) is a forward."""
+        return "fwd" if self.name.endswith(RECOMPUTE_SUFFIX) else self.phase
+
+    @property
     def flops(self) -> float:
         f = 2.0 * self.groups * self.m * self.n * self.k
         return f / 2 if self.causal else f
@@ -353,17 +358,16 @@ def layer_block(model: ModelShape, moe: bool, tp: int, ep: int, seqs: int, s: Tr
     """`factor` identical layers (counts scaled), with what recomputation redoes in backward."""
     tag = "moe." if moe else "dense."
     ops = layer_ops(model, moe, Layout(tp=tp, ep=ep, dp=max(tp, ep), cp=cp), s, impl, seqs, tag)
-    return _scaled(list(ops) + _host_ops(tag, impl), factor, recompute)
+    return _scaled(list(ops) + _host_ops(tag, "moe" if moe else "dense", impl), factor, recompute)
 
 
-def _host_ops(tag: str, impl: Impl) -> list[Op]:
+def _host_ops(tag: str, category: str, impl: Impl) -> list[Op]:
     """The eager trainer's host work for one module (a layer, an MTP module, the pipeline ends) per
-    micro-batch: Python, dispatch and autograd beside its kernels, priced by a measured device
-    (host_cost.py); `timed` names the table's category."""
+    micro-batch: Python, dispatch and autograd beside its kernels, priced by a measured device from its
+    `category` of host_cost.py's table (kept in `timed`)."""
     if impl.name != "eager":
         return []
-    return [Op(tag + "host", "host", phase, kernels=0, timed=tag.rstrip(".").rstrip("0123456789"))
-            for phase in ("fwd", "bwd")]
+    return [Op(tag + "host", "host", phase, kernels=0, timed=category) for phase in ("fwd", "bwd")]
 
 
 @lru_cache(maxsize=8192)
@@ -390,8 +394,8 @@ def ends_block(model: ModelShape, tp: int, ep: int, seqs: int, s: TrainSettings,
             ops += layer_ops(model, model.moe_layers > 0, Layout(tp=tp, ep=ep, dp=max(tp, ep), cp=cp), s, impl, seqs, tag)
             ops += _ew("rmsnorm", tokens * D, s.act_bytes, impl, tag + "final_")
             ops += _head_and_loss(tokens, D, V, tp, head_prec, impl, s.act_bytes, tag)
-            ops += _host_ops(tag, impl)
-        ops += _host_ops("ends.", impl)  # embedding, head, loss and autograd's start: counted on the last stage
+            ops += _host_ops(tag, "mtp", impl)
+        ops += _host_ops("ends.", "ends", impl)  # embedding, head, loss and autograd's start: counted on the last stage
     return _scaled(ops, factor, recompute)
 
 
@@ -420,6 +424,7 @@ def _vocab_tp_collectives(where: str, tokens: int, D: int, V: int, tp: int, act:
     return fwd + [op("bwd", tokens * D * act)]
 
 
+RECOMPUTE_SUFFIX = ".recompute"
 RECOMPUTED = {"selective": ("rmsnorm", "swiglu", "q_b_proj", "kv_b_proj")}
 
 
@@ -431,7 +436,7 @@ def _recompute(ops: list[Op], mode: str) -> list[Op]:
         if op.phase != "fwd" or op.kind == "collective" and mode != "full":
             continue
         if mode == "full" or any(key in op.name for key in RECOMPUTED["selective"]):
-            out.append(replace(op, name=op.name + ".recompute", phase="bwd"))
+            out.append(replace(op, name=op.name + RECOMPUTE_SUFFIX, phase="bwd"))
     return out
 
 
