@@ -62,6 +62,7 @@ def test_against_predicts_a_finished_run_within_a_loose_factor(debug_run, capsys
     rows = [json.loads(line) for line in (debug_run / "metrics.jsonl").read_text().splitlines()[:-1]]
     for row in rows:  # wall = CPU + run-queue delay (+ blocked, none in one process), up to clock noise
         assert row["cpu_s"] + row["runq_s"] <= 1.2 * (8 * 128 / row["tokens_per_s"]) + 0.05
+        assert isinstance(row["minflt"], int) and row["minflt"] >= 0  # page faults of the step's thread
     assert r["by_kind"]["gemm"] > 0 and r["by_kind"]["memory"] > 0 and r["by_kind"]["attention"] > 0
     assert sum(r["parts"].values()) == pytest.approx(r["predicted_s"])
     assert (tmp_path / "moeforge" / "plan-cpu.json").is_file()  # measured shapes are kept

@@ -14,6 +14,7 @@ over threads exceeded the wall time of 2-rank steps by up to 2x).
 
 from __future__ import annotations
 
+import resource
 import threading
 import time
 
@@ -26,15 +27,25 @@ def run_queue_delay_s() -> float | None:
         return None
 
 
+def minor_faults() -> int | None:
+    """Minor page faults of the calling thread so far (Linux RUSAGE_THREAD), or None where not counted.
+    Each is a fresh page the kernel zeroes and maps: memory malloc returned to the OS and took back."""
+    who = getattr(resource, "RUSAGE_THREAD", None)
+    return None if who is None else resource.getrusage(who).ru_minflt
+
+
 class StepClock:
     """CPU seconds and run-queue delay of the calling thread between `start()` and `stop()`."""
 
     def start(self) -> None:
-        self.cpu0, self.wait0 = time.thread_time(), run_queue_delay_s()
+        self.cpu0, self.wait0, self.faults0 = time.thread_time(), run_queue_delay_s(), minor_faults()
 
     def stop(self) -> dict:
         out = {"cpu_s": round(time.thread_time() - self.cpu0, 4)}
         wait = run_queue_delay_s()
         if wait is not None and self.wait0 is not None:
             out["runq_s"] = round(wait - self.wait0, 4)
+        faults = minor_faults()
+        if faults is not None and self.faults0 is not None:
+            out["minflt"] = faults - self.faults0
         return out

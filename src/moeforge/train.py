@@ -31,6 +31,7 @@ from .metrics_sinks import open_sinks
 from .model import Transformer
 from .model_card import training_facts
 from .precision import AdamWBF16Moments, apply_training_precision
+from .cpu_heap import keep_freed_memory
 from .step_clock import StepClock
 
 
@@ -116,6 +117,8 @@ class Trainer:
         self.allow_config_change = allow_config_change
         self.amp_dtype = hardware.autocast_dtype(self.cfg.precision, self.caps)
         self.device = torch.device(self.caps.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # the next step reuses this step's pages instead of faulting them in again
 
         self.tokenizer = load_tokenizer(self.cfg.tokenizer)
         if self.tokenizer.vocab_size > run.model.vocab_size:
