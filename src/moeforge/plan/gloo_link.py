@@ -21,6 +21,8 @@ from __future__ import annotations
 import socket
 import time
 
+from ..cpu_heap import keep_freed_memory
+
 SIZES = (8, 65536, 1 << 20, 4 << 20)
 REPEATS = 12
 
@@ -36,6 +38,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    keep_freed_memory()  # the trainer's heap regime (cpu_heap.py)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     out = {}
     try:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import statistics
 import time
 
+from ..cpu_heap import keep_freed_memory
+
 LENGTHS_S = (0.0, 0.002, 0.005, 0.01, 0.02, 0.04)
 WORK_PER_LENGTH_S = 0.4  # CPU seconds of segments per length and rank (at least MIN_ITERS iterations)
 MIN_ITERS, WARMUP_ITERS = 10, 3
@@ -43,6 +45,7 @@ def _worker(rank: int, world: int, port: int, queue, work_s: float) -> None:
     from ..step_clock import run_queue_delay_s
 
     torch.set_num_threads(1)
+    keep_freed_memory()  # the trainer's heap regime (cpu_heap.py)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         a, b, x = torch.randn(128, 256), torch.randn(256, 256), torch.randn(64 * 1024)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 import time
 
+from ..cpu_heap import keep_freed_memory
+
 STEPS = 6
 
 
@@ -32,6 +34,7 @@ def _worker(rank: int, world: int, port: int, queue, preset: str, seq: int, batc
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    keep_freed_memory()  # the trainer's heap regime (cpu_heap.py)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         from torch.distributed.fsdp import fully_shard
