@@ -285,3 +285,43 @@ def test_eager_host_work_is_measured_per_layer_where_the_arithmetic_is_negligibl
             if op.name == "dense.host.recompute"]
     assert full and device.op_time(full[0]) == device.op_time(dense_fwd)  # recomputation repeats the forward
     assert not [op for op in step_ops(model, Layout(micro_batch=4), s, FUSED) if op.kind == "host"]
+
+
+def test_each_run_is_priced_with_the_wrappers_its_layout_applies():
+    """FSDP2 (ZeRO-2 / ZeRO-3) over the dp ranks with the experts split over the ep ranks, TP's DTensors
+    on their own; pipeline stages are not FSDP-wrapped (their dp ranks all-reduce), so none is priced."""
+    from types import SimpleNamespace
+
+    from moeforge.plan.against import wrapper_seconds
+
+    calls = []
+
+    class Device:
+        def wrapper(self, preset, mode, world=1, ep=1):
+            calls.append((mode, world, ep))
+            return {"per_tensor_s": 1e-3, "tensors": 10}
+
+        def save(self):
+            pass
+
+    rec = SimpleNamespace(run=SimpleNamespace(train=SimpleNamespace(preset="debug")))
+    assert wrapper_seconds(rec, Layout(dp=4, ep=4, zero=2), Device()) == pytest.approx(0.01)
+    assert wrapper_seconds(rec, Layout(dp=2, zero=3), Device()) == pytest.approx(0.01)
+    assert wrapper_seconds(rec, Layout(tp=2), Device()) == pytest.approx(0.01)
+    assert wrapper_seconds(rec, Layout(dp=2, pp=2, zero=0), Device()) == 0.0
+    assert calls == [("fsdp2", 4, 4), ("zero3", 2, 1), ("tp", 1, 1)]
+
+
+def test_the_wrapper_probe_wraps_as_the_trainer_does_over_real_ranks():
+    """Two spawned gloo ranks, the debug model plain and wrapped by `parallel.parallelize` with the
+    layout `moeforge train --nproc 2 --ep 2` resolves to; the wrapped step costs host work on top."""
+    from moeforge.parallel import ParallelLayout
+    from moeforge.plan.wrapper_cost import measure_wrapper_cost, wrapped_layout
+
+    assert wrapped_layout("fsdp2", 2, ep=2) == ParallelLayout.resolve(2, ep=2, zero=2)
+    assert wrapped_layout("zero3", 4) == ParallelLayout.resolve(4, zero=3)
+    r = measure_wrapper_cost("debug", seq=8, batch=2, mode="fsdp2", world=2, ep=2)
+    assert r["world"] == 2 and r["tensors"] == 64  # the plain debug model's parameter tensors
+    assert r["sharded_s"] > 0 and r["plain_s"] > 0 and r["per_tensor_s"] >= 0
+    with pytest.raises(ValueError, match="does not divide"):
+        measure_wrapper_cost("debug", mode="fsdp2", world=2, ep=4)

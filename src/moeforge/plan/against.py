@@ -209,13 +209,15 @@ def host_costs(run: RunConfig, device) -> dict:
 def wrapper_seconds(rec: RunRecord, lo: Layout, device) -> float:
     """Host CPU seconds per step of the distributed wrappers, each measured as the run uses it
     (`CPUDevice.wrapper`): the TP plan's DTensors when tp > 1, FSDP2 (ZeRO-2, or ZeRO-3 resharding after
-    forward) over the run's dp ranks when dp > 1; a pipeline rank holds 1/pp of the parameter tensors."""
+    forward) over the run's dp ranks when dp > 1 without pipeline stages, with the routed experts split
+    over its ep ranks (EP's dispatch and combine); a pipeline rank holds 1/pp of the parameter tensors."""
     if not rec.run.train.preset:
         return 0.0
-    modes = (["tp"] if lo.tp > 1 else []) + ([("zero3" if lo.zero == 3 else "fsdp2")] if lo.dp > 1 else [])
+    fsdp = lo.dp > 1 and lo.pp == 1  # pipeline stages are not FSDP-wrapped: their dp ranks all-reduce
+    modes = (["tp"] if lo.tp > 1 else []) + ([("zero3" if lo.zero == 3 else "fsdp2")] if fsdp else [])
     total = 0.0
     for mode in modes:
-        w = device.wrapper(rec.run.train.preset, mode, world=lo.dp)
+        w = device.wrapper(rec.run.train.preset, mode, world=lo.dp, ep=lo.ep)
         total += w["per_tensor_s"] * w["tensors"]
     device.save()
     return total / lo.pp

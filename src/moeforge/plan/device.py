@@ -474,14 +474,15 @@ class CPUDevice:
 
         return syncs * wait_per_sync(self.skew, compute_cpu_s / syncs)
 
-    def wrapper(self, preset: str, mode: str = "fsdp2", world: int = 1) -> dict:
+    def wrapper(self, preset: str, mode: str = "fsdp2", world: int = 1, ep: int = 1) -> dict:
         """A wrapper's host seconds per parameter tensor per step for a preset (wrapper_cost.py: FSDP2 as
-        ZeRO-2 or ZeRO-3 over `world` gloo ranks, or the TP plan's DTensors), cached on disk."""
+        ZeRO-2 or ZeRO-3 over `world` gloo ranks with the experts split over `ep` of them, or the TP plan's
+        DTensors), cached on disk."""
         from .wrapper_cost import measure_wrapper_cost
 
-        world = 1 if mode == "tp" else world
-        key = f"wrapper|{mode}|{world}|{preset}|{self.threads}"
-        return self.cache.get(key, lambda: measure_wrapper_cost(preset, mode=mode, world=world))
+        world, ep = (1, 1) if mode == "tp" else (world, ep)
+        key = f"wrapper|{mode}|{world}|ep{ep}|{preset}|{self.threads}"
+        return self.cache.get(key, lambda: measure_wrapper_cost(preset, mode=mode, world=world, ep=ep))
 
     def save(self) -> None:
         self.cache.save()
