@@ -338,3 +338,26 @@ def test_a_collectives_alpha_beta_fit_survives_a_stalled_small_message():
     stalled = collective_fit({"8": 3739e-6, "1048576": 696e-6, "4194304": 1819e-6, "16777216": 9874e-6})
     assert stalled["alpha"] == 696e-6
     assert 1e9 < stalled["beta"] < 1e10
+
+
+def test_the_layouts_own_host_work_is_measured_on_its_layout_at_8_tokens(tmp_path):
+    """The small run keeps the run's layout (degrees, schedule, its micro-batch count) at one 8-token
+    sequence per micro-batch; trained for real on two gloo ranks, its rank 0 logs a CPU time per step."""
+    from moeforge.config import resolve_run_config
+    from moeforge.plan.against import pipeline_microbatches, read_run
+    from moeforge.plan.layout_overhead import REPS, WARMUP, small_layout_run, train_small
+
+    run = resolve_run_config({}, dict(preset="debug", nproc=2, pp=2, pp_schedule="dualpipev", batch_size=16,
+                                      seq_len=256, eval_every=50))
+    assert pipeline_microbatches(run.train) == 4  # one per stage a rank holds (2), x pp
+    small = small_layout_run(run, dp=1, micro_batches=4).train
+    assert (small.seq_len, small.batch_size, small.pp_microbatches, small.steps) == (8, 4, 4, WARMUP + REPS)
+    assert (small.pp, small.pp_schedule, small.eval_every) == (2, "dualpipev", 0)
+    ep = resolve_run_config({}, dict(preset="debug", nproc=2, ep=2, batch_size=16, grad_accum=2)).train
+    assert pipeline_microbatches(ep) == 1
+    assert (small_layout_run(resolve_run_config({}, dict(preset="debug", ep=2)), dp=2, micro_batches=1).train
+            .batch_size) == 2
+    run_dir = train_small(run, processes=2, dp=1, micro_batches=4, folder=tmp_path)
+    rec = read_run(run_dir, processes=2)
+    assert len(rec.cpu_times) == WARMUP + REPS and rec.measured_cpu > 0
+    assert rec.run.train.pp_schedule == "dualpipev" and rec.run.train.seq_len == 8

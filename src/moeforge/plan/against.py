@@ -126,6 +126,15 @@ def read_run(run_dir: str | Path, processes: int | None = None) -> RunRecord:
                      counts if len(counts) == len(times) else [])
 
 
+def pipeline_microbatches(t) -> int:
+    """Micro-batches of one step on a pipeline rank (the trainer's default: 1 per stage it holds, x pp); 1
+    without pipeline stages."""
+    if t.pp <= 1:
+        return 1
+    chunks = 2 if t.pp_schedule in ("interleaved-1f1b", "dualpipev") else 1
+    return t.pp_microbatches or t.pp * chunks
+
+
 def run_layout(run: RunConfig, world: int) -> tuple[Layout, TrainSettings]:
     """moeforge train's flags as a planner layout and settings (fp32 or bf16 compute on this CPU)."""
     t = run.train
@@ -136,12 +145,7 @@ def run_layout(run: RunConfig, world: int) -> tuple[Layout, TrainSettings]:
         raise ConfigError(f"batch_size {t.batch_size} is not a multiple of dp={dp}")
     schedule = SCHEDULES.get(t.pp_schedule, "1f1b") if t.pp > 1 else "1f1b"
     per_rank = t.batch_size // dp
-    if t.pp > 1:
-        chunks = 2 if t.pp_schedule in ("interleaved-1f1b", "dualpipev") else 1
-        n_mb = t.pp_microbatches or t.pp * chunks
-        micro = max(1, per_rank // n_mb)
-    else:
-        micro = per_rank
+    micro = max(1, per_rank // pipeline_microbatches(t))
     zero = 0 if dp == 1 or t.pp > 1 else (3 if t.zero == 3 else 2)  # PP x DP: DDP-like all-reduce
     recompute = {"none": "none", "selective": "selective", "full": "full"}.get(t.activation_checkpointing, "none")
     lo = Layout(dp=dp, tp=t.tp, pp=t.pp, ep=t.ep, zero=zero, schedule=schedule, micro_batch=micro,
@@ -157,11 +161,13 @@ def run_layout(run: RunConfig, world: int) -> tuple[Layout, TrainSettings]:
     return lo, s
 
 
-def predict_run(rec: RunRecord, device=None, threads: int | None = None, run_share: float | None = None):
+def predict_run(rec: RunRecord, device=None, threads: int | None = None, run_share: float | None = None,
+                with_layout_overhead: bool = True):
     """(layout, settings, StepTime, rank 0's CPU seconds) predicted for the run on this machine, measured
     now. threads: per rank (default: OMP_NUM_THREADS, else the cores shared evenly, as `moeforge train
     --nproc` does). run_share: the CPU share the run's ranks got while runnable (default: the run's own
-    step clock, else the load measured now, `CPUDevice.slowdown`)."""
+    step clock, else the load measured now, `CPUDevice.slowdown`). with_layout_overhead: add the host work
+    the layout adds beyond every other component (layout_overhead.py)."""
     from dataclasses import replace
 
     from . import network as net
@@ -185,11 +191,47 @@ def predict_run(rec: RunRecord, device=None, threads: int | None = None, run_sha
     st = step_time(model, hw, topo, lo, s, device=device)
     own = replace(device, run_share=1.0)  # rank 0 (the first stage) on a core of its own: CPU seconds
     cpu = _stage_step_time(model, hw, topo, lo, s, own, 0).compute
-    host = wrapper_seconds(rec, lo, device)
-    if host:
-        st = replace(st, compute=st.compute + host * device.slowdown, total=st.total + host * device.slowdown,
-                     by_kind={**st.by_kind, "fsdp2/dtensor host": host * device.slowdown})
+    host = 0.0
+    extras = {"fsdp2/dtensor host": wrapper_seconds(rec, lo, device),
+              "layout host (8-token run)": layout_overhead_s(rec, lo, device, threads) if with_layout_overhead else 0.0}
+    for kind, seconds in extras.items():
+        if seconds:
+            host += seconds
+            st = replace(st, compute=st.compute + seconds * device.slowdown,
+                         total=st.total + seconds * device.slowdown,
+                         by_kind={**st.by_kind, kind: seconds * device.slowdown})
     return lo, s, st, cpu + host
+
+
+def layout_overhead_s(rec: RunRecord, lo: Layout, device, threads: int) -> float:
+    """Rank 0's CPU seconds per step that the run's distributed layout adds beyond every priced component:
+    the layout trained at 8 tokens (layout_overhead.py) minus this planner's price of that small run;
+    cached with the device's timings. 0 for one process (host_cost.py measures that case directly)."""
+    import tempfile
+
+    from .host_cost import run_key
+    from .layout_overhead import train_small
+
+    t = rec.run.train
+    if rec.processes <= 1:
+        return 0.0
+    n_mb = pipeline_microbatches(t)
+    key = (f"layout-overhead|{run_key(rec.run)}|{lo.short()}|{rec.processes}|{t.pp_schedule}|{t.ep_dispatch}|"
+           f"{t.ep_overlap_shared}|{t.grad_accum}|{threads}")
+
+    def measure() -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            small = read_run(train_small(rec.run, rec.processes, lo.dp, n_mb, Path(tmp), threads), rec.processes)
+            *_, priced = predict_run(small, device, threads, with_layout_overhead=False)
+            return max(0.0, small.measured_cpu - priced) if small.measured_cpu else 0.0
+
+    try:
+        seconds = device.cache.get(key, measure)
+    except ConfigError as e:
+        print(f"moeforge plan: {e}; it is left out", file=sys.stderr)
+        return 0.0
+    device.save()
+    return seconds
 
 
 def host_costs(run: RunConfig, device) -> dict:
