@@ -216,7 +216,8 @@ def layout_overhead_s(rec: RunRecord, lo: Layout, device, threads: int) -> float
     if rec.processes <= 1:
         return 0.0
     n_mb = pipeline_microbatches(t)
-    key = (f"layout-overhead|{run_key(rec.run)}|{lo.short()}|{rec.processes}|{t.pp_schedule}|{t.ep_dispatch}|"
+    degrees = f"dp{lo.dp}tp{lo.tp}pp{lo.pp}ep{lo.ep}cp{t.cp}z{lo.zero}mb{n_mb}"  # not the batch: measured at 8 tokens
+    key = (f"layout-overhead|{run_key(rec.run)}|{degrees}|{rec.processes}|{t.pp_schedule}|{t.ep_dispatch}|"
            f"{t.ep_overlap_shared}|{t.grad_accum}|{threads}")
 
     def measure() -> float:

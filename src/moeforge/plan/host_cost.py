@@ -43,14 +43,19 @@ def run_key(run) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def small_run(run, tmp: str):
-    """The run's model and training settings on one process, one sequence of SEQ tokens, the default
-    corpus slice (the run's data may be gone; the host cost does not depend on which tokens)."""
-    t = dataclasses.replace(run.train, batch_size=1, seq_len=SEQ, grad_accum=1, nproc=1, dp=0, tp=1, pp=1,
-                            ep=1, cp=1, zero=0, data=None, max_corpus_mb=1.0, run_dir=tmp, device="cpu",
-                            compile=False, redundant_experts=0, offload="none", activation_checkpointing="none",
-                            memory_budget=None)
+def at_alpha(run, **changes):
+    """The run at SEQ tokens a sequence on the default corpus slice (the run's data may be gone; host work
+    does not depend on which tokens), eager and without checkpointing (the op list re-lists recomputed
+    host work), with `changes` to its train config on top."""
+    t = dataclasses.replace(run.train, seq_len=SEQ, data=None, max_corpus_mb=1.0, compile=False,
+                            activation_checkpointing="none", memory_budget=None, **changes)
     return dataclasses.replace(run, train=t)
+
+
+def small_run(run, tmp: str):
+    """The run's model and training settings on one process, one sequence of SEQ tokens."""
+    return at_alpha(run, batch_size=1, grad_accum=1, nproc=1, dp=0, tp=1, pp=1, ep=1, cp=1, zero=0, run_dir=tmp,
+                    device="cpu", redundant_experts=0, offload="none")
 
 
 def _measured(run, reps: int) -> dict:

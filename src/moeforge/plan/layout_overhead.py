@@ -17,14 +17,13 @@ fitted to it: the same number is added whatever the tokens (the step's alpha, as
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from ..errors import ConfigError
-from .host_cost import SEQ
+from .host_cost import SEQ, at_alpha
 
 WARMUP, REPS = 2, 6
 TIMEOUT_S = 300
@@ -34,13 +33,9 @@ def small_layout_run(run, dp: int, micro_batches: int):
     """The run at `SEQ` tokens, one sequence per micro-batch of each of its `dp` data-parallel ranks (the
     same number of pipeline micro-batches and accumulation steps), every step logged, no evaluation,
     samples or mid-run checkpoints, the default corpus slice."""
-    t = run.train
-    pp_mb = {"pp_microbatches": micro_batches} if t.pp > 1 else {}
-    t = dataclasses.replace(t, seq_len=SEQ, batch_size=dp * max(1, micro_batches), steps=WARMUP + REPS,
-                            eval_every=0, eval_batches=1, sample_tokens=0, save_every=0, log_every=1, data=None,
-                            max_corpus_mb=1.0, run_dir=None, compile=False, activation_checkpointing="none",
-                            memory_budget=None, tensorboard=False, wandb=False, **pp_mb)
-    return dataclasses.replace(run, train=t)
+    pp_mb = {"pp_microbatches": micro_batches} if run.train.pp > 1 else {}
+    return at_alpha(run, batch_size=dp * max(1, micro_batches), steps=WARMUP + REPS, eval_every=0, eval_batches=1,
+                    sample_tokens=0, save_every=0, log_every=1, run_dir=None, tensorboard=False, wandb=False, **pp_mb)
 
 
 def train_small(run, processes: int, dp: int, micro_batches: int, folder: Path, threads: int = 1) -> Path:
