@@ -2,6 +2,9 @@
 same size stops page-faulting; and the planner's kernel timings skip calls that did fault."""
 
 import mmap
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,18 +16,38 @@ from moeforge.step_clock import minor_faults
 needs_fault_counts = pytest.mark.skipif(minor_faults() is None, reason="no per-thread fault counts here")
 
 
-@needs_fault_counts
-def test_a_repeated_large_allocation_stops_faulting_once_freed_memory_is_kept():
-    if not keep_freed_memory():
-        pytest.skip("malloc is not glibc's")
-    x = torch.ones(1 << 22)  # 16 MiB: above glibc's default mmap threshold
-    faults = []
+STEPS_SCRIPT = """
+import sys, tempfile, torch
+from rich.console import Console
+from moeforge.config import resolve_run_config
+from moeforge.step_clock import minor_faults
+from moeforge.train import Trainer
+torch.set_num_threads(1)
+with tempfile.TemporaryDirectory() as tmp:
+    run = resolve_run_config({}, dict(preset="debug", batch_size=8, seq_len=128, device="cpu", precision="fp32",
+                                      max_corpus_mb=0.2, run_dir=tmp))
+    trainer = Trainer(run, run_dir=tmp, console=Console(quiet=True))
     for _ in range(8):
         f0 = minor_faults()
-        y = x * 2  # a fresh 16 MiB output, freed at once
-        del y
-        faults.append(minor_faults() - f0)
-    assert faults[-3:] == [0, 0, 0], faults  # 4096 faults a call where the pages went back to the kernel
+        trainer.train_step()
+        trainer.step += 1
+        print(minor_faults() - f0)
+"""
+
+
+@needs_fault_counts
+def test_a_cpu_trainers_steps_stop_page_faulting():
+    """In a fresh process (a heap of its own), the trainer's first step faults its activations in; once
+    freed memory is kept, later steps reuse those pages (glibc as it comes: thousands of faults a step)."""
+    if not keep_freed_memory():
+        pytest.skip("malloc is not glibc's")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MOEFORGE_KEEP_FREED_MEMORY", None)
+    out = subprocess.run([sys.executable, "-c", STEPS_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    faults = [int(line) for line in out.stdout.split()]
+    assert len(faults) == 8 and faults[0] > 1000, faults
+    assert sum(faults[-4:]) / 4 < faults[0] / 10, faults  # a few hundred stray faults at most
 
 
 @needs_fault_counts
